@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockSelection", "PatternStats", "mask_to_selection", "num_causal_blocks"]
+__all__ = ["BlockSelection", "PatternStats", "mask_to_selection", "compact_block_mask", "num_causal_blocks"]
 
 
 def num_causal_blocks(num_blocks: int) -> int:
@@ -85,6 +85,21 @@ class BlockSelection:
         return PatternStats(self.query_aware, self.js_distance, num, density)
 
 
+def compact_block_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool block mask [..., nb, nb] -> (counts int32 [..., nb], ascending indices int32 [..., nb, nb], -1 padded).
+
+    A cumulative sum gives each kept block its slot, a scatter writes it there: no sort,
+    no host sync.  Entries above the block diagonal must already be False.
+    """
+    nb = mask.shape[-1]
+    counts = mask.sum(-1, dtype=torch.int32)
+    slot = torch.where(mask, mask.cumsum(-1) - 1, nb)
+    cols = torch.arange(nb, dtype=torch.int32, device=mask.device).expand_as(mask)
+    out = torch.full((*mask.shape[:-1], nb + 1), -1, dtype=torch.int32, device=mask.device)
+    out.scatter_(-1, slot, cols)
+    return counts, out[..., :nb]
+
+
 def mask_to_selection(
     mask: torch.Tensor,
     *,
@@ -93,21 +108,16 @@ def mask_to_selection(
     query_aware: torch.Tensor,
     js_distance: torch.Tensor,
 ) -> BlockSelection:
-    """Turn a bool block mask [B, H, nb, nb] into counts and ascending padded indices.
+    """Turn a bool block mask [B, H, nb, nb] into a :class:`BlockSelection`.
 
     Entries above the block diagonal are dropped (causal).  No host sync.
     """
     nb = mask.shape[-1]
-    dev = mask.device
-    ar = torch.arange(nb, device=dev, dtype=torch.int32)
-    mask = mask & (ar[None, :] <= ar[:, None])
-    counts = mask.sum(-1, dtype=torch.int32)
-    keyed = torch.where(mask, ar, torch.full((), nb, dtype=torch.int32, device=dev))
-    indices = keyed.sort(dim=-1).values
-    indices = torch.where(indices == nb, torch.full((), -1, dtype=torch.int32, device=dev), indices)
+    ar = torch.arange(nb, device=mask.device)
+    counts, indices = compact_block_mask(mask & (ar[None, :] <= ar[:, None]))
     return BlockSelection(
         counts=counts,
-        indices=indices.contiguous(),
+        indices=indices,
         block_size=block_size,
         seq_len=seq_len,
         query_aware=query_aware,

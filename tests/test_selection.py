@@ -1,0 +1,162 @@
+"""The pattern search: device path against the oracle, and the invariants users rely on."""
+
+import math
+
+import pytest
+import torch
+
+import flexprefill as fp
+from flexprefill import reference as R
+from flexprefill.ops.selection import representative_block_scores, select_blocks_fast
+from flexprefill.synthetic import structured_qkv
+
+
+def _inputs(B, N, Hq, Hkv, D, seed, structured):
+    if structured:
+        q, k, _ = structured_qkv(B, N, Hq, Hkv, D, seed=seed, dtype=torch.float32)
+        return q, k
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, Hq, D, generator=g), torch.randn(B, N, Hkv, D, generator=g)
+
+
+CASES = [
+    pytest.param(1, 1000, 4, 2, 64, 64, id="N1000-H4/2-D64-bs64"),
+    pytest.param(2, 300, 4, 1, 64, 32, id="B2-N300-H4/1-D64-bs32"),
+    pytest.param(1, 63, 2, 2, 64, 128, id="N63-H2/2-D64-bs128"),
+    pytest.param(1, 1100, 4, 4, 128, 128, id="N1100-H4/4-D128-bs128"),
+    pytest.param(1, 700, 4, 2, 80, 32, id="N700-H4/2-D80-bs32"),
+    pytest.param(1, 520, 2, 1, 256, 64, id="N520-H2/1-D256-bs64"),
+]
+
+
+@pytest.mark.parametrize("B,N,Hq,Hkv,D,bs", CASES)
+def test_representative_scores_match_reference(B, N, Hq, Hkv, D, bs):
+    q, k = _inputs(B, N, Hq, Hkv, D, seed=N, structured=False)
+    scale = D**-0.5
+    v1, s1 = representative_block_scores(q, k, block_size=bs, scale=scale)
+    v0, s0 = R.representative_block_scores(q, k, block_size=bs, scale=scale)
+    torch.testing.assert_close(v1, v0, atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(s1, s0, atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(v1.sum(-1), torch.ones(B, Hq), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s1.sum(-1), torch.ones(B, Hq), atol=1e-5, rtol=0)
+
+
+def test_representative_scores_fp16():
+    q, k = _inputs(1, 777, 2, 1, 64, seed=3, structured=True)
+    v0, s0 = R.representative_block_scores(q.half(), k.half(), block_size=64, scale=0.125)
+    v1, s1 = representative_block_scores(q.half(), k.half(), block_size=64, scale=0.125)
+    torch.testing.assert_close(v1, v0, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(s1, s0, atol=2e-3, rtol=2e-2)
+
+
+CONFIGS = [
+    pytest.param(dict(), id="default"),
+    pytest.param(dict(tau=1.0), id="all-query-aware"),
+    pytest.param(dict(tau=0.0, gamma=0.5), id="vertical-slash-g0.5"),
+    pytest.param(dict(tau=1.0, min_budget=0, max_budget=192), id="qa-max192"),
+    pytest.param(dict(tau=0.0, max_budget=128), id="vs-max128"),
+    pytest.param(dict(gamma=1.0, tau=0.3), id="gamma1"),
+]
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["random", "structured"])
+@pytest.mark.parametrize("cfg_kw", CONFIGS)
+@pytest.mark.parametrize("B,N,Hq,Hkv,D,bs", CASES[:4])
+def test_fast_selection_equals_reference(B, N, Hq, Hkv, D, bs, cfg_kw, structured):
+    q, k = _inputs(B, N, Hq, Hkv, D, seed=7 + N, structured=structured)
+    cfg = fp.FlexPrefillConfig(block_size=bs, min_budget=2 * bs, **cfg_kw) if "min_budget" not in cfg_kw else fp.FlexPrefillConfig(block_size=bs, **cfg_kw)
+    scale = D**-0.5
+    fast = select_blocks_fast(q, k, config=cfg, softmax_scale=scale)
+    ref = R.select_blocks(q, k, config=cfg, softmax_scale=scale)
+    torch.testing.assert_close(fast.js_distance, ref.js_distance, atol=1e-4, rtol=1e-3)
+    # the decision may only differ where the distance sits on the threshold
+    near = (ref.js_distance - cfg.tau).abs() < 1e-4
+    assert torch.equal(fast.query_aware | near, ref.query_aware | near)
+    if not near.any():
+        assert torch.equal(fast.counts, ref.counts)
+        assert torch.equal(fast.indices, ref.indices)
+
+
+def _full_columns_and_offsets(mask):
+    """Columns (offsets) selected in every row that can see them."""
+    nb = mask.shape[-1]
+    r = torch.arange(nb)[:, None]
+    c = torch.arange(nb)[None, :]
+    causal = c <= r
+    col_full = (mask | ~causal).all(0)
+    off_full = torch.tensor([bool(torch.diagonal(mask, -d).all()) for d in range(nb)])
+    return col_full, off_full
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_invariants(backend):
+    q, k = _inputs(1, 1500, 4, 2, 64, seed=11, structured=True)
+    bs = 64
+    cfg = fp.FlexPrefillConfig(block_size=bs, min_budget=3 * bs, tau=0.0, gamma=0.8, backend=backend)
+    sel = fp.select_blocks(q, k, config=cfg)
+    mask = sel.to_mask()
+    nb = math.ceil(1500 / bs)
+    vert, slash = R.representative_block_scores(q, k, block_size=bs, scale=64**-0.5)
+    assert mask[..., 0].all(), "every row keeps the sink block"
+    assert torch.diagonal(mask, dim1=-2, dim2=-1).all(), "every row keeps its diagonal block"
+    assert not mask.triu(1).any(), "nothing above the diagonal"
+    for h in range(4):
+        col_full, off_full = _full_columns_and_offsets(mask[0, h])
+        # vertical-slash heads keep at least gamma of the estimated mass in both directions
+        assert vert[0, h][col_full].sum() >= cfg.gamma - 1e-5
+        assert slash[0, h][off_full].sum() >= cfg.gamma - 1e-5
+        # and at least the minimum budget of columns and offsets
+        assert int(col_full.sum()) >= min(cfg.min_budget_blocks, nb)
+        assert int(off_full.sum()) >= min(cfg.min_budget_blocks, nb)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_max_budget_caps_rows(backend, tau):
+    q, k = _inputs(1, 1200, 2, 1, 64, seed=5, structured=True)
+    cfg = fp.FlexPrefillConfig(block_size=32, max_budget=100, tau=tau, backend=backend)
+    sel = fp.select_blocks(q, k, config=cfg)
+    cap = max(cfg.max_budget_blocks, 2)
+    assert int(sel.counts.max()) <= cap
+    mask = sel.to_mask()
+    assert mask[..., 0].all() and torch.diagonal(mask, dim1=-2, dim2=-1).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gamma_one_selects_every_causal_block(backend):
+    q, k = _inputs(2, 333, 4, 2, 64, seed=2, structured=False)
+    sel = fp.select_blocks(q, k, config=fp.FlexPrefillConfig(block_size=32, gamma=1.0, backend=backend))
+    nb = math.ceil(333 / 32)
+    assert torch.equal(sel.counts, torch.arange(1, nb + 1, dtype=torch.int32).expand(2, 4, nb))
+    assert torch.allclose(sel.stats().density, torch.ones(2, 4))
+
+
+def test_tau_zero_disables_query_aware():
+    q, k = _inputs(1, 640, 4, 2, 64, seed=9, structured=True)
+    sel = fp.select_blocks(q, k, config=fp.FlexPrefillConfig(block_size=64, tau=0.0))
+    assert not sel.query_aware.any()
+    sel = fp.select_blocks(q, k, config=fp.FlexPrefillConfig(block_size=64, tau=10.0))
+    assert sel.query_aware.all()
+
+
+def test_custom_scale_changes_the_estimate():
+    q, k = _inputs(1, 512, 2, 1, 64, seed=4, structured=True)
+    cfg = fp.FlexPrefillConfig(block_size=64, tau=0.0, gamma=0.7, min_budget=0)
+    a = fp.select_blocks(q, k, config=cfg, softmax_scale=0.125)
+    b = fp.select_blocks(q, k, config=cfg, softmax_scale=0.02)
+    assert not torch.equal(a.counts, b.counts)
+
+
+def test_compact_block_mask_round_trip():
+    g = torch.Generator().manual_seed(0)
+    nb = 17
+    mask = (torch.rand(3, 2, nb, nb, generator=g) < 0.4) & torch.ones(nb, nb, dtype=torch.bool).tril()
+    sel = fp.selection.mask_to_selection(
+        mask, block_size=32, seq_len=nb * 32 - 5, query_aware=torch.zeros(3, 2, dtype=torch.bool), js_distance=torch.zeros(3, 2)
+    )
+    assert torch.equal(sel.to_mask(), mask)
+    assert torch.equal(sel.counts, mask.sum(-1).int())
+    valid = torch.arange(nb) < sel.counts[..., None]
+    assert (sel.indices[~valid] == -1).all()
+    inc = sel.indices[..., 1:] > sel.indices[..., :-1]
+    assert (inc | ~valid[..., 1:]).all(), "indices ascend"
