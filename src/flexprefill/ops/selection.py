@@ -112,15 +112,18 @@ def _clamp(n: torch.Tensor, lo: int, hi: int | None, nb: int) -> torch.Tensor:
     return n.clamp_max(nb)
 
 
-def _vertical_slash(vert, slash, n_v, n_s, off, causal):
-    """[C, nb, nb] masks of sink + diagonal + top n_v columns + top n_s offsets, and each block's score."""
+def _vs_sets(vert, slash, n_v, n_s):
+    """Per head, the kept columns (sink + top n_v) and diagonals (offset 0 + top n_s): bool [BH, nb] each."""
     vsel = _top_n(vert, n_v)
     vsel[:, 0] = True
     ssel = _top_n(slash, n_s)
     ssel[:, 0] = True
-    mask = (vsel[:, None, :] | ssel[:, off]) & causal
-    score = torch.maximum(vert[:, None, :], slash[:, off])
-    return mask, score
+    return vsel, ssel
+
+
+def _expand_vs(vsel, ssel, off, causal):
+    """Rows of the causal block grid from column and diagonal sets: [C, nb] x2 -> [C, nb, nb]."""
+    return (vsel[:, None, :] | ssel[:, off]) & causal
 
 
 def _cap_rows(mask, score, max_blocks: int, eye, causal):
@@ -162,9 +165,11 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
     qa_f = query_aware.reshape(BH)
     n_v = _clamp(_count_to_mass(vert_f, cfg.gamma), min_b, max_b, nb)
     n_s = _clamp(_count_to_mass(slash_f, cfg.gamma), min_b, max_b, nb)
-    floor_n = torch.full((BH,), min(min_b, nb), dtype=torch.int64, device=dev)
+    vsel, ssel = _vs_sets(vert_f, slash_f, n_v, n_s)
     use_qa = cfg.tau > 0
     if use_qa:
+        floor_n = torch.full((BH,), min(min_b, nb), dtype=torch.int64, device=dev)
+        floor_v, floor_s = _vs_sets(vert_f, slash_f, floor_n, floor_n)
         q_bar = block_means(q, bs).permute(0, 2, 1, 3).reshape(BH, nb, D)  # [BH, nb, D]
         k_bar_h = k_bar.permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
 
@@ -178,7 +183,9 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
     # a fixed number of chunks for a given shape: this loop never depends on data
     for h0 in range(0, BH, chunk):
         sl = slice(h0, min(BH, h0 + chunk))
-        mask, score = _vertical_slash(vert_f[sl], slash_f[sl], n_v[sl], n_s[sl], off, causal)
+        mask = _expand_vs(vsel[sl], ssel[sl], off, causal)
+        if max_b is not None:
+            score = torch.maximum(vert_f[sl, None, :], slash_f[sl][:, off])
         if use_qa:
             ids = torch.arange(sl.start, sl.stop, device=dev)
             kb = k_bar_h[ids // Hq, (ids % Hq) // group]  # [C, nb, D]
@@ -188,13 +195,12 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
             srt = torch.sort(flat, dim=-1, descending=True, stable=True)
             sel = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices).view_as(s)
             del srt
-            fl_n = floor_n[sl]
-            floor, _ = _vertical_slash(vert_f[sl], slash_f[sl], fl_n, fl_n, off, causal)
-            qa_mask = (sel | floor | eye) & causal
+            qa_mask = (sel | _expand_vs(floor_v[sl], floor_s[sl], off, causal) | eye) & causal
             qa_mask[..., 0] = True
             is_qa = qa_f[sl][:, None, None]
             mask = torch.where(is_qa, qa_mask, mask)
-            score = torch.where(is_qa, s, score)
+            if max_b is not None:
+                score = torch.where(is_qa, s, score)
         if max_b is not None:
             mask = _cap_rows(mask, score, max_b, eye, causal)
         counts[sl], indices[sl] = compact_block_mask(mask)
