@@ -1,0 +1,32 @@
+"""All autotuning goes through one helper: a config list on the device, one config under the interpreter."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import triton
+
+__all__ = ["interpreting", "autotune_configs"]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(space: Iterable[dict], *, interpret: dict) -> list[triton.Config]:
+    """Build ``triton.Config`` objects from dicts of meta-parameters.
+
+    Each dict holds the kernel's constexpr meta-parameters plus optional
+    ``num_warps`` (default 4) and ``num_stages`` (default 2).  Under the
+    interpreter timings mean nothing, so only ``interpret`` is returned.
+    """
+    chosen = [interpret] if interpreting() else list(space)
+    configs = []
+    for c in chosen:
+        meta = dict(c)
+        num_warps = meta.pop("num_warps", 4)
+        num_stages = meta.pop("num_stages", 2)
+        configs.append(triton.Config(meta, num_warps=num_warps, num_stages=num_stages))
+    return configs

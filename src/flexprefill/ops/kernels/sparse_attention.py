@@ -1,0 +1,176 @@
+"""Block-sparse causal attention forward (FlashAttention-2 style, online softmax in fp32, exp2).
+Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128, GQA 1/2/4).
+Limits: BLOCK_M and BLOCK_N divide the selection block size; head dim <= 256 (padded to a power of two).
+"""
+
+import triton
+import triton.language as tl
+
+from ..autotune import autotune_configs
+
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# a few configs per head-dim bucket (padded head dim <= 64, <= 128, <= 256); tiles are
+# clamped to the selection block size by the prune below
+_SPACE = {
+    64: [
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+    ],
+    128: [
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ],
+    256: [
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+    ],
+}
+# the interpreter's one config divides every block size and runs both sub-tiling paths
+_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Clamp tiles to the selection block size and drop the duplicates that makes."""
+    bs = {**named_args, **kwargs}["BS"]
+    kept, seen = [], set()
+    for c in configs:
+        bm, bn = min(c.kwargs["BLOCK_M"], bs), min(c.kwargs["BLOCK_N"], bs)
+        # small tiles do not feed 8 warps
+        warps = min(c.num_warps, 4) if bm * bn < 64 * 64 else c.num_warps
+        sig = (bm, bn, warps, c.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            kept.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=c.num_stages))
+    return kept
+
+
+@triton.jit
+def sparse_attention_fwd_kernel(
+    q, k, v, o, lse, counts, indices,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_cb, stride_ch,
+    stride_ib, stride_ih, stride_ir,
+    N, HKV, scale_log2,
+    GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    RETURN_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
+    # run together and share their k/v blocks through l2; last tiles (longest rows) first
+    i_p = tl.program_id(0).to(tl.int64)
+    i_bk = tl.program_id(1).to(tl.int64)
+    n_mt = tl.num_programs(0).to(tl.int64) // GROUP
+    i_g = i_p % GROUP
+    i_mt = n_mt - 1 - i_p // GROUP
+    i_b = i_bk // HKV
+    i_hk = i_bk % HKV
+    i_h = i_hk * GROUP + i_g
+    # tiles never straddle a query block: BLOCK_M divides BS
+    i_r = i_mt // (BS // BLOCK_M)
+
+    o_m = i_mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BD)
+    m_m = o_m < N
+    m_d = o_d < D
+    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qn + o_d[None, :]
+    # [BM, BD]
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+
+    p_kh = k + i_b * stride_kb + i_hk * stride_kh
+    p_vh = v + i_b * stride_vb + i_hk * stride_vh
+    p_idx = indices + i_b * stride_ib + i_h * stride_ih + i_r * stride_ir
+    n_sel = tl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r)
+    # ascending and causal, so a selected diagonal block is the last entry
+    last = tl.load(p_idx + tl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
+    has_diag = last == i_r
+    n_full = n_sel - has_diag.to(tl.int32)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # [BM, BD]
+    b_acc = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
+
+    # off-diagonal blocks c < r: fully visible and fully inside the sequence (only the
+    # last block can be partial, and only its own row sees it), so no masks at all
+    for t in range(0, n_full * (BS // BLOCK_N)):
+        i_kb = tl.load(p_idx + t // (BS // BLOCK_N)).to(tl.int64)
+        o_n = i_kb * BS + (t % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        p_k = p_kh + o_n[:, None] * stride_kn + o_d[None, :]
+        p_v = p_vh + o_n[:, None] * stride_vn + o_d[None, :]
+        if BD == D:
+            # [BN, BD]
+            b_k = tl.load(p_k)
+        else:
+            b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
+        # [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1) * scale_log2)
+        b_p = tl.exp2(b_s * scale_log2 - b_mn[:, None])
+        b_alpha = tl.exp2(b_m - b_mn)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None]
+        if BD == D:
+            # [BN, BD]
+            b_v = tl.load(p_v)
+        else:
+            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc)
+        b_m = b_mn
+
+    # the diagonal block: token causal mask and keys past N; only key tiles up to this
+    # query tile's last row can be visible
+    q_hi = tl.minimum((i_mt + 1) * BLOCK_M, N)
+    n_diag = tl.where(has_diag, (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N, 0)
+    for t in range(0, n_diag):
+        o_n = i_r * BS + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        p_k = p_kh + o_n[:, None] * stride_kn + o_d[None, :]
+        p_v = p_vh + o_n[:, None] * stride_vn + o_d[None, :]
+        # [BN, BD]
+        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        # [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_s = tl.where((o_n[None, :] <= o_m[:, None]) & m_n[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        # a row that has seen no key yet stays at -inf: keep exp2 away from -inf - -inf
+        b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_p = tl.exp2(b_s - b_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None]
+        # [BN, BD]
+        b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc)
+        b_m = b_mn
+
+    # a row with no selected key gives 0 (and lse -inf), as FlashAttention does
+    # (the accumulator of such a row is still 0; dividing by 1 keeps it there)
+    b_l_safe = tl.where(b_l > 0, b_l, 1.0)
+    b_o = b_acc * (1.0 / b_l_safe)[:, None]
+    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_on + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    if RETURN_LSE:
+        b_lse = tl.where(b_l > 0, (b_m + tl.log2(b_l_safe)) * _LN2, float("-inf"))
+        p_lse = lse + (i_b * (HKV * GROUP) + i_h) * N + o_m
+        tl.store(p_lse, b_lse, mask=m_m)
+
+
+# one autotuner per head-dim bucket, keyed on (padded head dim, block size); triton adds the dtypes
+sparse_attention_fwd_tuned = {
+    bd: triton.autotune(
+        configs=autotune_configs(space, interpret=_INTERPRET),
+        key=["BD", "BS"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(sparse_attention_fwd_kernel)
+    for bd, space in _SPACE.items()
+}

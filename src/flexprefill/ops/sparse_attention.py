@@ -1,0 +1,105 @@
+"""Launcher of the block-sparse causal attention kernel (step 5 of FlexPrefill).
+
+No host sync: the per-row block counts are read by the kernel, never on the host, so
+a fixed shape can be captured in a CUDA graph (after a first call has autotuned).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ..config import BLOCK_SIZES
+from .kernels.sparse_attention import sparse_attention_fwd_kernel, sparse_attention_fwd_tuned
+
+__all__ = ["sparse_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale: float, return_lse: bool = False):
+    """Exact causal attention of each query block over its selected key blocks.
+
+    Args:
+        q: [B, N, Hq, D]; k, v: [B, N, Hkv, D], ``Hq % Hkv == 0`` (query head ``h``
+            reads kv head ``h // (Hq // Hkv)``).  Any strides; the last dim is made
+            contiguous if it is not.  fp16/bf16 (fp32 under the interpreter).
+        counts: int32 [B, Hq, nb], ``nb = ceil(N / block_size)``: blocks per query block.
+        indices: int32 [B, Hq, nb, nb]: ascending key-block ids, -1 past the count.
+            Broadcast (stride 0) batch and head dims are fine.
+        block_size: 32, 64 or 128.
+        softmax_scale: scale of the scores.
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` fp32 [B, Hq, N] (natural log)
+        when ``return_lse``.  A row with no selected key gives zeros and lse ``-inf``.
+    """
+    return _launch(q, k, v, counts, indices, block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse)
+
+
+def _check(q, k, v, counts, indices, block_size):
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size={block_size!r} is not supported; accepted: {BLOCK_SIZES}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, N, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, N, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != N or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={B}, N={N}, Hkv, D={D}]")
+    if k.shape[2] == 0 or Hq % k.shape[2] != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[2]})")
+    if D > 256:
+        raise ValueError(f"head dim D={D} is not supported; at most 256")
+    nb = math.ceil(N / block_size)
+    if counts.dtype != torch.int32 or tuple(counts.shape) != (B, Hq, nb):
+        raise ValueError(f"counts must be int32 [{B}, {Hq}, {nb}], got {counts.dtype} {tuple(counts.shape)}")
+    if indices.dtype != torch.int32 or tuple(indices.shape) != (B, Hq, nb, nb):
+        raise ValueError(f"indices must be int32 [{B}, {Hq}, {nb}, {nb}], got {indices.dtype} {tuple(indices.shape)}")
+    for name, t in (("k", k), ("v", v), ("counts", counts), ("indices", indices)):
+        if t.device != q.device:
+            raise ValueError(f"q is on {q.device} but {name} is on {t.device}")
+
+
+def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, config=None, out=None, lse=None):
+    """Launch with autotuning, or with ``config`` = dict(BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    ``out`` and ``lse`` may be given (tests poison them to catch unwritten rows).
+    """
+    _check(q, k, v, counts, indices, block_size)
+    B, N, Hq, D = q.shape
+    Hkv = k.shape[2]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # expanded (stride 0) selections stay views: only the last dim must be dense
+    counts = counts if counts.stride(-1) == 1 else counts.contiguous()
+    indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    if out is None:
+        out = torch.empty(B, N, Hq, D, dtype=q.dtype, device=q.device)
+    if return_lse and lse is None:
+        lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
+    BD = max(64, triton.next_power_of_2(D))
+    group = Hq // Hkv
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]) * group, B * Hkv)
+
+    args = (
+        q, k, v, out, lse if return_lse else out, counts, indices,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        counts.stride(0), counts.stride(1),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        N, Hkv, softmax_scale * _LOG2E,
+    )
+    meta = dict(GROUP=group, D=D, BD=BD, BS=block_size, RETURN_LSE=return_lse)
+    if config is None:
+        sparse_attention_fwd_tuned[BD][grid](*args, **meta)
+    else:
+        cfg = dict(config)
+        if block_size % cfg["BLOCK_M"] or block_size % cfg["BLOCK_N"]:
+            raise ValueError(f"config {config} tiles must divide block_size={block_size}")
+        sparse_attention_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
+    return (out, lse) if return_lse else out

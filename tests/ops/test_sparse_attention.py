@@ -1,0 +1,253 @@
+"""The block-sparse attention kernel and the dense fallback against the fp32 oracle.
+
+On a CPU-only machine the kernels run in the Triton interpreter (tests/conftest.py).
+Tolerance: the kernel's error against ``reference.block_sparse_attention`` (fp32 on the
+dtype-rounded inputs) may be at most twice the error of the same attention computed by
+PyTorch in the input dtype, plus a small floor for fp32 where that error is ~0.
+"""
+
+import math
+
+import pytest
+import torch
+
+from flexprefill import reference as R
+from flexprefill.config import FlexPrefillConfig
+from flexprefill.ops.dense import dense_causal_attention, full_causal_selection
+from flexprefill.ops.sparse_attention import _launch, sparse_attention
+from flexprefill.selection import mask_to_selection
+from flexprefill.synthetic import structured_qkv
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_FLOOR = {torch.float32: 1e-5, torch.float16: 0.0, torch.bfloat16: 0.0}
+
+
+def _qkv(B, N, Hq, Hkv, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, Hq, D, generator=g)
+    k = torch.randn(B, N, Hkv, D, generator=g)
+    v = torch.randn(B, N, Hkv, D, generator=g)
+    return tuple(t.to(device=DEV, dtype=dtype) for t in (q, k, v))
+
+
+def _random_selection(B, Hq, N, bs, density, seed, diagonal=True):
+    nb = math.ceil(N / bs)
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(B, Hq, nb, nb, generator=g) < density
+    if diagonal:
+        mask |= torch.eye(nb, dtype=torch.bool)
+    return mask_to_selection(
+        mask.to(DEV),
+        block_size=bs,
+        seq_len=N,
+        query_aware=torch.zeros(B, Hq, dtype=torch.bool, device=DEV),
+        js_distance=torch.zeros(B, Hq, device=DEV),
+    )
+
+
+def _token_mask(sel, N):
+    blk = torch.arange(N, device=DEV) // sel.block_size
+    bm = sel.to_mask()
+    causal = torch.ones(N, N, dtype=torch.bool, device=DEV).tril()
+    return bm[:, :, blk][:, :, :, blk] & causal
+
+
+def _torch_in_dtype(q, k, v, allowed, scale):
+    """The same attention computed by PyTorch in the input dtype: its error sets the tolerance."""
+    group = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2)
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    s = s.float().masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s, dim=-1).to(q.dtype)
+    return (p @ vh).transpose(1, 2), lse
+
+
+def _assert_matches(out, lse, q, k, v, sel, scale, rows=None):
+    """Every row of ``out``/``lse`` against the oracle (``rows``: bool [B, Hq, N] to compare)."""
+    ref, ref_lse = R.block_sparse_attention(q.float(), k.float(), v.float(), sel, softmax_scale=scale, return_lse=True)
+    pt, pt_lse = _torch_in_dtype(q, k, v, _token_mask(sel, q.shape[1]), scale)
+    if rows is None:
+        rows = torch.ones(ref_lse.shape, dtype=torch.bool, device=DEV)
+    rows_o = rows.transpose(1, 2)  # [B, N, Hq]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert not out.isnan().any(), "NaN in the output"
+    err = (out.float() - ref).abs().amax(-1)[rows_o].max().item()
+    pt_err = (pt.float() - ref).abs().amax(-1)[rows_o].max().item()
+    tol = 2 * pt_err + _FLOOR[q.dtype]
+
+    assert err <= tol, f"output error {err:.3g} > tol {tol:.3g} (PyTorch in {q.dtype}: {pt_err:.3g})"
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+        assert not lse.isnan().any(), "NaN in the lse"
+        lerr = (lse - ref_lse).abs()[rows].max().item()
+        pt_lerr = (pt_lse - ref_lse).abs()[rows].max().item()
+        ltol = 2 * pt_lerr + 1e-5
+
+        assert lerr <= ltol, f"lse error {lerr:.3g} > tol {ltol:.3g} (PyTorch in {q.dtype}: {pt_lerr:.3g})"
+
+
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
+
+RANDOM_CASES = [
+    pytest.param(1, 1000, 4, 2, 64, 64, F16, 0.3, id="N1000-H4/2-D64-bs64-fp16"),
+    pytest.param(1, 63, 2, 2, 64, 128, F32, 0.5, id="N63-H2/2-D64-bs128-fp32"),
+    pytest.param(1, 1100, 4, 1, 128, 128, F16, 0.4, id="N1100-H4/1-D128-bs128-fp16"),
+    pytest.param(1, 1000, 4, 4, 128, 32, F32, 0.15, id="N1000-H4/4-D128-bs32-fp32"),
+    pytest.param(2, 300, 4, 2, 64, 32, F16, 0.5, id="B2-N300-H4/2-D64-bs32-fp16"),
+    pytest.param(1, 1100, 2, 1, 256, 64, F16, 0.3, id="N1100-H2/1-D256-bs64-fp16"),
+    pytest.param(1, 1000, 4, 2, 80, 64, F16, 0.3, id="N1000-H4/2-D80-bs64-fp16"),
+    pytest.param(1, 4097, 32, 8, 128, 128, BF16, 0.2, id="N4097-H32/8-D128-bs128-bf16", marks=pytest.mark.gpu),
+    pytest.param(1, 1000, 4, 2, 64, 64, BF16, 0.3, id="N1000-H4/2-D64-bs64-bf16", marks=pytest.mark.gpu),
+    pytest.param(1, 1100, 8, 2, 96, 32, BF16, 0.3, id="N1100-H8/2-D96-bs32-bf16", marks=pytest.mark.gpu),
+    pytest.param(1, 2048, 4, 1, 256, 128, BF16, 0.5, id="N2048-H4/1-D256-bs128-bf16", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("B,N,Hq,Hkv,D,bs,dtype,density", RANDOM_CASES)
+def test_random_selection_matches_reference(B, N, Hq, Hkv, D, bs, dtype, density):
+    q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + D)
+    sel = _random_selection(B, Hq, N, bs, density, seed=N)
+    scale = D**-0.5
+    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=scale, return_lse=True)
+    _assert_matches(out, lse, q, k, v, sel, scale)
+    # without the lse: same output
+    out2 = sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=scale)
+    assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize(
+    "N,Hq,Hkv,D,bs,dtype",
+    [
+        pytest.param(1000, 4, 2, 64, 64, F16, id="N1000-H4/2-D64-bs64-fp16"),
+        pytest.param(1100, 4, 4, 128, 128, F32, id="N1100-H4/4-D128-bs128-fp32"),
+        pytest.param(4097, 8, 2, 128, 128, BF16, id="N4097-H8/2-D128-bs128-bf16", marks=pytest.mark.gpu),
+    ],
+)
+def test_flexprefill_selection_matches_reference(N, Hq, Hkv, D, bs, dtype):
+    q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=3, dtype=dtype, device=DEV)
+    cfg = FlexPrefillConfig(block_size=bs, min_budget=2 * bs, gamma=0.9)
+    sel = R.select_blocks(q, k, config=cfg)
+    assert sel.stats().density.mean() < 0.9, "the selection should be sparse"
+    scale = 0.7 / math.sqrt(D)
+    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=scale, return_lse=True)
+    _assert_matches(out, lse, q, k, v, sel, scale)
+
+
+# the tile shapes the GPU autotuner picks from (the interpreter's default is 32 x 32)
+@pytest.mark.parametrize(
+    "bm,bn,bs",
+    [
+        pytest.param(128, 128, 128, id="BM128-BN128-bs128"),
+        pytest.param(128, 64, 128, id="BM128-BN64-bs128"),
+        pytest.param(64, 32, 128, id="BM64-BN32-bs128"),
+        pytest.param(64, 64, 64, id="BM64-BN64-bs64"),
+    ],
+)
+def test_tile_configs_write_every_row(bm, bn, bs):
+    B, N, Hq, Hkv, D = 1, 1100, 4, 2, 64
+    q, k, v = _qkv(B, N, Hq, Hkv, D, F16, seed=bm + bn)
+    sel = _random_selection(B, Hq, N, bs, 0.4, seed=bs)
+    # poisoned buffers: a row the kernel does not write stays NaN
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, Hq, N), float("nan"), device=DEV)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+    _launch(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=D**-0.5, return_lse=True, config=cfg, out=out, lse=lse)
+    _assert_matches(out, lse, q, k, v, sel, D**-0.5)
+
+
+def test_strided_inputs():
+    # q, k, v as views into one packed projection, and a non-contiguous last dim
+    B, N, Hq, Hkv, D, bs = 1, 500, 4, 2, 64, 64
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, N, Hq + 2 * Hkv, D, generator=g).to(DEV, F16)
+    q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq : Hq + Hkv], qkv[:, :, Hq + Hkv :]
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert qt.stride(-1) != 1
+    sel = _random_selection(B, Hq, N, bs, 0.5, seed=7)
+    out, lse = sparse_attention(qt, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=0.125, return_lse=True)
+    _assert_matches(out, lse, q.contiguous(), k.contiguous(), v.contiguous(), sel, 0.125)
+
+
+def test_rows_without_diagonal_and_empty_rows():
+    # a selection need not hold the diagonal; a row with no key gives zeros and lse -inf
+    B, N, Hq, Hkv, D, bs = 1, 300, 2, 1, 64, 32
+    q, k, v = _qkv(B, N, Hq, Hkv, D, F32, seed=11)
+    sel = _random_selection(B, Hq, N, bs, 0.4, seed=11, diagonal=False)
+    sel.counts[0, 0, 0] = 0
+    sel.indices[0, 0, 0] = -1
+    sel.counts[0, 1, 5] = 0
+    sel.indices[0, 1, 5] = -1
+    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=D**-0.5, return_lse=True)
+    blk = torch.arange(N, device=DEV) // bs
+    has_key = sel.counts[:, :, blk] > 0  # [B, Hq, N]
+    assert (~has_key).sum() > 0 and (~sel.to_mask().diagonal(dim1=-2, dim2=-1)).sum() > 2
+    assert (out.transpose(1, 2)[~has_key] == 0).all()
+    assert torch.isneginf(lse[~has_key]).all()
+    _assert_matches(out, torch.where(has_key, lse, 0.0), q, k, v, sel, D**-0.5, rows=has_key)
+
+
+@pytest.mark.parametrize(
+    "B,N,Hq,Hkv,D,dtype",
+    [
+        pytest.param(1, 1000, 4, 2, 64, F16, id="N1000-H4/2-D64-fp16"),
+        pytest.param(2, 63, 2, 1, 128, F32, id="B2-N63-H2/1-D128-fp32"),
+        pytest.param(1, 4097, 8, 2, 128, BF16, id="N4097-H8/2-D128-bf16", marks=pytest.mark.gpu),
+    ],
+)
+def test_dense_causal_attention(B, N, Hq, Hkv, D, dtype):
+    q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N)
+    scale = 0.9 / math.sqrt(D)
+    counts, indices = full_causal_selection(B, Hq, N, 128, DEV)
+    full = mask_to_selection(
+        torch.ones(B, Hq, counts.shape[-1], counts.shape[-1], dtype=torch.bool, device=DEV),
+        block_size=128, seq_len=N, query_aware=torch.zeros(B, Hq, dtype=torch.bool, device=DEV),
+        js_distance=torch.zeros(B, Hq, device=DEV),
+    )
+    assert torch.equal(counts, full.counts) and torch.equal(indices, full.indices)
+    out, lse = dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=True)
+    _assert_matches(out, lse, q, k, v, full, scale)
+    ref, ref_lse = R.dense_attention(q.float(), k.float(), v.float(), softmax_scale=scale, return_lse=True)
+    pt, _ = _torch_in_dtype(q, k, v, _token_mask(full, N), scale)
+    tol = 2 * (pt.float() - ref).abs().max().item() + _FLOOR[dtype]
+    # SDPA path (no lse) and kernel path agree with the dense oracle
+    sdpa = dense_causal_attention(q, k, v, softmax_scale=scale)
+    assert sdpa.shape == q.shape and sdpa.dtype == dtype
+    assert (sdpa.float() - ref).abs().max().item() <= tol
+    assert (out.float() - ref).abs().max().item() <= tol
+
+
+def test_rejects_bad_block_size_and_selection_shape():
+    q, k, v = _qkv(1, 100, 2, 1, 64, F32, seed=0)
+    sel = _random_selection(1, 2, 100, 32, 0.5, seed=0)
+    with pytest.raises(ValueError, match="block_size"):
+        sparse_attention(q, k, v, sel.counts, sel.indices, block_size=48, softmax_scale=0.1)
+    with pytest.raises(ValueError, match="counts"):
+        sparse_attention(q, k, v, sel.counts, sel.indices, block_size=64, softmax_scale=0.1)
+    with pytest.raises(ValueError, match="counts"):
+        sparse_attention(q, k, v, sel.counts.long(), sel.indices, block_size=32, softmax_scale=0.1)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_and_cuda_graph():
+    B, N, Hq, Hkv, D, bs = 1, 4096, 8, 2, 128, 128
+    q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
+    sel = _random_selection(B, Hq, N, bs, 0.3, seed=5)
+    kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
+    # the first call autotunes (it syncs); later calls must not
+    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
+        dense_causal_attention(q, k, v, softmax_scale=D**-0.5, return_lse=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out, out) and torch.equal(g_lse, lse)
