@@ -51,20 +51,25 @@ def test_vertical_slash_fixed_valid_and_budget(N, Hq, Hkv, bs, vertical, slash):
     sel = selector(q, k, config=FlexPrefillConfig(block_size=bs), softmax_scale=0.1)
     mask = _check_valid(sel, 2, Hq, N, bs)
     nb = math.ceil(N / bs)
-    # each kept column lands in one block, each kept offset in at most two block offsets
-    col_blocks = min(nb, math.ceil(min(vertical, N)))
-    off_blocks = min(nb, 2 * min(slash, N))
-    assert (sel.counts <= 1 + col_blocks + 1 + off_blocks).all()
-    # the kept columns are the heaviest columns: the block holding each head's top column is kept in every row
+    # budgets are block budgets: sink + ceil(vertical/bs) column blocks + diagonal + ceil(slash/bs) offsets
+    assert (sel.counts <= 2 + math.ceil(vertical / bs) + math.ceil(slash / bs)).all()
     vert, slash_s = selector.scores(q, k, softmax_scale=0.1)
     assert torch.allclose(vert.sum(-1), torch.full_like(vert.sum(-1), min(64, N)), atol=1e-3)
     assert torch.allclose(slash_s.sum(-1), vert.sum(-1), atol=1e-3)
-    top_blk = vert.argmax(-1) // bs  # [B, Hq]
-    r = torch.arange(nb)
+    v_blk, s_blk = selector.block_scores(q, k, block_size=bs, softmax_scale=0.1)
+    assert torch.allclose(v_blk.sum(-1), vert.sum(-1), atol=1e-3)
+    # each token offset counts in its floor and its ceil block offset (the ceil only when it is < nb)
+    o = torch.arange(N)
+    weight = 1.0 + ((o + bs - 1) // bs < nb).float()
+    assert torch.allclose(s_blk.sum(-1), (slash_s * weight).sum(-1), atol=1e-3)
+    # the heaviest column block and block offset are kept in every row they reach
+    top_c, top_d = v_blk.argmax(-1), s_blk.argmax(-1)
     for b in range(2):
         for h in range(Hq):
-            c = int(top_blk[b, h])
+            c, d = int(top_c[b, h]), int(top_d[b, h])
             assert mask[b, h, c:, c].all()
+            rows = torch.arange(d, nb)
+            assert mask[b, h, rows, rows - d].all()
 
 
 def test_vertical_slash_fixed_tiny_budget_is_sparse():
@@ -72,9 +77,9 @@ def test_vertical_slash_fixed_tiny_budget_is_sparse():
     q, k, _ = structured_qkv(1, N, 2, 1, 64, seed=2, dtype=torch.float32)
     sel = VerticalSlashFixedSelector(vertical=1, slash=1)(q, k, config=FlexPrefillConfig(block_size=bs))
     nb = N // bs
-    # sink + one column block + diagonal + at most two offsets from one slash line
-    assert (sel.counts <= 5).all()
-    assert sel.stats().density.max() < 5 * nb / (nb * (nb + 1) / 2) + 1e-6
+    # sink + one column block + diagonal + one block offset
+    assert (sel.counts <= 4).all()
+    assert sel.stats().density.max() <= 4 * nb / (nb * (nb + 1) / 2) + 1e-6
 
 
 def test_vertical_slash_matches_brute_force_scores():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from flexprefill.selection import BlockSelection, mask_to_selection
 
@@ -22,13 +23,6 @@ def _no_search(B: int, Hq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         torch.zeros(B, Hq, dtype=torch.bool, device=device),
         torch.full((B, Hq), float("nan"), dtype=torch.float32, device=device),
     )
-
-
-def _pool_any(x: torch.Tensor, block_size: int, nb: int) -> torch.Tensor:
-    """Bool [..., N] -> [..., nb]: True where any token of the block is True."""
-    pad = nb * block_size - x.shape[-1]
-    x = torch.nn.functional.pad(x, (0, pad))
-    return x.view(*x.shape[:-1], nb, block_size).any(-1)
 
 
 class StreamingSelector:
@@ -69,10 +63,11 @@ class VerticalSlashFixedSelector:
 
     The last ``last_q`` queries' causal attention (fp32, ``softmax_scale``) scores every key
     column (summed over those queries) and every diagonal offset (mass at distance ``o``
-    behind each query).  The top ``vertical`` columns and top ``slash`` offsets (tokens) are
-    kept, then pooled to blocks: a column block is kept if it holds a kept column; a token
-    offset ``o`` keeps the block offsets ``floor(o/bs)`` and ``ceil(o/bs)`` it crosses.  The
-    sink block and the diagonal are always kept.
+    behind each query).  Both are pooled to blocks (a token offset ``o`` counts for the block
+    offsets ``floor(o/bs)`` and ``ceil(o/bs)`` it crosses), then the top ``ceil(vertical/bs)``
+    column blocks and top ``ceil(slash/bs)`` block offsets are kept, plus the sink block and the
+    diagonal.  Pooling before the top-k keeps the budget a block budget: top-k tokens spread
+    over many blocks would otherwise select nearly every block.
     """
 
     name = "vertical_slash_fixed"
@@ -107,21 +102,26 @@ class VerticalSlashFixedSelector:
         slash.scatter_add_(-1, idx, a.reshape(B, Hq, n * N))
         return vert, slash
 
+    def block_scores(self, q, k, *, block_size: int, softmax_scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores pooled to column blocks and block offsets: fp32 [B, Hq, nb] each."""
+        N = q.shape[1]
+        nb = math.ceil(N / block_size)
+        vert, slash = self.scores(q, k, softmax_scale=softmax_scale)
+        pad = nb * block_size - N
+        v_blk = F.pad(vert, (0, pad)).view(*vert.shape[:-1], nb, block_size).sum(-1)
+        s_lo = F.pad(slash, (0, pad)).view(*slash.shape[:-1], nb, block_size).sum(-1)
+        # ceil(o/bs) == d for o in ((d-1)*bs, d*bs]: shift by bs-1 and pool again
+        s_hi = F.pad(slash, (block_size - 1, pad))[..., : nb * block_size].view(*slash.shape[:-1], nb, block_size).sum(-1)
+        return v_blk, s_lo + s_hi
+
     def __call__(self, q, k, *, config, softmax_scale=None) -> BlockSelection:
         B, N, Hq, _ = q.shape
         bs = config.block_size
         nb = math.ceil(N / bs)
-        vert, slash = self.scores(q, k, softmax_scale=softmax_scale)
-        false = torch.zeros(B, Hq, N, dtype=torch.bool, device=q.device)
-        v_idx = torch.topk(vert, min(self.vertical, N), dim=-1).indices
-        s_idx = torch.topk(slash, min(self.slash, N), dim=-1).indices
-        v_tok = false.scatter(-1, v_idx, True)
-        s_tok = false.scatter(-1, s_idx, True)
-        v_blk = _pool_any(v_tok, bs, nb)
-        # offset o lies in block offsets floor(o/bs) (lower pool) and ceil(o/bs) (pool shifted by bs-1)
-        s_lo = _pool_any(s_tok, bs, nb)
-        s_hi = _pool_any(torch.nn.functional.pad(s_tok, (bs - 1, 0))[..., : nb * bs], bs, nb)
-        s_blk = s_lo | s_hi
+        v_score, s_score = self.block_scores(q, k, block_size=bs, softmax_scale=softmax_scale)
+        false = torch.zeros(B, Hq, nb, dtype=torch.bool, device=q.device)
+        v_blk = false.scatter(-1, torch.topk(v_score, min(math.ceil(self.vertical / bs), nb), dim=-1).indices, True)
+        s_blk = false.scatter(-1, torch.topk(s_score, min(math.ceil(self.slash / bs), nb), dim=-1).indices, True)
         v_blk[..., 0] = True
         s_blk[..., 0] = True
         ar = torch.arange(nb, device=q.device)
