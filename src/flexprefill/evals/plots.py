@@ -119,14 +119,14 @@ def accuracy_vs_density(records: list[dict], out_dir: str) -> str | None:
             s, d = mean([r["score"] for r in rs]), mean([r["density"] for r in rs])
             if s is None or d is None:
                 continue
-            ax.scatter([d], [s], s=40)
-            ax.annotate(method if len({r["model"] for r in records}) == 1 else f"{model}/{method}", (d, s), fontsize=8,
-                        textcoords="offset points", xytext=(4, 4))
+            label = method if len({r["model"] for r in records}) == 1 else f"{model}/{method}"
+            ax.scatter([d], [s], s=40, label=f"{label} ({s:.2f} @ {d:.2f})")
     ax.set_xlabel("mean attention density (computed causal blocks)")
     ax.set_ylabel("mean score")
     ax.set_xlim(0, 1.05)
     ax.set_ylim(-0.02, 1.05)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     ax.set_title("accuracy against density", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "accuracy_vs_density.png")

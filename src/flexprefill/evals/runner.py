@@ -135,11 +135,14 @@ class Case:
 def make_cases(
     task_names: list[str], lengths: list[int], samples: int, *, seed: int = 0, sweep_depths: list[float] | None = None
 ) -> list[Case]:
-    """All cases, length-major.  ``niah_sweep`` cases (the classic NIAH grid) get one per depth and sample."""
+    """All cases, sample-major (a run cut short by a time limit loses later samples, not the long lengths).
+
+    ``niah_sweep`` cases (the classic NIAH grid) get one per depth and sample.
+    """
     cases = []
-    for length in lengths:
-        for task in task_names:
-            for s in range(samples):
+    for s in range(samples):
+        for length in lengths:
+            for task in task_names:
                 if task == SWEEP_TASK:
                     cases += [Case(task, length, seed + s, float(d)) for d in (sweep_depths or [0.5])]
                 else:
