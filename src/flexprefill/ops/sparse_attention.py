@@ -78,6 +78,9 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         out = torch.empty(B, N, Hq, D, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
+    # an fp32 stand-in when no lse is asked: the autotuner keys on argument dtypes, so
+    # both variants then share one tuning
+    lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)
     BD = max(64, triton.next_power_of_2(D))
     group = Hq // Hkv
 
@@ -85,7 +88,7 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         return (triton.cdiv(N, meta["BLOCK_M"]) * group, B * Hkv)
 
     args = (
-        q, k, v, out, lse if return_lse else out, counts, indices,
+        q, k, v, out, lse_arg, counts, indices,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
