@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 
 import torch
 
@@ -129,10 +130,15 @@ def flex_attention_from_selection(
         compiled = q.is_cuda
     if block_mask is None:
         block_mask = selection_to_block_mask(selection, exact_mask_mod=not compiled)
-    if compiled:
-        fn = compiled_flex_attention()
-    else:
-        from torch.nn.attention.flex_attention import flex_attention as fn
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != Hq)
+    gqa = k.shape[1] != Hq
+    if compiled:
+        out = compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    else:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        with warnings.catch_warnings():
+            # eager is deliberate here (CPU, tests): silence "called without torch.compile"
+            warnings.simplefilter("ignore", UserWarning)
+            out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2) if layout == "BNHD" else out
