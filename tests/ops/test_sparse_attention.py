@@ -251,3 +251,21 @@ def test_no_host_sync_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(g_out, out) and torch.equal(g_lse, lse)
+
+
+@pytest.mark.parametrize("bs", [32, 64, 128])
+def test_gpu_config_space_fits_every_block_size(bs):
+    # the GPU autotuner's prune runs only on a device: check its clamping here
+    import triton
+
+    from flexprefill.ops.autotune import autotune_configs, interpreting
+    from flexprefill.ops.kernels.sparse_attention import _SPACE, _prune
+
+    if interpreting():
+        assert len(autotune_configs(_SPACE[128], interpret=dict(BLOCK_M=32, BLOCK_N=32))) == 1
+    for space in _SPACE.values():
+        configs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in space]
+        kept = _prune(configs, {"BS": bs})
+        sigs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+        assert kept and len(set(sigs)) == len(sigs)
+        assert all(bs % bm == 0 and bs % bn == 0 for bm, bn, _, _ in sigs)

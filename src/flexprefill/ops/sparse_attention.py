@@ -96,13 +96,14 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         counts.stride(0), counts.stride(1),
         indices.stride(0), indices.stride(1), indices.stride(2),
         N, Hkv, softmax_scale * _LOG2E,
+        # constexprs positionally too: every triton version hands these to the config prune
+        group, D, BD, block_size, return_lse,
     )
-    meta = dict(GROUP=group, D=D, BD=BD, BS=block_size, RETURN_LSE=return_lse)
     if config is None:
-        sparse_attention_fwd_tuned[BD][grid](*args, **meta)
+        sparse_attention_fwd_tuned[BD][grid](*args)
     else:
         cfg = dict(config)
         if block_size % cfg["BLOCK_M"] or block_size % cfg["BLOCK_N"]:
             raise ValueError(f"config {config} tiles must divide block_size={block_size}")
-        sparse_attention_fwd_kernel[grid(cfg)](*args, **meta, **cfg)
+        sparse_attention_fwd_kernel[grid(cfg)](*args, **cfg)
     return (out, lse) if return_lse else out
