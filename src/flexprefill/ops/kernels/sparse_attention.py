@@ -1,6 +1,6 @@
 """Block-sparse causal attention forward (FlashAttention-2 style, online softmax in fp32, exp2).
 Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128, GQA 1/2/4).
-Limits: BLOCK_M and BLOCK_N divide the selection block size; head dim <= 256 (padded to a power of two).
+Limits: not yet run on a GPU (bf16 and speed unchecked); BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
 """
 
 import triton
