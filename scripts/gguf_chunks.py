@@ -1,0 +1,117 @@
+"""Carry a packaged GGUF to a machine without network or packages, in chunks.
+
+    python scripts/gguf_chunks.py split gemma3-270m OUT --chunk-mb 50
+        writes OUT/gemma3-270m.gguf.part00, part01, ... and OUT/gemma3-270m.sha256
+    python scripts/gguf_chunks.py join IN gemma3-270m DEST
+        concatenates the parts, checks the SHA-256, prints the path of the joined file;
+        then flexprefill.models.load(that_path) converts it (cache keyed on the checksum)
+
+`join` needs only the standard library; `split` needs flexprefill.models and the model's package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+_BLOCK = 1 << 22
+
+
+def split(name: str, outdir: str | os.PathLike, *, chunk_mb: float = 50) -> list[Path]:
+    """Write ``outdir/<name>.gguf.partNN`` (``chunk_mb`` MiB each) and ``outdir/<name>.sha256``."""
+    from flexprefill.models import gguf_path
+
+    if chunk_mb <= 0:
+        raise ValueError(f"chunk_mb={chunk_mb}: expected a positive size in MiB")
+    src = gguf_path(name)
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{name}.gguf.part*"):
+        old.unlink()
+    chunk = int(chunk_mb * (1 << 20))
+    digest = hashlib.sha256()
+    parts = []
+    with open(src, "rb") as f:
+        while data := f.read(chunk):
+            digest.update(data)
+            part = out / f"{name}.gguf.part{len(parts):02d}"
+            part.write_bytes(data)
+            parts.append(part)
+    (out / f"{name}.sha256").write_text(f"{digest.hexdigest()}  {name}.gguf\n")
+    return parts
+
+
+def _parts(indir: Path, name: str) -> list[Path]:
+    pattern = re.compile(re.escape(f"{name}.gguf.part") + r"(\d+)$")
+    numbered = sorted(
+        (int(m.group(1)), p) for p in indir.iterdir() if (m := pattern.match(p.name))
+    )
+    if not numbered:
+        raise FileNotFoundError(f"no {name}.gguf.partNN files in {indir}")
+    missing = sorted(set(range(numbered[-1][0] + 1)) - {i for i, _ in numbered})
+    if missing:
+        raise FileNotFoundError(f"{indir}: parts {missing} of {name}.gguf are missing")
+    return [p for _, p in numbered]
+
+
+def join(indir: str | os.PathLike, name: str, dest: str | os.PathLike) -> Path:
+    """Concatenate ``indir/<name>.gguf.partNN`` into ``dest`` (a file, or a folder to hold
+    ``<name>.gguf``) and check it against ``indir/<name>.sha256``; raises ``ValueError`` on a
+    mismatch and leaves no file behind."""
+    indir = Path(indir)
+    expected = (indir / f"{name}.sha256").read_text().split()[0].lower()
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / f"{name}.gguf"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part in _parts(indir, name):
+                with open(part, "rb") as f:
+                    while data := f.read(_BLOCK):
+                        digest.update(data)
+                        out.write(data)
+        if digest.hexdigest() != expected:
+            raise ValueError(
+                f"joined {name}.gguf has sha256 {digest.hexdigest()}, expected {expected} "
+                f"({indir / (name + '.sha256')}): a part is corrupt or missing"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_split = sub.add_parser("split", help="cut a packaged model's GGUF into parts")
+    p_split.add_argument("name", help="a name of flexprefill.models.MODELS")
+    p_split.add_argument("outdir")
+    p_split.add_argument("--chunk-mb", type=float, default=50, help="part size in MiB (default 50)")
+    p_join = sub.add_parser("join", help="join parts and verify the checksum")
+    p_join.add_argument("indir")
+    p_join.add_argument("name")
+    p_join.add_argument("dest", help="output file, or an existing folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "split":
+            for part in split(args.name, args.outdir, chunk_mb=args.chunk_mb):
+                print(part)
+            print(Path(args.outdir) / f"{args.name}.sha256")
+        else:
+            print(join(args.indir, args.name, args.dest))
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
