@@ -91,14 +91,14 @@ class CaptureModel:
     """A packaged model whose real Q, K, V the suite captures."""
 
     key: str
-    names: tuple[str, ...]  # names tried with flexprefill.models.load, in order
+    names: tuple[str, ...]  # names in flexprefill.models.MODELS, tried in order
     context: int
     layer_fractions: tuple[float, ...] = (0.1, 0.5, 0.9)
 
 
 CAPTURE_MODELS = {
-    "smollm2-135m": CaptureModel("smollm2-135m", ("smollm2-135m", "smollm2", "SmolLM2-135M-Instruct"), 8192),
-    "gemma3-270m": CaptureModel("gemma3-270m", ("gemma3-270m", "gemma3", "gemma-3-270m"), 32768),
+    "smollm2-135m": CaptureModel("smollm2-135m", ("smollm2-135m-instruct",), 8192),
+    "gemma3-270m": CaptureModel("gemma3-270m", ("gemma3-270m",), 32768),
 }
 
 
@@ -401,6 +401,10 @@ class MethodUnavailable(RuntimeError):
     """A method that cannot run here at all (missing module, no GPU): skipped from then on."""
 
 
+class IntegrationMissing(RuntimeError):
+    """The transformers integration (flexprefill.patch) is not in this checkout."""
+
+
 def _sdpa_backend(method):
     from torch.nn.attention import SDPBackend
 
@@ -489,7 +493,8 @@ def make_method_fn(method: str, case: Case, *, sel: BlockSelection, cfg: FlexPre
         bm = selection_to_block_mask(sel, exact_mask_mod=not cuda)
         qt, kt, vt = layouts["qt"], layouts["kt"], layouts["vt"]
         return (
-            lambda: flex_attention_from_selection(qt, kt, vt, sel, softmax_scale=scale, layout="BHND", block_mask=bm, compiled=cuda),
+            lambda: flex_attention_from_selection(qt, kt, vt, sel, softmax_scale=scale, layout="BHND", block_mask=bm, compiled=cuda,
+                                                  compile_dynamic=layouts.get("flex_dynamic")),
             "compiled" if cuda else "eager (CPU)",
         )
     if method == "triton_kernel":
@@ -525,7 +530,7 @@ def _method_pairs(method: str, case: Case, sel_pairs: int | None) -> int | None:
 
 
 def run_case(case: Case, methods, *, cfg, stamp, budget_ms, unavailable: dict, dense_cache: dict | None = None,
-             mode: str = "suite", log=print) -> tuple[list[dict], dict | None]:
+             mode: str = "suite", log=print, flex_dynamic: bool | None = None) -> tuple[list[dict], dict | None]:
     """Time every method on one case; returns (rows, pattern statistics of the case's selection)."""
     device = case.q.device
     shape = case.shape
@@ -548,7 +553,7 @@ def run_case(case: Case, methods, *, cfg, stamp, budget_ms, unavailable: dict, d
         traceback.print_exc()
         rows.append(dict(base, method="selection(prep)", error=_first_line(e)))
     sel_density = pattern["density"] if pattern else None
-    layouts: dict = {}
+    layouts: dict = {"flex_dynamic": flex_dynamic}
     for method in methods:
         row = dict(base, method=method)
         if method in unavailable:
@@ -566,10 +571,9 @@ def run_case(case: Case, methods, *, cfg, stamp, budget_ms, unavailable: dict, d
             else:
                 fn, note = make_method_fn(method, case, sel=sel, cfg=cfg, layouts=layouts)
                 t0 = time.perf_counter()
-                out = fn()
+                fn()
                 _sync(device)
                 warmup_s = time.perf_counter() - t0
-                del out
                 mem = extra_memory_bytes(fn, device)
                 ms, reps = time_ms(fn, device=device, budget_ms=budget_ms)
                 measured = dict(ms=ms, reps=reps, warmup_s=round(warmup_s, 3), extra_mem_bytes=mem, note=note)
@@ -764,8 +768,11 @@ def capture_qkv(model, input_ids: torch.Tensor, layers) -> dict:
     return {i: (q.clone(), k.clone(), v.clone(), s) for i, (q, k, v, s) in sorted(store.items())}
 
 
-def captured_inputs(keys, overrides: dict, *, device, dtype, log=print) -> dict:
-    """{shape key: dict(q, k, v, scale, layers, N)} with the captured layers stacked on the batch dim."""
+def captured_inputs(keys, overrides: dict, *, device, dtype, length: int = 0, log=print) -> dict:
+    """{shape key: dict(q, k, v, scale, layers, N)} with the captured layers stacked on the batch dim.
+
+    ``length``: tokens of the prompt (default: the model's context, 8k or 32k).
+    """
     out = {}
     for key in keys:
         spec = CAPTURE_MODELS[key]
@@ -773,7 +780,7 @@ def captured_inputs(keys, overrides: dict, *, device, dtype, log=print) -> dict:
         try:
             model, tok = load_model(key, overrides, device=device, dtype=dtype)
             layers = _capture_layers(model, spec)
-            ids = torch.tensor([_haystack_ids(tok, spec.context)], device=device)
+            ids = torch.tensor([_haystack_ids(tok, length or spec.context)], device=device)
             rec = capture_qkv(model, ids, layers)
             if set(rec) != set(layers):
                 raise RuntimeError(f"captured layers {sorted(rec)} but asked for {layers}")
@@ -792,6 +799,17 @@ def captured_inputs(keys, overrides: dict, *, device, dtype, log=print) -> dict:
 
 
 # ---------------------------------------------------------------- suite
+
+
+def _captured(args, state, shapes) -> dict:
+    """Captured inputs of the shapes that have a packaged model, captured once per run."""
+    keys = [s.name for s in shapes if s.name in CAPTURE_MODELS and s.name not in state["captured"]]
+    if keys:
+        got = captured_inputs(keys, state["overrides"], device=state["device"], dtype=_dtype(args.dtype),
+                              length=args.capture_len, log=state["log"])
+        # a model that failed to load is not tried again by the next mode
+        state["captured"].update({k: got.get(k) for k in keys})
+    return state["captured"]
 
 
 def _parse_shapes(text: str) -> list[Shape]:
@@ -861,54 +879,76 @@ def _methods_for(device, methods):
 
 
 def run_suite(args, state) -> None:
-    device, cfg, stamp, log = state["device"], state["cfg"], state["stamp"], state["log"]
+    """The (shape, length, input) grid, then the captured inputs, then the kernel sweeps.
+
+    Captured inputs come after the generated ones: loading (and, on a fresh machine,
+    converting) the models costs time that a run out of budget should not take from
+    the main grid.
+    """
+    device, log = state["device"], state["log"]
     shapes = _parse_shapes(args.shapes)
     lengths = _parse_lengths(args.lengths)
     inputs = _split(args.inputs)
     methods = _methods_for(device, _split(args.methods))
-    captured = {}
-    if "captured" in inputs:
-        if device.type != "cuda":
-            log("captured inputs: skipped on the CPU (the models are loaded on the GPU)")
-        else:
-            keys = [s.name for s in shapes if s.name in CAPTURE_MODELS]
-            captured = captured_inputs(keys, state["overrides"], device=device, dtype=_dtype(args.dtype), log=log)
     plan = []
     for shape in shapes:
         for N in lengths:
             for kind in inputs:
                 if kind == "captured":
-                    cap = captured.get(shape.name)
-                    if cap is None or N > cap["N"]:
-                        continue
-                elif kind == "random" and N > args.random_max_len:
                     continue
-                elif _estimated_dense_s(shape, N, args.batch) > args.max_call_s:
+                if kind == "random" and N > args.random_max_len:
+                    continue
+                if _estimated_dense_s(shape, N, args.batch) > args.max_call_s:
                     log(f"skip {shape.name} N={N} {kind}: a dense call would take about "
                         f"{_estimated_dense_s(shape, N, args.batch):.1f} s (> --max-call-s {args.max_call_s})")
                     continue
                 plan.append((shape, N, kind))
+    ctx = dict(dense_cache={}, unavailable={}, methods=methods)
+    _run_plan(plan, args, state, ctx, "suite")
+    if "captured" in inputs:
+        if state["deadline"].passed():
+            state["rows"].append(dict(mode="suite", input="captured", skipped="time budget (--max-minutes)", **state["stamp"]))
+        else:
+            captured = _captured(args, state, shapes)
+            plan = [(shape, N, "captured") for shape in shapes for N in lengths
+                    if captured.get(shape.name) is not None and N <= captured[shape.name]["N"]]
+            _run_plan(plan, args, state, ctx, "captured")
+    log(f"suite grid done after {state['deadline'].elapsed():.0f} s")
+    if not args.quick and device.type == "cuda":
+        if "triton_kernel" in methods and "triton_kernel" not in ctx["unavailable"]:
+            run_kernel_efficiency(args, state)
+            run_gqa_note(args, state)
+            log(f"kernel sweeps done after {state['deadline'].elapsed():.0f} s")
+        else:
+            log("kernel-efficiency sweep and GQA note skipped: triton_kernel not run")
+
+
+def _case_of(shape: Shape, N: int, kind: str, args, state) -> Case:
+    if kind == "captured":
+        cap = state["captured"][shape.name]
+        cshape = Shape(shape.name, cap["q"].shape[2], cap["k"].shape[2], cap["q"].shape[3])
+        q, k, v = (cap[n][:, :N].contiguous() for n in ("q", "k", "v"))
+        return Case(cshape, N, kind, q, k, v, cap["scale"], tuple(cap["layers"]))
+    q, k, v = _make_input(kind, shape, N, args, state["device"])
+    return Case(shape, N, kind, q, k, v, 1.0 / math.sqrt(shape.head_dim))
+
+
+def _run_plan(plan, args, state, ctx, desc: str) -> None:
     from tqdm.auto import tqdm
 
-    dense_cache: dict = {}
-    unavailable: dict = {}
-    bar = tqdm(plan, desc="suite", mininterval=15.0, file=sys.stderr)
+    device, cfg, stamp, log = state["device"], state["cfg"], state["stamp"], state["log"]
+    bar = tqdm(plan, desc=desc, mininterval=15.0, file=sys.stderr)
     for shape, N, kind in bar:
         bar.set_postfix_str(f"{shape.name} N={N} {kind}")
         if state["deadline"].passed():
             state["rows"].append(dict(mode="suite", shape=shape.name, N=N, input=kind, skipped="time budget (--max-minutes)", **stamp))
             continue
+        case = None
         try:
-            if kind == "captured":
-                cap = captured[shape.name]
-                cshape = Shape(shape.name, cap["q"].shape[2], cap["k"].shape[2], cap["q"].shape[3])
-                q, k, v = (cap[n][:, :N].contiguous() for n in ("q", "k", "v"))
-                case = Case(cshape, N, kind, q, k, v, cap["scale"], tuple(cap["layers"]))
-            else:
-                q, k, v = _make_input(kind, shape, N, args, device)
-                case = Case(shape, N, kind, q, k, v, 1.0 / math.sqrt(shape.head_dim))
-            rows, pattern = run_case(case, methods, cfg=cfg, stamp=stamp, budget_ms=_budget(args, shape, N),
-                                     unavailable=unavailable, dense_cache=dense_cache, log=log)
+            case = _case_of(shape, N, kind, args, state)
+            rows, pattern = run_case(case, ctx["methods"], cfg=cfg, stamp=stamp, budget_ms=_budget(args, shape, N),
+                                     unavailable=ctx["unavailable"], dense_cache=ctx["dense_cache"], log=log,
+                                     flex_dynamic=_flex_dynamic(args))
             state["rows"].extend(rows)
             if pattern:
                 state["patterns"].append(pattern)
@@ -917,15 +957,13 @@ def run_suite(args, state) -> None:
             traceback.print_exc()
             state["rows"].append(dict(mode="suite", shape=shape.name, N=N, input=kind, error=_first_line(e), **stamp))
         finally:
-            case = q = k = v = None
+            case = None
             _free(device)
             state["checkpoint"]()
-    if not args.quick and device.type == "cuda":
-        if "triton_kernel" in methods and "triton_kernel" not in unavailable:
-            run_kernel_efficiency(args, state)
-            run_gqa_note(args, state)
-        else:
-            log("kernel-efficiency sweep and GQA note skipped: triton_kernel not run")
+
+
+def _flex_dynamic(args) -> bool | None:
+    return {"auto": None, "true": True, "false": False}[args.flex_dynamic]
 
 
 def _budget(args, shape: Shape, N: int) -> float:
@@ -984,7 +1022,6 @@ def run_kernel_efficiency(args, state) -> None:
 def _efficiency_at(shape, N, dtype, device, args, stamp, sparse_attention) -> list[dict]:
     q, k, v = random_qkv(1, N, shape.q_heads, shape.kv_heads, shape.head_dim, seed=args.seed, dtype=dtype, device=device)
     scale = 1.0 / math.sqrt(shape.head_dim)
-    case = Case(shape, N, "random", q, k, v, scale)
     layouts = dict(qt=q.transpose(1, 2).contiguous(), kt=k.transpose(1, 2).contiguous(), vt=v.transpose(1, 2).contiguous())
     base_row = dict(mode="kernel_efficiency", shape=shape.name, Hq=shape.q_heads, Hkv=shape.kv_heads, D=shape.head_dim,
                     B=1, N=N, input="random", dtype=str(dtype).replace("torch.", ""), block_size=args.block_size, **stamp)
@@ -1014,14 +1051,12 @@ def _efficiency_at(shape, N, dtype, device, args, stamp, sparse_attention) -> li
             row.update(ms=ms, reps=reps, density=causal_density(counts), pairs=pairs, tflops=tflops,
                        efficiency=tflops / base_tflops if base_tflops else None,
                        speedup=base_ms / ms if base_ms else None)
-            del sel, counts, indices
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row.update(error=_first_line(e))
         rows.append(row)
-    del case, layouts, q, k, v
     return rows
 
 
@@ -1088,10 +1123,7 @@ def run_breakeven(args, state) -> None:
     lengths = _parse_lengths(args.breakeven_lengths)
     inputs = [x for x in _split(args.inputs) if x in ("synthetic", "captured")] or ["synthetic"]
     methods = _methods_for(device, ["cudnn", "flexprefill"])
-    captured = {}
-    if "captured" in inputs and device.type == "cuda":
-        keys = [s.name for s in shapes if s.name in CAPTURE_MODELS]
-        captured = state.get("captured_cache") or captured_inputs(keys, state["overrides"], device=device, dtype=_dtype(args.dtype), log=log)
+    captured = _captured(args, state, shapes) if "captured" in inputs else {}
     from tqdm.auto import tqdm
 
     unavailable: dict = {}
@@ -1106,14 +1138,9 @@ def run_breakeven(args, state) -> None:
                     continue
                 if state["deadline"].passed():
                     break
+                case = None
                 try:
-                    if cap is not None:
-                        cshape = Shape(shape.name, cap["q"].shape[2], cap["k"].shape[2], cap["q"].shape[3])
-                        q, k, v = (cap[n][:, :N].contiguous() for n in ("q", "k", "v"))
-                        case = Case(cshape, N, kind, q, k, v, cap["scale"], tuple(cap["layers"]))
-                    else:
-                        q, k, v = _make_input(kind, shape, N, args, device)
-                        case = Case(shape, N, kind, q, k, v, 1.0 / math.sqrt(shape.head_dim))
+                    case = _case_of(shape, N, kind, args, state)
                     rows, _ = run_case(case, methods, cfg=cfg, stamp=stamp, budget_ms=args.rep_ms, unavailable=unavailable,
                                        mode="breakeven", log=log)
                     state["rows"].extend(rows)
@@ -1124,7 +1151,7 @@ def run_breakeven(args, state) -> None:
                     traceback.print_exc()
                     state["rows"].append(dict(mode="breakeven", shape=shape.name, N=N, input=kind, error=_first_line(e), **stamp))
                 finally:
-                    case = q = k = v = None
+                    case = None
                     _free(device)
             if series:
                 n_be = break_even_length(*zip(*series))
@@ -1164,6 +1191,20 @@ def needle_prompt_ids(tok, max_tokens: int, *, depth: float = 0.5) -> list[int]:
     return ids[-max_tokens:]
 
 
+def _timed_call(fn, device) -> float:
+    """Milliseconds of one call: CUDA events around it on a GPU, the wall clock elsewhere."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000.0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end)
+
+
 def _dense_sdpa_context():
     """SDPA with cuDNN first, then flash, memory-efficient, math (for masks cuDNN refuses)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -1187,7 +1228,7 @@ def _install_flexprefill(model, cfg) -> Callable[[], None]:
     try:
         import flexprefill.integrations.transformers  # noqa: F401 - registers attn_implementation="flexprefill"
     except ImportError as e:
-        raise RuntimeError(
+        raise IntegrationMissing(
             "the transformers integration is not available yet (no flexprefill.patch, no "
             f"flexprefill.integrations.transformers: {e}); model mode needs it"
         ) from e
@@ -1198,9 +1239,6 @@ def _install_flexprefill(model, cfg) -> Callable[[], None]:
 def run_model_mode(args, state) -> None:
     """Whole-model prefill time (CUDA events around model(input_ids), median) and a needle answer, SDPA vs FlexPrefill."""
     device, stamp, log = state["device"], state["stamp"], state["log"]
-    if device.type != "cuda":
-        log("model mode: skipped on the CPU")
-        return
     keys = [k for k in _split(args.models) if k in CAPTURE_MODELS]
     for key in keys:
         if state["deadline"].passed():
@@ -1212,8 +1250,8 @@ def run_model_mode(args, state) -> None:
             traceback.print_exc()
             state["rows"].append(dict(mode="model", shape=key, error=_first_line(e), **stamp))
             continue
-        max_new = 16
-        ids = torch.tensor([needle_prompt_ids(tok, spec.context - max_new)], device=device)
+        max_new = 32
+        ids = torch.tensor([needle_prompt_ids(tok, (args.model_len or spec.context) - max_new)], device=device)
         N = ids.shape[1]
         results = {}
         for method in ("sdpa", "flexprefill"):
@@ -1233,21 +1271,16 @@ def run_model_mode(args, state) -> None:
 
                     t0 = time.perf_counter()
                     prefill()
-                    torch.cuda.synchronize()
+                    _sync(device)
                     row["warmup_s"] = round(time.perf_counter() - t0, 3)
-                    times = []
-                    for _ in range(args.model_reps):
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        prefill()
-                        end.record()
-                        torch.cuda.synchronize()
-                        times.append(start.elapsed_time(end))
+                    times = [_timed_call(prefill, device) for _ in range(args.model_reps)]
                     row.update(ms=statistics.median(times), reps=len(times))
                     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
                     answer = tok.decode(gen[0, N:], skip_special_tokens=True).strip()
                     row.update(answer=answer, correct=NEEDLE_ANSWER in answer)
                 results[method] = row["ms"]
+            except IntegrationMissing as e:
+                row.update(error=_first_line(e))
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 row.update(error=_first_line(e))
@@ -1306,9 +1339,11 @@ def _fmt(v, col: str = "") -> str:
     return str(v)
 
 
-def format_table(rows, columns, *, markdown: bool = True) -> str:
-    """Rows (dicts) as a table: Markdown (``| a | b |``) or aligned plain text."""
+def format_table(rows, columns, *, markdown: bool = True, max_width: int = 100) -> str:
+    """Rows (dicts) as a table: Markdown (``| a | b |``) or aligned plain text (cells cut at ``max_width``)."""
     cells = [[_fmt(r.get(c), c) for c in columns] for r in rows]
+    if not markdown:
+        cells = [[x if len(x) <= max_width else x[: max_width - 3] + "..." for x in row] for row in cells]
     if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
         lines += ["| " + " | ".join(x.replace("|", "/") for x in row) + " |" for row in cells]
@@ -1548,9 +1583,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=200.0, help="timing budget per method and case in ms (do_bench rep)")
     p.add_argument("--random-max-len", type=int, default=131072, help="longest N for random (dense-cost) inputs")
     p.add_argument("--max-call-s", type=float, default=5.0, help="skip cases whose dense call would take longer")
-    p.add_argument("--max-minutes", type=float, default=9.0, help="stop starting new cases after this long (0: no limit)")
+    p.add_argument("--max-minutes", type=float, default=8.0, help="stop starting new cases after this long (0: no limit)")
     p.add_argument("--synthetic-source", default="device", choices=["device", "host"],
                    help="device: structured inputs built on the GPU (same construction); host: flexprefill.synthetic on the CPU")
+    p.add_argument("--flex-dynamic", default="auto", choices=["auto", "true", "false"],
+                   help="torch.compile(flex_attention, dynamic=...): auto = static first, symbolic after a size changes")
     p.add_argument("--efficiency-len", type=int, default=131072, help="N of the kernel-efficiency sweep (halved on OOM)")
     p.add_argument("--gqa-len", type=int, default=65536, help="N of the GQA comparison")
     p.add_argument("--breakeven-lengths", default=",".join(str(n) for n in BREAKEVEN_LENGTHS))
@@ -1558,6 +1595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--model-path", dest="model_overrides", action="append", default=[],
                    metavar="KEY=NAME_OR_PATH",
                    help=f"model name for flexprefill.models.load or a GGUF path, per key {sorted(CAPTURE_MODELS)}; repeatable")
+    p.add_argument("--capture-len", type=int, default=0, help="prompt tokens of the captured inputs (default: each model's context)")
+    p.add_argument("--model-len", type=int, default=0, help="prompt tokens of the model mode (default: each model's context)")
     p.add_argument("--model-min-seq-len", type=int, default=0, help="min_seq_len of FlexPrefill in the model mode")
     p.add_argument("--model-reps", type=int, default=5)
     return p
@@ -1604,7 +1643,7 @@ def main(argv=None) -> int:
 
     state = dict(device=device, cfg=cfg, stamp=stamp, log=log, rows=payload["rows"], patterns=payload["patterns"],
                  breakeven=payload["breakeven"], notes=payload["notes"], deadline=Deadline(args.max_minutes),
-                 overrides=_parse_model_overrides(args.model_overrides),
+                 overrides=_parse_model_overrides(args.model_overrides), captured={},
                  checkpoint=lambda: write_results(payload, out_dir))
     if device.type == "cuda":
         _raise_recompile_limit()

@@ -34,6 +34,11 @@ def compiled_flex_attention(dynamic: bool | None = None):
     return torch.compile(flex_attention, dynamic=dynamic)
 
 
+def causal_mask_mod(b, h, q_idx, kv_idx):
+    # one module-level function: a new closure per call could count as a new graph for torch.compile
+    return q_idx >= kv_idx
+
+
 def _from_kv_blocks_kwargs() -> dict:
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -71,9 +76,7 @@ def selection_to_block_mask(selection: BlockSelection, *, exact_mask_mod: bool =
             return (q_idx >= kv_idx) & block_on[b, h, q_idx // bs, kv_idx // bs]
 
     else:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return q_idx >= kv_idx
+        mask_mod = causal_mask_mod
 
     return BlockMask.from_kv_blocks(
         part_num,
@@ -97,6 +100,7 @@ def flex_attention_from_selection(
     layout: str = "BNHD",
     block_mask=None,
     compiled: bool | None = None,
+    compile_dynamic: bool | None = None,
 ):
     """Causal attention of each query block over its selected key blocks, by FlexAttention.
 
@@ -110,6 +114,8 @@ def flex_attention_from_selection(
             benchmark builds it once, outside the timed region).
         compiled: run ``torch.compile(flex_attention)`` (cached); default True on CUDA,
             False elsewhere.
+        compile_dynamic: ``dynamic`` of that torch.compile (None: compile the first
+            shape static, recompile with symbolic sizes when one changes).
 
     Returns:
         ``out`` in the layout of ``q``, input dtype.
@@ -133,7 +139,7 @@ def flex_attention_from_selection(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     gqa = k.shape[1] != Hq
     if compiled:
-        out = compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        out = compiled_flex_attention(compile_dynamic)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     else:
         from torch.nn.attention.flex_attention import flex_attention
 
