@@ -320,8 +320,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable, *, device, budget_ms: float = 200.0, min_reps: int = 3) -> tuple[float, int]:
-    """Median milliseconds of ``fn()`` after one warm-up call (compilation, autotuning).
+def time_ms(fn: Callable, *, device, budget_ms: float = 200.0, min_reps: int = 3, warmed: bool = False) -> tuple[float, int]:
+    """Median milliseconds of ``fn()`` after one warm-up call (compilation, autotuning; skipped when ``warmed``).
 
     On CUDA: ``triton.testing.do_bench(..., return_mode="median")`` with ``rep=budget_ms``
     for calls much shorter than the budget; for long calls (more than a tenth of the
@@ -330,8 +330,9 @@ def time_ms(fn: Callable, *, device, budget_ms: float = 200.0, min_reps: int = 3
     Returns (median ms, repetitions).
     """
     device = torch.device(device)
-    fn()
-    _sync(device)
+    if not warmed:
+        fn()
+        _sync(device)
     if device.type != "cuda":
         times = []
         stop = time.perf_counter() + budget_ms / 1000.0
@@ -575,7 +576,7 @@ def run_case(case: Case, methods, *, cfg, stamp, budget_ms, unavailable: dict, d
                 _sync(device)
                 warmup_s = time.perf_counter() - t0
                 mem = extra_memory_bytes(fn, device)
-                ms, reps = time_ms(fn, device=device, budget_ms=budget_ms)
+                ms, reps = time_ms(fn, device=device, budget_ms=budget_ms, warmed=True)
                 measured = dict(ms=ms, reps=reps, warmup_s=round(warmup_s, 3), extra_mem_bytes=mem, note=note)
                 row.update(measured)
                 if dense_cache is not None and method in DENSE_METHODS:
@@ -1122,7 +1123,8 @@ def run_breakeven(args, state) -> None:
     shapes = _parse_shapes(args.shapes)
     lengths = _parse_lengths(args.breakeven_lengths)
     inputs = [x for x in _split(args.inputs) if x in ("synthetic", "captured")] or ["synthetic"]
-    methods = _methods_for(device, ["cudnn", "flexprefill"])
+    # flash too: the baseline when cuDNN refuses a shape (head dim 256 on some versions)
+    methods = _methods_for(device, ["cudnn", "flash", "flexprefill"])
     captured = _captured(args, state, shapes) if "captured" in inputs else {}
     from tqdm.auto import tqdm
 
@@ -1379,7 +1381,7 @@ def summary_rows(rows) -> list[dict]:
 
 
 def _fmt_summary(rows) -> str:
-    cols = ["mode", "shape", "N", "input", "density", "dense_ms", "flash", "flex", "kernel", "sel", "fp", "sel_share", "fp_mem"]
+    cols = ["mode", "shape", "N", "input", "density", "dense_ms", "flash", "flex", "kernel", "fp", "sel_share", "fp_mem"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fixed = []
     for r in rows:
@@ -1500,7 +1502,9 @@ def write_plots(payload: dict, out_dir) -> list[Path]:
     out = Path(out_dir)
     paths = []
     rows = payload["rows"]
-    suite = [r for r in rows if r.get("mode") == "suite" and r.get("speedup") is not None]
+    # speed-ups of the attention methods; the selection alone is shown as its share of the operator
+    suite = [r for r in rows if r.get("mode") == "suite" and r.get("speedup") is not None
+             and r.get("method") in ("flash", "flex_attention", "triton_kernel", "flexprefill")]
     if suite:
         shapes = list(dict.fromkeys(r["shape"] for r in suite))
         fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 7), squeeze=False, sharex=True)
