@@ -590,6 +590,9 @@ def run_case(case: Case, methods, *, cfg, stamp, budget_ms, unavailable: dict, d
             traceback.print_exc()
             row.update(error=_first_line(e))
             _free(device)
+        if row.get("skipped"):
+            rows.append(row)
+            continue
         pairs = _method_pairs(method, case, sel_pairs)
         row["density"] = 1.0 if method in DENSE_METHODS else sel_density
         row["pairs"] = pairs
@@ -1088,21 +1091,27 @@ def run_gqa_note(args, state) -> None:
                 ms, reps = time_ms(lambda: sparse_attention(q, kk, vv, sel.counts, sel.indices, block_size=sel.block_size,
                                                             softmax_scale=scale), device=device, budget_ms=args.rep_ms)
                 row.update(ms=ms, reps=reps, tflops=attention_flops(pairs, shape.head_dim) / (ms * 1e-3) / 1e12)
-                dense_fn, note = make_dense_fn("cudnn", q.transpose(1, 2).contiguous(), kk.transpose(1, 2).contiguous(),
-                                               vv.transpose(1, 2).contiguous(), scale=scale)
-                base_ms, _ = time_ms(dense_fn, device=device, budget_ms=args.rep_ms)
-                row.update(baseline="cudnn", baseline_ms=base_ms, speedup=base_ms / ms, note=note)
                 results[hkv] = ms
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 row.update(error=_first_line(e))
+            try:
+                dense_fn, note = make_dense_fn("cudnn", q.transpose(1, 2).contiguous(), kk.transpose(1, 2).contiguous(),
+                                               vv.transpose(1, 2).contiguous(), scale=scale)
+                base_ms, _ = time_ms(dense_fn, device=device, budget_ms=args.rep_ms)
+                row.update(baseline="cudnn", baseline_ms=base_ms, note=note)
+                if row.get("ms"):
+                    row["speedup"] = base_ms / row["ms"]
+            except Exception as e:  # noqa: BLE001
+                print(f"GQA note: cuDNN baseline failed with Hkv={hkv}: {_first_line(e)}", file=sys.stderr)
+                row.update(baseline_error=_first_line(e))
             state["rows"].append(row)
             _free(device)
         if len(results) == 2:
             ratio = results[shape.q_heads] / results[shape.kv_heads]
             state["notes"].append(
                 f"GQA: at N={N} and the same selection (density {causal_density(sel.counts):.3f}), the kernel takes "
-                f"{results[shape.kv_heads]:.2f} ms with Hkv={shape.kv_heads} (4 query heads per K/V head) and "
+                f"{results[shape.kv_heads]:.2f} ms with Hkv={shape.kv_heads} ({g} query heads per K/V head) and "
                 f"{results[shape.q_heads]:.2f} ms with Hkv={shape.q_heads}: x{ratio:.2f} from K/V sharing."
             )
             log(state["notes"][-1])
@@ -1397,7 +1406,7 @@ def _fmt_summary(rows) -> str:
 
 
 _MD_SUITE = ["shape", "N", "input", "method", "ms", "density", "tflops", "speedup", "baseline", "selection_share",
-             "extra_mem_bytes", "extra_mem_frac_qkv", "note", "error"]
+             "extra_mem_bytes", "extra_mem_frac_qkv", "warmup_s", "note", "skipped", "error"]
 _MD_EFF = ["shape", "N", "target_density", "density", "ms", "tflops", "baseline", "baseline_tflops", "efficiency", "error"]
 _MD_GQA = ["shape", "Hq", "Hkv", "N", "density", "ms", "tflops", "baseline_ms", "speedup", "note", "error"]
 _MD_MODEL = ["shape", "N", "method", "ms", "speedup", "answer", "correct", "note", "error"]
