@@ -21,7 +21,7 @@ from .packages import PACKAGED, MissingPackageError, cache_root, expected_sha256
 from .tokenizer import gguf_metadata, tokenizer_from_gguf
 
 # bump when what is written to the cache changes (tokenizer fix, config clean-up)
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _KEY_FILE = "flexprefill_cache.json"
 
 

@@ -203,4 +203,12 @@ def tokenizer_from_gguf(path: str | Path, meta: dict | None = None):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # transformers 5.17 takes SmolLM2's eos as <|im_start|> and drops its pad: use the file's ids
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens:
+        for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+            idx = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if idx is not None and 0 <= int(idx) < len(tokens):
+                setattr(tok, f"{role}_token", tokens[int(idx)])
+    return tok
