@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -34,6 +33,7 @@ import triton  # noqa: E402
 from flexprefill.ops.dense import full_causal_selection  # noqa: E402
 from flexprefill.ops.kernels.sparse_attention import sparse_attention_fwd_tuned  # noqa: E402
 from flexprefill.ops.sparse_attention import sparse_attention  # noqa: E402
+from flexprefill.benchmarking import env_stamp  # noqa: E402
 from flexprefill.selection import compact_block_mask, num_causal_blocks  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -42,13 +42,10 @@ T0 = time.time()
 
 
 def _stamp():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except Exception:
-        commit = ""
-    gpu = torch.cuda.get_device_name() if CUDA else "cpu (interpreter smoke run)"
-    return dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, commit=commit or "unknown")
+    stamp = env_stamp()
+    if not CUDA:
+        stamp["gpu"] = "cpu (interpreter smoke run)"
+    return stamp
 
 
 def _qkv(B, N, Hq, Hkv, D, dtype, seed):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import traceback
 
@@ -20,21 +19,9 @@ import torch.nn.functional as F
 
 import flexprefill as fp
 from flexprefill import reference as R
+from flexprefill.benchmarking import env_stamp
 from flexprefill.ops.selection import select_blocks_fast
 from flexprefill.synthetic import structured_qkv
-
-
-def _stamp():
-    # the device copy of the tree may have no git history: the caller can pass the commit
-    commit = os.environ.get("FLEXPREFILL_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except Exception:
-            commit = "unknown"
-    import triton
-
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=commit or "unknown")
 
 
 def _sdpa(q, k, v, scale):
@@ -151,7 +138,7 @@ def main():
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
-    stamp = _stamp()
+    stamp = env_stamp()
     jobs = [
         (check_selection, (4097, 8, 2, 128, 128, 0.1)),
         (check_selection, (32768, 8, 2, 128, 128, 0.1)),
