@@ -1,0 +1,425 @@
+"""The ``flexprefill`` command.
+
+``flexprefill demo``: a needle-in-a-haystack prompt through a packaged model, once with dense
+SDPA and once with FlexPrefill; prints both answers, prefill times, the per-layer density and
+draws the selected block pattern of a few heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+__all__ = ["main", "build_parser", "run_demo", "build_needle_prompt"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# the CPU path is the fp32 reference (per-head loops, N x N masks): ~2k tokens keeps the
+# demo to a few minutes on 2 cores (see the measured times in the README / the report)
+CPU_DEFAULT_LENGTH = 2048
+GPU_MAX_LENGTH = 32768
+MAX_NEW_TOKENS = 12
+ANSWER_PREFIX = "The special magic number is"
+QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
+
+
+def _log(msg: str) -> None:
+    print(f"[flexprefill] {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexprefill", description="FlexPrefill sparse attention for long prefill.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="needle-in-a-haystack: dense SDPA vs FlexPrefill on a packaged model",
+        description=(
+            "Builds a needle-in-a-haystack prompt (a 7-digit magic number hidden in essays), answers it "
+            "with dense SDPA and with FlexPrefill (FlexPrefill prefill, dense decode), and prints the "
+            "answers, prefill times, speed-up and per-layer density; writes a PNG of the selected blocks."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="packaged model name, HF folder or .gguf file")
+    demo.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help=f"prompt tokens (default: {CPU_DEFAULT_LENGTH} on CPU; on GPU the model's context, at most {GPU_MAX_LENGTH})",
+    )
+    demo.add_argument("--gamma", type=float, default=0.9, help="attention mass each head keeps")
+    demo.add_argument("--tau", type=float, default=0.1, help="JS-distance threshold for query-aware heads")
+    demo.add_argument("--block-size", type=int, default=128, choices=(32, 64, 128))
+    demo.add_argument(
+        "--min-budget",
+        type=int,
+        default=None,
+        help="tokens of columns and diagonals always kept (default 1024, or length/8 below 8k tokens)",
+    )
+    demo.add_argument(
+        "--min-seq-len",
+        type=int,
+        default=None,
+        help="prompts shorter than this run dense (default: half the prompt length, so FlexPrefill runs)",
+    )
+    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    demo.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                      help="auto: bfloat16 on CUDA, float32 on CPU")
+    demo.add_argument("--depth", type=float, default=0.5, help="needle depth in the essays, 0 (start) to 1 (end)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the magic number")
+    demo.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    demo.add_argument("--plot-layer", type=int, default=None, help="layer whose heads are drawn (default: a middle FlexPrefill layer)")
+    demo.add_argument("--plot-heads", type=int, default=4, help="how many heads to draw")
+    demo.add_argument("--out", default="./flexprefill-demo", help="folder for the PNG and a JSON summary")
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return parser
+
+
+def _templated(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer, user: str) -> str:
+    if _templated(tokenizer):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        return text + ANSWER_PREFIX
+    return user + "\n\n" + ANSWER_PREFIX
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # a chat template already carries its special tokens
+    return list(tokenizer(text, add_special_tokens=not _templated(tokenizer))["input_ids"])
+
+
+def _with_needle(context: str, needle: str, depth: float) -> tuple[str, float]:
+    """Insert the needle at a sentence end near ``depth`` of the context; returns (text, actual depth)."""
+    pos = int(depth * len(context))
+    cut = context.rfind(". ", 0, pos)
+    pos = 0 if cut < 0 or depth <= 0 else cut + 2
+    return context[:pos] + needle + " " + context[pos:], pos / max(len(context), 1)
+
+
+def build_needle_prompt(tokenizer, haystack: str, length: int, *, depth: float = 0.5, seed: int = 0) -> dict:
+    """A needle-in-a-haystack prompt of about ``length`` tokens (never more).
+
+    Returns a dict: ``prompt`` (text, chat template applied when the tokenizer has one),
+    ``input_ids`` (list), ``number`` (the 7-digit answer, str), ``depth`` (actual).
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth!r} must be in [0, 1]")
+    number = str(random.Random(seed).randint(1_000_000, 9_999_999))
+    needle = f"The special magic number is {number}."
+    frame = _encode(tokenizer, _render(tokenizer, needle + "\n\n" + QUESTION))
+    if length <= len(frame) + 16:
+        raise ValueError(f"length={length} is too short: the needle and question alone take {len(frame)} tokens")
+    # tokenise a generous slice of the essays once; repeat them if they are too short
+    chars = max(16 * length, 4096)
+    text = haystack
+    while len(text) < chars:
+        text = text + "\n\n" + haystack
+    hay_ids = list(tokenizer(text[:chars], add_special_tokens=False)["input_ids"])
+    budget = length - len(frame)
+    best = None
+    for _ in range(6):
+        budget = max(1, min(budget, len(hay_ids)))
+        context, actual = _with_needle(tokenizer.decode(hay_ids[:budget]), needle, depth)
+        prompt = _render(tokenizer, context + "\n\n" + QUESTION)
+        ids = _encode(tokenizer, prompt)
+        if len(ids) <= length and (best is None or len(ids) > len(best["input_ids"])):
+            best = {"prompt": prompt, "input_ids": ids, "number": number, "depth": actual}
+        if length - 8 <= len(ids) <= length:
+            break
+        budget += length - len(ids) - (2 if len(ids) > length else 0)
+    if best is None:
+        raise RuntimeError(f"could not fit a prompt into {length} tokens")
+    return best
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _LayerProgress:
+    """A tqdm bar advanced by each attention layer during one prefill (forward hooks, removed after)."""
+
+    def __init__(self, model, desc: str, disable: bool):
+        from tqdm.auto import tqdm
+
+        from .integrations.transformers import _attention_modules
+
+        self.modules = _attention_modules(model)
+        self.bar = tqdm(total=len(self.modules), desc=desc, unit="layer", disable=disable, leave=False, file=sys.stderr)
+        self.handles = []
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self._step) for m in self.modules]
+        return self
+
+    def _step(self, *_):
+        # a forward hook that returns something replaces the module's output: return None
+        self.bar.update(1)
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.bar.close()
+
+
+@torch.inference_mode()
+def _answer(model, tokenizer, input_ids: list[int], max_new_tokens: int, label: str, progress: bool, repeats: int = 1):
+    """Prefill (timed; the median of ``repeats``) then greedy decode; returns (answer, prefill seconds)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], device=device)
+    times, out = [], None
+    for i in range(repeats):
+        with _LayerProgress(model, f"{label} prefill", disable=not progress):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    eos = _eos_ids(model, tokenizer)
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+    gen = [int(nxt)]
+    while len(gen) < max_new_tokens and gen[-1] not in eos:
+        out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+        gen.append(int(nxt))
+    if gen[-1] in eos:
+        gen = gen[:-1]
+    return tokenizer.decode(gen, skip_special_tokens=True).strip(), sorted(times)[len(times) // 2]
+
+
+class _SelectionRecorder:
+    """Selector that runs FlexPrefill's own pattern search (``select_blocks``, which with
+    ``block_sparse_attention`` is exactly what ``flex_prefill_attention`` runs) and keeps the
+    selection of one layer for the picture."""
+
+    def __init__(self, layer_of_call):
+        self.layer_of_call = layer_of_call
+        self.keep_layer = None
+        self.calls = 0
+        self.kept = None
+
+    def __call__(self, q, k, *, config, softmax_scale=None):
+        from .api import select_blocks
+
+        sel = select_blocks(q, k, config=config, softmax_scale=softmax_scale)
+        if self.layer_of_call(self.calls) == self.keep_layer:
+            self.kept = sel
+        self.calls += 1
+        return sel
+
+
+def _pick_heads(sel, n: int) -> list[int]:
+    """Up to ``n`` heads of batch 0, mixing patterns when both occur."""
+    qa = sel.query_aware[0].cpu().tolist()
+    vs = [h for h, x in enumerate(qa) if not x]
+    qas = [h for h, x in enumerate(qa) if x]
+    heads = []
+    while len(heads) < min(n, len(qa)):
+        for group in (vs, qas):
+            if group and len(heads) < n:
+                heads.append(group.pop(0))
+    return sorted(heads)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -> dict:
+    """Run the demo with parsed ``args``; ``model``/``tokenizer``/``haystack`` may be injected
+    (tests use a tiny random model).  Prints the report and returns it as a dict."""
+    from tqdm.auto import tqdm
+
+    import flexprefill
+    from .config import DEFAULT_MIN_SEQ_LEN, FlexPrefillConfig
+    from .integrations import transformers as tf
+    from .plotting import plot_block_masks
+
+    progress = not args.no_progress
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    steps = tqdm(total=6, desc="demo", disable=not progress, file=sys.stderr)
+
+    steps.set_postfix_str("loading model")
+    if model is None:
+        from .models import load
+
+        model, tokenizer = load(args.model, dtype=dtype, device=device, attn_implementation="sdpa")
+        model_name = args.model
+    else:
+        model = model.to(device=device, dtype=dtype).eval()
+        model_name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed with an injected model")
+    if haystack is None:
+        from .models import haystack_text
+
+        haystack = haystack_text()
+    steps.update(1)
+
+    from .models import context_length
+
+    try:
+        ctx = context_length(model)
+    except ValueError:
+        ctx = None
+    length = args.length
+    if length is None:
+        length = min(GPU_MAX_LENGTH, ctx or GPU_MAX_LENGTH) if device.type == "cuda" else CPU_DEFAULT_LENGTH
+        length -= args.max_new_tokens
+        if ctx is not None:
+            length = min(length, ctx - args.max_new_tokens)
+    elif ctx is not None and length + args.max_new_tokens > ctx:
+        _log(f"--length {length} plus the answer exceeds the model's context of {ctx} tokens")
+
+    steps.set_postfix_str("building prompt")
+    sample = build_needle_prompt(tokenizer, haystack, length, depth=args.depth, seed=args.seed)
+    n_tokens = len(sample["input_ids"])
+    min_budget = args.min_budget if args.min_budget is not None else (1024 if length >= 8192 else max(length // 8, 1))
+    min_seq_len = args.min_seq_len if args.min_seq_len is not None else min(DEFAULT_MIN_SEQ_LEN, n_tokens // 2)
+    cfg = FlexPrefillConfig(
+        block_size=args.block_size, gamma=args.gamma, tau=args.tau, min_budget=min_budget, min_seq_len=min_seq_len
+    )
+    steps.update(1)
+
+    repeats = 3 if device.type == "cuda" else 1
+    # dense first, on the model as loaded (SDPA)
+    steps.set_postfix_str("dense SDPA")
+    # warm-up: one-time library initialisation must not count as dense prefill time
+    _answer(model, tokenizer, sample["input_ids"], 1, "warm-up dense", progress)
+    dense_answer, dense_s = _answer(model, tokenizer, sample["input_ids"], args.max_new_tokens, "dense", progress, repeats)
+    steps.update(1)
+
+    steps.set_postfix_str("FlexPrefill")
+    layer_ids = [m.layer_idx for m in tf._attention_modules(model)]
+    full_layers = [i for i, m in zip(layer_ids, tf._attention_modules(model)) if not tf._is_sliding(m, i, {})]
+    recorder = _SelectionRecorder(lambda call: full_layers[call % len(full_layers)] if full_layers else None)
+    plot_layer = args.plot_layer if args.plot_layer is not None else (full_layers[len(full_layers) // 2] if full_layers else None)
+    flexprefill.patch(model, cfg, selector=recorder, collect_stats=True)
+    try:
+        # on CPU a full FlexPrefill warm-up would double the slow reference run: warm up on a prefix
+        warm = sample["input_ids"] if device.type == "cuda" else sample["input_ids"][: max(min_seq_len, 2 * cfg.block_size)]
+        _answer(model, tokenizer, warm, 1, "warm-up FlexPrefill", progress)
+        recorder.calls, recorder.keep_layer = 0, plot_layer
+        flex_answer, flex_s = _answer(model, tokenizer, sample["input_ids"], args.max_new_tokens, "FlexPrefill", progress, repeats)
+        stats = tf.last_stats(model)
+        record = tf.last_record(model, prefill=True)
+    finally:
+        flexprefill.unpatch(model)
+    steps.update(1)
+
+    steps.set_postfix_str("report")
+    density = {i: float(s.density.float().mean()) for i, s in sorted(stats.items())}
+    qa_heads = {i: int(s.query_aware.sum()) for i, s in sorted(stats.items())}
+    heads = next(iter(stats.values())).density.shape[1] if stats else 0
+    dense_layers = {i: r.reason for i, r in sorted(record.items()) if r.path != "flexprefill"}
+    mean_density = sum(density.values()) / len(density) if density else None
+    number = sample["number"]
+    report = {
+        "model": model_name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "prompt_tokens": n_tokens,
+        "needle_depth": round(sample["depth"], 3),
+        "magic_number": number,
+        "config": {"block_size": cfg.block_size, "gamma": cfg.gamma, "tau": cfg.tau, "min_budget": cfg.min_budget,
+                   "min_seq_len": cfg.min_seq_len},
+        "dense": {"answer": dense_answer, "found": number in dense_answer, "prefill_s": round(dense_s, 4)},
+        "flexprefill": {"answer": flex_answer, "found": number in flex_answer, "prefill_s": round(flex_s, 4)},
+        "speedup": round(dense_s / flex_s, 3) if flex_s > 0 else None,
+        "density_per_layer": density,
+        "query_aware_heads_per_layer": qa_heads,
+        "mean_density": None if mean_density is None else round(mean_density, 4),
+        "dense_layers": dense_layers,
+        "plot": None,
+    }
+    steps.update(1)
+
+    steps.set_postfix_str("plot")
+    os.makedirs(args.out, exist_ok=True)
+    if recorder.kept is not None:
+        sel = recorder.kept
+        picked = _pick_heads(sel, args.plot_heads)
+        masks = sel.to_mask()[0]
+        qa = sel.query_aware[0].cpu().tolist()
+        path = os.path.join(args.out, "block_masks.png")
+        plot_block_masks(
+            [masks[h] for h in picked],
+            [f"layer {plot_layer}, head {h}" for h in picked],
+            path,
+            patterns=["query_aware" if qa[h] else "vertical_slash" for h in picked],
+            suptitle=f"{model_name}: {n_tokens} tokens, block {cfg.block_size}, gamma {cfg.gamma}, tau {cfg.tau}",
+        )
+        report["plot"] = path
+    with open(os.path.join(args.out, "demo.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    steps.update(1)
+    steps.close()
+    _print_report(report, heads, device)
+    return report
+
+
+def _print_report(r: dict, heads: int, device: torch.device) -> None:
+    c = r["config"]
+    print(f"model        {r['model']} on {r['device']} ({r['dtype']})")
+    print(f"prompt       {r['prompt_tokens']} tokens, needle at depth {r['needle_depth']:.2f}, magic number {r['magic_number']}")
+    print(f"FlexPrefill  block {c['block_size']}, gamma {c['gamma']}, tau {c['tau']}, min_budget {c['min_budget']}, "
+          f"min_seq_len {c['min_seq_len']}")
+    for key, label in (("dense", "dense SDPA "), ("flexprefill", "FlexPrefill")):
+        a = r[key]
+        print(f"{label}  answer {a['answer']!r}  found needle: {'yes' if a['found'] else 'no'}  prefill {a['prefill_s']:.3f} s")
+    note = "  (CPU: FlexPrefill runs the slow fp32 reference; the fast path is the GPU kernel)" if device.type == "cpu" else ""
+    print(f"speed-up     {r['speedup']:.2f}x{note}" if r["speedup"] is not None else "speed-up     n/a")
+    if r["density_per_layer"]:
+        print(f"density per layer (computed causal blocks, mean over {heads} heads; query-aware heads in brackets):")
+        items = [f"{i}: {d:.3f} [{r['query_aware_heads_per_layer'][i]}]" for i, d in r["density_per_layer"].items()]
+        for j in range(0, len(items), 6):
+            print("  " + "   ".join(items[j : j + 6]))
+        print(f"mean density {r['mean_density']:.3f} over {len(items)} FlexPrefill layers")
+    else:
+        print("density      no layer ran FlexPrefill")
+    if r["dense_layers"]:
+        reasons = sorted(set(r["dense_layers"].values()))
+        print(f"dense layers {sorted(r['dense_layers'])} ({', '.join(reasons)})")
+    print(f"plot         {r['plot']}" if r["plot"] else "plot         none (no FlexPrefill layer)")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        run_demo(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""transformers integration: tiny random-weight Llama, Qwen2, Gemma 3 (and Gemma 2 for soft-capping).
+
+With gamma=1 FlexPrefill selects every causal block, so its logits must equal SDPA's; the
+per-layer record says which path each layer took.
+"""
+
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import flexprefill  # noqa: E402
+from flexprefill import FlexPrefillConfig  # noqa: E402
+from flexprefill.integrations import transformers as tf  # noqa: E402
+
+N = 300
+EXACT = FlexPrefillConfig(block_size=32, min_seq_len=0, gamma=1.0, min_budget=0)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=128,
+    max_position_embeddings=1024,
+)
+
+
+def _model(arch: str, qk_scale: float = 8.0, **extra):
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**COMMON, **extra)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**COMMON, **extra)
+        cls = transformers.Qwen2ForCausalLM
+    elif arch == "gemma3":
+        cfg = transformers.Gemma3TextConfig(
+            **COMMON, layer_types=["sliding_attention", "full_attention"], sliding_window=64, **extra
+        )
+        cls = transformers.Gemma3ForCausalLM
+    elif arch == "gemma2":
+        cfg = transformers.Gemma2Config(**COMMON, sliding_window=64, attn_logit_softcapping=5.0, **extra)
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        raise ValueError(arch)
+    # random weights are small: scale them up so attention is far from uniform and errors show
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(qk_scale)
+    return model
+
+
+def _ids(n=N, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, COMMON["vocab_size"], (batch, n), generator=g)
+
+
+def _paths(model, prefill=False):
+    return {i: (r.path, r.reason) for i, r in tf.last_record(model, prefill=prefill).items()}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _model("llama")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@torch.no_grad()
+def test_logits_equal_sdpa_and_unpatch_round_trips(arch):
+    model = _model(arch)
+    ids = _ids()
+    assert model.config._attn_implementation == "sdpa"
+    ref = model(ids).logits
+    flexprefill.patch(model, EXACT, collect_stats=True)
+    assert model.config._attn_implementation == "flexprefill"
+    out = model(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    paths = _paths(model)
+    if arch == "gemma3":
+        assert paths == {0: ("dense", "sliding_window"), 1: ("flexprefill", "")}
+    else:
+        assert paths == {0: ("flexprefill", ""), 1: ("flexprefill", "")}
+    stats = tf.last_stats(model)
+    assert set(stats) == {i for i, p in paths.items() if p[0] == "flexprefill"}
+    for s in stats.values():
+        assert torch.all(s.density == 1.0)
+    assert flexprefill.unpatch(model) is True
+    assert model.config._attn_implementation == "sdpa"
+    assert tf.last_record(model) == {}
+    assert torch.equal(model(ids).logits, ref)
+    assert flexprefill.unpatch(model) is False
+
+
+@torch.no_grad()
+def test_generate_after_flexprefill_prefill_matches_sdpa(llama):
+    ids = _ids(seed=2)
+    dense = llama.generate(ids, max_new_tokens=6, do_sample=False)
+    flexprefill.patch(llama, EXACT)
+    try:
+        sparse = llama.generate(ids, max_new_tokens=6, do_sample=False)
+        # decode steps are dense, the prompt ran FlexPrefill
+        assert _paths(llama) == {0: ("dense", "decode"), 1: ("dense", "decode")}
+        assert _paths(llama, prefill=True) == {0: ("flexprefill", ""), 1: ("flexprefill", "")}
+    finally:
+        flexprefill.unpatch(llama)
+    assert torch.equal(sparse, dense)
+
+
+@torch.no_grad()
+def test_short_prompt_and_cached_prefix_run_dense(llama):
+    ids = _ids(seed=3)
+    ref = llama(ids).logits
+    ref_prefix = llama(ids[:, :200], use_cache=True)
+    ref_chunk = llama(ids[:, 200:], past_key_values=ref_prefix.past_key_values).logits
+    flexprefill.patch(llama, EXACT.replace(min_seq_len=N + 1), collect_stats=True)
+    try:
+        torch.testing.assert_close(llama(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        assert _paths(llama) == {0: ("dense", "short"), 1: ("dense", "short")}
+        assert tf.last_stats(llama) == {}
+        flexprefill.patch(llama, EXACT)  # re-patch: new settings, same undo
+        prefix = llama(ids[:, :200], use_cache=True)
+        assert _paths(llama) == {0: ("flexprefill", ""), 1: ("flexprefill", "")}
+        chunk = llama(ids[:, 200:], past_key_values=prefix.past_key_values).logits
+        assert _paths(llama) == {0: ("dense", "cached_prefix"), 1: ("dense", "cached_prefix")}
+        torch.testing.assert_close(chunk, ref_chunk, atol=1e-4, rtol=1e-4)
+    finally:
+        flexprefill.unpatch(llama)
+    assert llama.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_padding_mask_falls_back(llama):
+    ids = _ids(n=200, batch=2, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    ref = llama(ids, attention_mask=mask).logits
+    ref_full = llama(ids, attention_mask=torch.ones_like(ids)).logits
+    flexprefill.patch(llama, EXACT)
+    try:
+        out = llama(ids, attention_mask=mask).logits
+        assert _paths(llama) == {0: ("dense", "padding_mask"), 1: ("dense", "padding_mask")}
+        # an all-ones 2D mask is a plain causal prefill: FlexPrefill runs, batched
+        full = llama(ids, attention_mask=torch.ones_like(ids)).logits
+        assert _paths(llama) == {0: ("flexprefill", ""), 1: ("flexprefill", "")}
+    finally:
+        flexprefill.unpatch(llama)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, ref_full, atol=1e-4, rtol=1e-4)
+
+
+def test_mask_function_builds_no_mask_for_causal_prefill(llama):
+    from transformers.masking_utils import create_causal_mask
+
+    cfg = llama.config.__class__(**COMMON)
+    cfg._attn_implementation = "flexprefill"
+    emb = torch.zeros(2, 50, COMMON["hidden_size"])
+    assert create_causal_mask(cfg, emb, attention_mask=None, past_key_values=None) is None
+    assert create_causal_mask(cfg, emb, attention_mask=torch.ones(2, 50, dtype=torch.long), past_key_values=None) is None
+    pad = torch.ones(2, 50, dtype=torch.long)
+    pad[0, :5] = 0
+    mask = create_causal_mask(cfg, emb, attention_mask=pad, past_key_values=None)
+    assert mask is not None and mask.shape == (2, 1, 50, 50) and not bool(mask[0, 0, 10, 2])
+
+
+@torch.no_grad()
+def test_sparse_settings_differ_a_little_and_report_density():
+    # sharper attention than the other tests so gamma=0.9 can drop blocks
+    model = _model("llama", qk_scale=16.0)
+    ids = _ids(seed=5)
+    ref = model(ids).logits
+    cfg = FlexPrefillConfig(block_size=32, min_seq_len=0, gamma=0.9, min_budget=32)
+    flexprefill.patch(model, cfg, collect_stats=True)
+    try:
+        out = model(ids).logits
+        stats = tf.last_stats(model)
+    finally:
+        flexprefill.unpatch(model)
+    assert set(stats) == {0, 1}
+    density = torch.cat([s.density.flatten() for s in stats.values()])
+    assert density.min() < 1.0 and density.mean() > 0.5
+    err = float((out - ref).norm() / ref.norm())
+    assert 0 < err < 0.15
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@torch.no_grad()
+def test_selector_hook_and_layers(llama):
+    ids = _ids(seed=6)
+    ref = llama(ids).logits
+    calls = []
+
+    def full_selector(q, k, *, config, softmax_scale):
+        calls.append((tuple(q.shape), tuple(k.shape), config.block_size, softmax_scale))
+        return flexprefill.select_blocks(q, k, config=config.replace(gamma=1.0), softmax_scale=softmax_scale)
+
+    flexprefill.patch(llama, EXACT, selector=full_selector, layers=[1], collect_stats=True)
+    try:
+        out = llama(ids).logits
+        assert _paths(llama) == {0: ("dense", "layer_not_selected"), 1: ("flexprefill", "")}
+        assert set(tf.last_stats(llama)) == {1}
+    finally:
+        flexprefill.unpatch(llama)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # one call, layer 1, [B, N, H, D] layout, the model's own scale
+    assert calls == [((1, N, 4, 64), (1, N, 2, 64), 32, pytest.approx(64**-0.5))]
+    with pytest.raises(ValueError, match="layers"):
+        flexprefill.patch(llama, EXACT, layers=[7])
+    with pytest.raises(TypeError, match="selector"):
+        flexprefill.patch(llama, EXACT, selector=3)
+    assert not tf.is_patched(llama)
+
+
+@torch.no_grad()
+def test_attn_implementation_name_and_default_config():
+    model = _model("llama")
+    ids = _ids(n=160, seed=7)
+    ref = model(ids).logits
+    model.set_attn_implementation("flexprefill")
+    tf.set_default_config(EXACT.replace(min_seq_len=100), collect_stats=True)
+    try:
+        out = model(ids).logits
+        assert _paths(model) == {0: ("flexprefill", ""), 1: ("flexprefill", "")}
+        assert set(tf.last_stats(model)) == {0, 1}
+        # a per-model config wins over the default
+        flexprefill.patch(model, EXACT.replace(min_seq_len=1000))
+        model(ids)
+        assert _paths(model) == {0: ("dense", "short"), 1: ("dense", "short")}
+        flexprefill.unpatch(model)
+        assert model.config._attn_implementation == "flexprefill"
+    finally:
+        tf.set_default_config(None, collect_stats=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_softcap_runs_exact_eager_with_one_warning():
+    model = _model("gemma2")
+    ids = _ids(n=200, seed=8)
+    model.set_attn_implementation("eager")  # transformers' eager applies the soft cap
+    ref = model(ids).logits
+    tf._WARNED.discard("softcap")
+    flexprefill.patch(model, EXACT)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model(ids).logits
+        assert sum("soft-caps" in str(w.message) for w in caught) == 1
+        assert _paths(model) == {0: ("dense", "softcap"), 1: ("dense", "softcap")}
+    finally:
+        flexprefill.unpatch(model)
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def _fake_module(**kw):
+    base = dict(layer_idx=0, is_causal=True, num_key_value_groups=2, training=False, config=types.SimpleNamespace())
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def test_dispatch_on_materialised_masks():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    n = 96
+    q, k, v = torch.randn(1, 4, n, 64), torch.randn(1, 2, n, 64), torch.randn(1, 2, n, 64)
+    mod = _fake_module()
+    setattr(mod, tf._STATE, tf._PatchState(EXACT, None, None, False, []))
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    ref, _ = sdpa_attention_forward(mod, q, k, v, None, scaling=0.1)
+    out, _ = tf.attention_forward(mod, q, k, v, causal, scaling=0.1)
+    assert getattr(mod, tf._LAST).path == "flexprefill"
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    additive = torch.zeros(1, 1, n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
+    tf.attention_forward(mod, q, k, v, additive, scaling=0.1)
+    assert getattr(mod, tf._LAST).path == "flexprefill"
+    window = causal & ~torch.ones(n, n, dtype=torch.bool).tril(-10)[None, None]
+    ref_w, _ = sdpa_attention_forward(mod, q, k, v, window, scaling=0.1)
+    out_w, _ = tf.attention_forward(mod, q, k, v, window, scaling=0.1)
+    assert getattr(mod, tf._LAST).reason == "padding_mask"
+    torch.testing.assert_close(out_w, ref_w)
+    # an unsupported head dim falls back to SDPA with a warning instead of failing
+    q48, k48, v48 = q[..., :48], k[..., :48], v[..., :48]
+    with pytest.warns(RuntimeWarning, match="head dim 48"):
+        out48, _ = tf.attention_forward(mod, q48, k48, v48, None, scaling=0.1)
+    assert getattr(mod, tf._LAST).reason == "unsupported_head_dim"
+    torch.testing.assert_close(out48, sdpa_attention_forward(mod, q48, k48, v48, None, scaling=0.1)[0])
+
+
+def test_import_flexprefill_registers_before_transformers_is_imported():
+    code = (
+        "import sys, flexprefill\n"
+        "assert 'transformers.modeling_utils' not in sys.modules\n"
+        "from transformers import AttentionInterface\n"
+        "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS\n"
+        "assert 'flexprefill' in AttentionInterface._global_mapping\n"
+        "assert 'flexprefill' in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
