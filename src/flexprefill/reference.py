@@ -3,6 +3,14 @@
 Readable over fast: loops over batches and heads, token-level masks.  Follows
 shared/design/ALGORITHM.md step by step.  Works on CPU and GPU tensors.
 Layout: q [B, N, Hq, D], k and v [B, N, Hkv, D].
+
+Chunked prefill: the per-sequence functions also accept ``k, v [B, n_k, Hkv, D]`` longer
+than ``q [B, n_q, Hq, D]``.  The queries are then the *last* ``n_q`` positions (a cached
+prefix of ``P = n_k - n_q`` keys, bottom-right causal alignment as in FlashAttention):
+query ``i`` sits at absolute position ``P + i`` and sees keys ``j <= P + i``.  Blocks are
+aligned to absolute positions; the selection's rows are absolute query blocks
+``floor(P/bs) .. ceil(n_k/bs)-1`` (others empty).  With ``n_q == n_k`` nothing changes.
+The ``*_varlen`` functions run these per sequence of a packed batch (``cu_seqlens``).
 """
 
 from __future__ import annotations
@@ -12,7 +20,14 @@ import math
 import torch
 
 from .config import FlexPrefillConfig
-from .selection import BlockSelection, PatternStats, mask_to_selection, num_causal_blocks
+from .selection import (
+    BlockSelection,
+    PatternStats,
+    VarlenBlockSelection,
+    compact_block_mask,
+    mask_to_selection,
+    num_causal_blocks,
+)
 
 __all__ = [
     "block_means",
@@ -24,18 +39,29 @@ __all__ = [
     "block_sparse_attention",
     "dense_attention",
     "flex_prefill_attention",
+    "select_blocks_varlen",
+    "block_sparse_attention_varlen",
+    "dense_attention_varlen",
+    "flex_prefill_attention_varlen",
 ]
 
 _EPS = 1e-10
 
 
-def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean of each block of ``block_size`` tokens, real rows only: [B, N, H, D] -> [B, nb, H, D] fp32."""
+def block_means(x: torch.Tensor, block_size: int, offset: int = 0) -> torch.Tensor:
+    """Mean of each block of ``block_size`` tokens, real rows only: [B, N, H, D] -> [B, nb, H, D] fp32.
+
+    Token ``i`` sits at absolute position ``offset + i``; block ``c`` covers absolute
+    positions ``[c*bs, (c+1)*bs)``, ``nb = ceil((offset + N) / bs)``; a block holding no
+    token is 0.
+    """
     B, N, H, D = x.shape
-    nb = math.ceil(N / block_size)
-    out = torch.empty(B, nb, H, D, dtype=torch.float32, device=x.device)
+    nb = math.ceil((offset + N) / block_size)
+    out = torch.zeros(B, nb, H, D, dtype=torch.float32, device=x.device)
     for c in range(nb):
-        out[:, c] = x[:, c * block_size : (c + 1) * block_size].float().mean(dim=1)
+        lo, hi = max(c * block_size - offset, 0), min((c + 1) * block_size - offset, N)
+        if hi > lo:
+            out[:, c] = x[:, lo:hi].float().mean(dim=1)
     return out
 
 
@@ -50,13 +76,16 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     head: ``vert_blk[c]`` is the mean attention mass the representative queries put on
     key block ``c``; ``slash_blk[d]`` the mean mass they put on key blocks ``d`` blocks
     behind their own query block (each (query, key) pair counted in the block pair it
-    actually hits, so this is exact in block space).
+    actually hits, so this is exact in block space).  ``k`` may be longer than ``q``
+    (chunk over a cached prefix): the representative queries are the chunk's last
+    ``min(bs, n_q)`` queries, at absolute positions ``n_k - n_rep .. n_k - 1``.
     """
-    B, N, Hq, D = q.shape
+    B, n_q, Hq, D = q.shape
+    N = k.shape[1]
     Hkv = k.shape[2]
     group = Hq // Hkv
     nb = math.ceil(N / block_size)
-    n_rep = min(block_size, N)
+    n_rep = min(block_size, n_q)
     pos_q = torch.arange(N - n_rep, N, device=q.device)
     pos_k = torch.arange(N, device=q.device)
     key_blk = _block_of(pos_k, block_size)
@@ -65,7 +94,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     slash = torch.zeros(B, Hq, nb, dtype=torch.float32, device=q.device)
     for b in range(B):
         for h in range(Hq):
-            qh = q[b, N - n_rep :, h].float()
+            qh = q[b, n_q - n_rep :, h].float()
             kh = k[b, :, h // group].float()
             s = scale * qh @ kh.T
             s = s.masked_fill(pos_k[None, :] > pos_q[:, None], float("-inf"))
@@ -78,10 +107,10 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
 
 def estimated_block_distribution(q, k, *, block_size: int, scale: float) -> torch.Tensor:
     """Step 3's estimate: softmax(scale * mean(Q_hat) . K_bar^T) over key blocks, fp32 [B, Hq, nb]."""
-    B, N, Hq, D = q.shape
+    B, n_q, Hq, D = q.shape
     group = Hq // k.shape[2]
-    n_rep = min(block_size, N)
-    q_hat = q[:, N - n_rep :].float().mean(dim=1)  # [B, Hq, D]
+    n_rep = min(block_size, n_q)
+    q_hat = q[:, n_q - n_rep :].float().mean(dim=1)  # [B, Hq, D]
     k_bar = block_means(k, block_size).repeat_interleave(group, dim=2)  # [B, nb, Hq, D]
     logits = scale * torch.einsum("bhd,bchd->bhc", q_hat, k_bar)
     return torch.softmax(logits, dim=-1)
@@ -156,11 +185,28 @@ def _cap_rows(mask: torch.Tensor, score: torch.Tensor, max_blocks: int) -> torch
 def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None) -> BlockSelection:
     """Steps 1-4: choose each head's pattern and its key blocks.  See ALGORITHM.md."""
     cfg = config or FlexPrefillConfig()
-    B, N, Hq, D = q.shape
+    N = q.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    masks, query_aware, dist = _select_masks(q, k, cfg, scale)
+    return mask_to_selection(masks, block_size=cfg.block_size, seq_len=N, query_aware=query_aware, js_distance=dist)
+
+
+def _select_masks(q, k, cfg: FlexPrefillConfig, scale: float):
+    """Block masks [B, Hq, nb, nb] (absolute rows, ``nb = ceil(n_k/bs)``), query_aware and JS distance [B, Hq].
+
+    ``q [B, n_q, Hq, D]`` are the last ``n_q`` of ``n_k`` positions.  Only the chunk's rows
+    ``r0 = floor(P/bs) .. nb-1`` are filled: the query-aware scores ``S`` are computed and
+    flattened over those rows only (divided by their number), the vertical-slash
+    expansion, the sink and the diagonal are applied to those rows only.
+    """
+    B, n_q, Hq, D = q.shape
+    N = k.shape[1]
+    P = N - n_q
     group = Hq // k.shape[2]
     bs = cfg.block_size
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     nb = math.ceil(N / bs)
+    r0 = P // bs if n_q > 0 else nb
+    rows = nb - r0
     min_b, max_b = cfg.min_budget_blocks, cfg.max_budget_blocks
 
     vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale)
@@ -168,17 +214,24 @@ def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scal
     dist = js_distance(vert, a_est)
     query_aware = dist < cfg.tau
 
-    q_bar = block_means(q, bs)
+    q_bar = block_means(q, bs, offset=P)
     k_bar = block_means(k, bs)
     causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+    # rows that hold queries of this chunk
+    live = (torch.arange(nb, device=q.device) >= r0)[:, None]
     masks = torch.zeros(B, Hq, nb, nb, dtype=torch.bool, device=q.device)
     for b in range(B):
         for h in range(Hq):
+            if rows == 0:
+                continue
             if query_aware[b, h]:
-                logits = scale * q_bar[b, :, h] @ k_bar[b, :, h // group].T
-                s = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-                flat = s.flatten() / nb
-                sel = _top(flat, count_to_mass(flat, cfg.gamma)).view(nb, nb)
+                logits = scale * q_bar[b, r0:, h] @ k_bar[b, :, h // group].T
+                s_rows = torch.softmax(logits.masked_fill(~causal[r0:], float("-inf")), dim=-1)
+                flat = s_rows.flatten() / rows
+                sel = torch.zeros(nb, nb, dtype=torch.bool, device=q.device)
+                sel[r0:] = _top(flat, count_to_mass(flat, cfg.gamma)).view(rows, nb)
+                s = torch.zeros(nb, nb, device=q.device)
+                s[r0:] = s_rows
                 floor, _ = _vertical_slash(vert[b, h], slash[b, h], min(min_b, nb), min(min_b, nb))
                 mask = (sel | floor | torch.eye(nb, dtype=torch.bool, device=q.device)) & causal
                 mask[:, 0] = True
@@ -187,14 +240,15 @@ def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scal
                 n_v = _clamp_budget(count_to_mass(vert[b, h], cfg.gamma), min_b, max_b, nb)
                 n_s = _clamp_budget(count_to_mass(slash[b, h], cfg.gamma), min_b, max_b, nb)
                 mask, score = _vertical_slash(vert[b, h], slash[b, h], n_v, n_s)
+            mask = mask & live
             if max_b is not None:
                 mask = _cap_rows(mask, score, max_b)
             masks[b, h] = mask
-    return mask_to_selection(masks, block_size=bs, seq_len=N, query_aware=query_aware, js_distance=dist)
+    return masks, query_aware, dist
 
 
 def _attend(q, k, v, allowed, scale, return_lse):
-    """Exact softmax attention in fp32 where ``allowed`` [B, Hq, N, N] is True."""
+    """Exact softmax attention in fp32 where ``allowed`` [B, Hq, n_q, n_k] is True."""
     B, N, Hq, D = q.shape
     group = Hq // k.shape[2]
     out = torch.empty(B, N, Hq, v.shape[-1], dtype=torch.float32, device=q.device)
@@ -211,22 +265,35 @@ def _attend(q, k, v, allowed, scale, return_lse):
 
 def block_sparse_attention(q, k, v, selection: BlockSelection, *, softmax_scale: float | None = None, return_lse: bool = False):
     """Step 5: causal attention of each query block over its selected key blocks, fp32."""
-    B, N, Hq, D = q.shape
+    D = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    bs = selection.block_size
-    blk = _block_of(torch.arange(N, device=q.device), bs)
-    block_mask = selection.to_mask()  # [B, Hq, nb, nb]
-    token_mask = block_mask[:, :, blk][:, :, :, blk]
-    causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
-    return _attend(q, k, v, token_mask & causal, scale, return_lse)
+    return _block_sparse(q, k, v, selection.to_mask(), selection.block_size, scale, return_lse)
+
+
+def _causal(n_q: int, n_k: int, device) -> torch.Tensor:
+    """Token mask [n_q, n_k]: query ``i`` (absolute position ``n_k - n_q + i``) sees keys ``j <= n_k - n_q + i``."""
+    pos_q = torch.arange(n_k - n_q, n_k, device=device)
+    return torch.arange(n_k, device=device)[None, :] <= pos_q[:, None]
+
+
+def _block_sparse(q, k, v, block_mask, bs, scale, return_lse):
+    """Attention where the absolute block pair is in ``block_mask`` [B, Hq, >=nb, >=nb] and causal."""
+    n_q, n_k = q.shape[1], k.shape[1]
+    blk_q = _block_of(torch.arange(n_k - n_q, n_k, device=q.device), bs)
+    blk_k = _block_of(torch.arange(n_k, device=q.device), bs)
+    token_mask = block_mask[:, :, blk_q][:, :, :, blk_k]
+    return _attend(q, k, v, token_mask & _causal(n_q, n_k, q.device), scale, return_lse)
 
 
 def dense_attention(q, k, v, *, softmax_scale: float | None = None, return_lse: bool = False):
-    """Dense causal attention in fp32 (GQA by head index), output in the input dtype."""
+    """Dense causal attention in fp32 (GQA by head index), output in the input dtype.
+
+    ``k, v`` may be longer than ``q``: bottom-right alignment (the queries are the last positions).
+    """
     B, N, Hq, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
-    return _attend(q, k, v, causal.expand(B, Hq, N, N), scale, return_lse)
+    causal = _causal(N, k.shape[1], q.device)
+    return _attend(q, k, v, causal.expand(B, Hq, *causal.shape), scale, return_lse)
 
 
 def dense_stats(B: int, Hq: int, N: int, block_size: int, device) -> PatternStats:
@@ -252,6 +319,115 @@ def flex_prefill_attention(q, k, v, *, config=None, softmax_scale=None, return_l
         sel = select_blocks(q, k, config=cfg, softmax_scale=softmax_scale)
         res = block_sparse_attention(q, k, v, sel, softmax_scale=softmax_scale, return_lse=return_lse)
         stats = sel.stats()
+    res = res if isinstance(res, tuple) else (res,)
+    if return_stats:
+        res = res + (stats,)
+    return res[0] if len(res) == 1 else res
+
+
+# --- packed variable-length batches and chunked prefill ----------------------------
+
+
+def _bounds(cu_seqlens_q, cu_seqlens_k) -> list[tuple[int, int, int, int]]:
+    """(q_start, q_end, k_start, k_end) per sequence; reads cu_seqlens on the host (oracle only)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
+
+
+def _full_rows(nb: int, n_q: int, n_k: int, bs: int, device) -> torch.Tensor:
+    """Every causal block of a chunk's rows: bool [nb, nb]."""
+    r0 = (n_k - n_q) // bs if n_q > 0 else nb
+    mask = torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+    mask[:r0] = False
+    return mask
+
+
+def select_blocks_varlen(
+    q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+    config: FlexPrefillConfig | None = None, softmax_scale: float | None = None, dense_below: int = 0,
+) -> VarlenBlockSelection:
+    """Steps 1-4 per sequence of a packed batch: ``q [total_q, Hq, D]``, ``k [total_k, Hkv, D]``.
+
+    Each sequence is :func:`select_blocks` of its chunk (queries = last ``n_q`` of ``n_k``
+    positions), laid out in absolute rows of a ``[S, Hq, max_nb, max_nb]`` grid.  A
+    sequence with ``n_k < dense_below`` gets every causal block of its rows (no search,
+    ``js_distance`` NaN, not query-aware).
+    """
+    cfg = config or FlexPrefillConfig()
+    Hq, D = q.shape[1], q.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    bs = cfg.block_size
+    max_nb = math.ceil(max_seqlen_k / bs)
+    bounds = _bounds(cu_seqlens_q, cu_seqlens_k)
+    S = len(bounds)
+    masks = torch.zeros(S, Hq, max_nb, max_nb, dtype=torch.bool, device=q.device)
+    query_aware = torch.zeros(S, Hq, dtype=torch.bool, device=q.device)
+    dist = torch.full((S, Hq), float("nan"), device=q.device)
+    for s, (q0, q1, k0, k1) in enumerate(bounds):
+        n_q, n_k = q1 - q0, k1 - k0
+        nb = math.ceil(n_k / bs)
+        if n_k < dense_below or n_q == 0:
+            masks[s, :, :nb, :nb] = _full_rows(nb, n_q, n_k, bs, q.device)
+            continue
+        m, qa, d = _select_masks(q[None, q0:q1], k[None, k0:k1], cfg, scale)
+        masks[s, :, :nb, :nb] = m[0]
+        query_aware[s], dist[s] = qa[0], d[0]
+    ar = torch.arange(max_nb, device=q.device)
+    counts, indices = compact_block_mask(masks & (ar[None, :] <= ar[:, None]))
+    return VarlenBlockSelection(
+        counts=counts, indices=indices, block_size=bs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, query_aware=query_aware, js_distance=dist,
+    )
+
+
+def block_sparse_attention_varlen(
+    q, k, v, selection: VarlenBlockSelection, cu_seqlens_q, cu_seqlens_k, *,
+    softmax_scale: float | None = None, return_lse: bool = False,
+):
+    """Step 5 per sequence: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]`` fp32 (FlashAttention's varlen layout)."""
+    total_q, Hq, D = q.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    block_mask = selection.to_mask()
+    out = torch.zeros(total_q, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, total_q), float("-inf"), device=q.device)
+    for s, (q0, q1, k0, k1) in enumerate(_bounds(cu_seqlens_q, cu_seqlens_k)):
+        if q1 == q0:
+            continue
+        o, l = _block_sparse(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], block_mask[s : s + 1], selection.block_size, scale, True)
+        out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+    return (out, lse) if return_lse else out
+
+
+def dense_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float | None = None, return_lse: bool = False):
+    """Dense causal attention per sequence (bottom-right aligned), fp32: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]``."""
+    total_q, Hq, D = q.shape
+    out = torch.zeros(total_q, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, total_q), float("-inf"), device=q.device)
+    for q0, q1, k0, k1 in _bounds(cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0:
+            continue
+        o, l = dense_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale=softmax_scale, return_lse=True)
+        out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+    return (out, lse) if return_lse else out
+
+
+def flex_prefill_attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+    config=None, softmax_scale=None, return_lse=False, return_stats=False,
+):
+    """The whole operator per sequence of a packed batch (no input checks).
+
+    A sequence with ``n_k < config.min_seq_len`` runs dense attention (every causal block
+    of its rows).  ``stats.dense`` is True when ``max_seqlen_k < min_seq_len`` (no search at all).
+    """
+    cfg = config or FlexPrefillConfig()
+    sel = select_blocks_varlen(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        config=cfg, softmax_scale=softmax_scale, dense_below=cfg.min_seq_len,
+    )
+    res = block_sparse_attention_varlen(q, k, v, sel, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, return_lse=return_lse)
+    stats = sel.stats()
+    stats.dense = max_seqlen_k < cfg.min_seq_len
     res = res if isinstance(res, tuple) else (res,)
     if return_stats:
         res = res + (stats,)

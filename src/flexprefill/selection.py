@@ -5,6 +5,14 @@ queries of block ``r`` attend to: ``counts[b, h, r]`` of them, listed in ascendi
 order in ``indices[b, h, r, :counts]`` (entries past the count are -1).  This is the
 layout of FlashAttention's and FlexAttention's block-sparse tensors (``kv_num_blocks``,
 ``kv_indices``), so a selection can be handed to either.
+
+Packed variable-length batches and chunked prefill (:class:`VarlenBlockSelection`) use
+the same format with the batch axis read as "sequence" and rows indexed by *absolute*
+query block: a sequence with ``n_k`` keys and ``n_q <= n_k`` queries holds its queries at
+absolute positions ``P .. n_k - 1`` (``P = n_k - n_q``, the cached prefix), key block
+``c`` covers absolute keys ``[c*bs, (c+1)*bs)`` and query block ``r`` the chunk's queries
+in ``[r*bs, (r+1)*bs)``.  Rows ``floor(P/bs) .. ceil(n_k/bs)-1`` hold the chunk's queries
+(the first may be partial when ``P % bs != 0``); every other row has count 0.
 """
 
 from __future__ import annotations
@@ -13,12 +21,41 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockSelection", "PatternStats", "mask_to_selection", "compact_block_mask", "num_causal_blocks"]
+__all__ = [
+    "BlockSelection",
+    "VarlenBlockSelection",
+    "PatternStats",
+    "mask_to_selection",
+    "compact_block_mask",
+    "num_causal_blocks",
+    "chunk_rows",
+]
 
 
 def num_causal_blocks(num_blocks: int) -> int:
     """Blocks of a causal block grid of ``num_blocks`` rows: ``nb * (nb + 1) / 2``."""
     return num_blocks * (num_blocks + 1) // 2
+
+
+def chunk_rows(n_q: torch.Tensor, n_k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and end (exclusive) absolute query block of each chunk: ``floor(P/bs)``, ``ceil(n_k/bs)``.
+
+    ``n_q``, ``n_k``: int tensors [S] of query and key counts (``P = n_k - n_q``).  A chunk
+    without queries gets an empty range.  Device ops only, no sync.
+    """
+    n_q, n_k = n_q.long(), n_k.long()
+    end = (n_k + block_size - 1) // block_size
+    first = torch.where(n_q > 0, (n_k - n_q) // block_size, end)
+    return first, end
+
+
+def _to_mask(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    nb = indices.shape[-1]
+    valid = torch.arange(nb, device=counts.device) < counts[..., None].long()
+    mask = torch.zeros(*counts.shape, nb + 1, dtype=torch.bool, device=counts.device)
+    cols = torch.where(valid, indices.long(), nb)
+    mask.scatter_(-1, cols, True)
+    return mask[..., :nb]
 
 
 @dataclass
@@ -57,6 +94,9 @@ class BlockSelection:
     ``counts``: int32 [B, Hq, nb]; ``indices``: int32 [B, Hq, nb, nb], ascending,
     -1 past the count; ``query_aware`` bool [B, Hq]; ``js_distance`` fp32 [B, Hq].
     ``seq_len`` is the number of tokens N, ``nb = ceil(N / block_size)``.
+    ``seq_lens``: optional int32 [B], the valid lengths of a right-padded batch; rows
+    past a sequence's last block have count 0 and :meth:`stats` counts density against
+    each sequence's own causal grid.
     """
 
     counts: torch.Tensor
@@ -65,6 +105,7 @@ class BlockSelection:
     seq_len: int
     query_aware: torch.Tensor
     js_distance: torch.Tensor
+    seq_lens: torch.Tensor | None = None
 
     @property
     def num_q_blocks(self) -> int:
@@ -72,16 +113,56 @@ class BlockSelection:
 
     def to_mask(self) -> torch.Tensor:
         """Dense bool block mask [B, Hq, nb, nb] (True = computed)."""
-        nb = self.num_q_blocks
-        valid = torch.arange(self.indices.shape[-1], device=self.counts.device) < self.counts[..., None].long()
-        mask = torch.zeros(*self.counts.shape, nb + 1, dtype=torch.bool, device=self.counts.device)
-        cols = torch.where(valid, self.indices.long(), nb)
-        mask.scatter_(-1, cols, True)
-        return mask[..., :nb]
+        return _to_mask(self.counts, self.indices)
 
     def stats(self) -> PatternStats:
         num = self.counts.sum(-1, dtype=torch.int64)
-        density = num.float() / num_causal_blocks(self.num_q_blocks)
+        if self.seq_lens is None:
+            density = num.float() / num_causal_blocks(self.num_q_blocks)
+        else:
+            nb = (self.seq_lens.long() + self.block_size - 1) // self.block_size
+            density = num.float() / (nb * (nb + 1) // 2).clamp_min(1)[:, None].float()
+        return PatternStats(self.query_aware, self.js_distance, num, density)
+
+
+@dataclass
+class VarlenBlockSelection:
+    """Selected key blocks of a packed batch of sequences (or chunks of them), per query head.
+
+    ``counts``: int32 [S, Hq, max_nb]; ``indices``: int32 [S, Hq, max_nb, max_nb],
+    ascending, -1 past the count, ``max_nb = ceil(max_seqlen_k / block_size)``.  Rows are
+    absolute query blocks (see the module docstring): sequence ``s`` with ``n_q`` queries
+    over ``n_k`` keys uses rows ``floor((n_k-n_q)/bs) .. ceil(n_k/bs)-1``; all other rows
+    have count 0.  ``query_aware`` bool [S, Hq]; ``js_distance`` fp32 [S, Hq] (NaN where a
+    sequence ran dense).  ``cu_seqlens_q``/``cu_seqlens_k`` int32 [S+1] and the two maxima
+    are the ones the selection was made for.
+    """
+
+    counts: torch.Tensor
+    indices: torch.Tensor
+    block_size: int
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    query_aware: torch.Tensor
+    js_distance: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return self.counts.shape[0]
+
+    def to_mask(self) -> torch.Tensor:
+        """Dense bool block mask [S, Hq, max_nb, max_nb] (True = computed)."""
+        return _to_mask(self.counts, self.indices)
+
+    def stats(self) -> PatternStats:
+        """Per (sequence, head); density against the causal blocks of the chunk's rows."""
+        num = self.counts.sum(-1, dtype=torch.int64)
+        cu_q, cu_k = self.cu_seqlens_q.long(), self.cu_seqlens_k.long()
+        first, end = chunk_rows(cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1], self.block_size)
+        grid = end * (end + 1) // 2 - first * (first + 1) // 2
+        density = num.float() / grid.clamp_min(1)[:, None].float()
         return PatternStats(self.query_aware, self.js_distance, num, density)
 
 
