@@ -21,6 +21,7 @@ def test_smollm2_config(smollm2):
     assert not model.training
 
 
+@pytest.mark.slow
 def test_gemma3_config(gemma3):
     model, _ = gemma3
     c = model.config
@@ -49,6 +50,7 @@ def test_smollm2_answers_a_chat_question(smollm2):
     assert "Paris" in _greedy(model, tok, ids, 10)
 
 
+@pytest.mark.slow
 def test_gemma3_completes_a_few_shot_prompt(gemma3):
     # the packaged Gemma 3 270M is the base (pretrained) model: it continues text rather than
     # following the chat template, so ask in a few-shot completion

