@@ -113,3 +113,23 @@ def test_unknown_name_is_rejected_with_the_accepted_values(tmp_path):
         models.load("no-such-model", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="not a packaged model"):
         models.gguf_path("no-such-model")
+
+
+def test_known_gemma_checksum_is_the_packaged_one():
+    assert packages.KNOWN_SHA256["gemma3-270m"] == packages._gemma_expected_sha256(packages._gemma_module())
+
+
+def test_gguf_dir_override_is_used_and_verified(tmp_path, monkeypatch):
+    real = packages.gguf_path("smollm2-135m-instruct")
+    (tmp_path / real.name).symlink_to(real)
+    monkeypatch.setenv("FLEXPREFILL_GGUF_DIR", str(tmp_path))
+    # the package is not consulted: it may be absent on an offline GPU machine
+    monkeypatch.setattr(packages, "_package_files", lambda *a, **k: pytest.fail("package consulted"))
+    assert packages.gguf_path("smollm2-135m-instruct") == tmp_path / real.name
+    assert packages.expected_sha256("smollm2-135m-instruct") == packages.KNOWN_SHA256["smollm2-135m-instruct"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / real.name).write_bytes(b"GGUF not really")
+    monkeypatch.setenv("FLEXPREFILL_GGUF_DIR", str(bad))
+    with pytest.raises(packages.ChecksumError):
+        packages.gguf_path("smollm2-135m-instruct")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .packages import PACKAGED, MissingPackageError, cache_root, expected_sha256, gguf_path, sha256_file
+from .packages import KNOWN_SHA256, PACKAGED, MissingPackageError, cache_root, expected_sha256, gguf_path, sha256_file
 from .tokenizer import gguf_metadata, tokenizer_from_gguf
 
 # bump when what is written to the cache changes (tokenizer fix, config clean-up)
@@ -96,12 +96,7 @@ def _resolve(name_or_path, cache_dir) -> tuple[Path | None, Path, dict, object]:
     if path.is_file() and path.suffix == ".gguf":
         sha = sha256_file(path)
         # a copy of a packaged GGUF (e.g. joined by scripts/gguf_chunks.py) shares its cache
-        same = [n for n in PACKAGED if PACKAGED[n].sha256 == sha]
-        if not same:
-            try:
-                same = [n for n in PACKAGED if PACKAGED[n].sha256 is None and expected_sha256(n) == sha]
-            except ImportError:
-                same = []
+        same = [n for n, known in KNOWN_SHA256.items() if known == sha]
         folder = root / (same[0] if same else f"{path.stem}-{sha[:12]}")
         return None, folder, _cache_key(sha), lambda: path
     raise ValueError(

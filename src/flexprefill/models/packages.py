@@ -142,9 +142,26 @@ def _gemma_expected_sha256(mod) -> str:
     raise ChecksumError(f"SHA256SUMS of {_GEMMA3.package} has no line for {mod.MODEL_NAME}")
 
 
+# published checksums, for files found through FLEXPREFILL_GGUF_DIR without their package
+KNOWN_SHA256 = {
+    _SMOLLM2.name: _SMOLLM2.sha256,
+    _GEMMA3.name: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+}
+
+
+def _override(name: str) -> Path | None:
+    """The model's file in ``$FLEXPREFILL_GGUF_DIR``, if that folder holds it."""
+    folder = os.environ.get("FLEXPREFILL_GGUF_DIR")
+    path = Path(folder) / _packaged(name).filename if folder else None
+    return path if path is not None and path.is_file() else None
+
+
 def expected_sha256(name: str) -> str:
-    """Published SHA-256 of the GGUF of a packaged model (checks that its package is installed)."""
+    """Published SHA-256 of the GGUF of a packaged model (checks that its package is installed,
+    unless ``$FLEXPREFILL_GGUF_DIR`` holds the file)."""
     model = _packaged(name)
+    if _override(name) is not None:
+        return KNOWN_SHA256[name]
     if model.sha256 is not None:
         _package_files(model.package, f"model {name!r}", model.pip)
         return model.sha256
@@ -185,10 +202,16 @@ def _assemble(mod, dest: Path, expected: str) -> None:
 def gguf_path(name: str, *, cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the verified GGUF file of a packaged model.
 
-    SmolLM2 is read in place; Gemma 3 is assembled once from its four chunk packages into
-    ``<cache>/gguf/``. Raises ``MissingPackageError`` (with the pip command) or ``ChecksumError``.
+    A folder named by ``$FLEXPREFILL_GGUF_DIR`` holding the file under its packaged name
+    (e.g. copied to an offline GPU machine) is used first. Otherwise SmolLM2 is read in
+    place and Gemma 3 is assembled once from its four chunk packages into ``<cache>/gguf/``.
+    Raises ``MissingPackageError`` (with the pip command) or ``ChecksumError``.
     """
     model = _packaged(name)
+    path = _override(name)
+    if path is not None:
+        _verify(path, KNOWN_SHA256[name], f"published for {name}")
+        return path
     if model.sha256 is not None:
         root = _package_files(model.package, f"model {name!r}", model.pip)
         path = Path(root.joinpath(model.filename))
