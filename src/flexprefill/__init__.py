@@ -1,10 +1,17 @@
 """FlexPrefill: context-aware, per-head dynamic block-sparse attention for long prefill."""
 
 from . import reference
-from .api import block_sparse_attention, flex_prefill_attention, select_blocks
+from .api import (
+    block_sparse_attention,
+    block_sparse_attention_varlen,
+    flex_prefill_attention,
+    flex_prefill_attention_varlen,
+    select_blocks,
+    select_blocks_varlen,
+)
 from .config import FlexPrefillConfig
 from .integrations import patch, register, unpatch
-from .selection import BlockSelection, PatternStats
+from .selection import BlockSelection, PatternStats, VarlenBlockSelection
 
 __version__ = "0.1.0"
 
@@ -15,6 +22,10 @@ __all__ = [
     "flex_prefill_attention",
     "select_blocks",
     "block_sparse_attention",
+    "VarlenBlockSelection",
+    "flex_prefill_attention_varlen",
+    "select_blocks_varlen",
+    "block_sparse_attention_varlen",
     "reference",
     "patch",
     "unpatch",

@@ -13,10 +13,18 @@ import triton
 
 from ..config import FlexPrefillConfig
 from ..reference import js_distance
-from ..selection import BlockSelection, compact_block_mask
-from .kernels.selection import rep_block_mass_kernel, rep_row_stats_kernel
+from ..selection import BlockSelection, chunk_rows, compact_block_mask
+from .kernels.selection import block_mean_varlen_kernel, rep_block_mass_kernel, rep_row_stats_kernel
 
-__all__ = ["select_blocks_fast", "representative_block_scores", "block_means"]
+__all__ = [
+    "select_blocks_fast",
+    "representative_block_scores",
+    "block_means",
+    "select_blocks_varlen_fast",
+    "representative_block_scores_varlen",
+    "block_means_varlen",
+    "full_causal_selection_varlen",
+]
 
 _LOG2E = 1.4426950408889634
 # elements of one [heads, nb, nb] working set of the query-aware search; bounds its
@@ -63,6 +71,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     rep_row_stats_kernel[(B * Hq, num_splits)](
         q, k, m, l, *common_strides,
         N, n_rep, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2,
+        m, m, m, m,
         D=D, BD=BD, BR=BR, BK=BK, num_warps=4,
     )
     m_all = m.amax(dim=1)
@@ -75,6 +84,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     rep_block_mass_kernel[(B * Hq, nb)](
         q, k, lse2, vert, part, *common_strides,
         N, n_rep, nb, Hq, Hq // Hkv, scale_log2,
+        vert, vert, vert, vert,
         D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), num_warps=4,
     )
     # key block c seen from the last query block sits at offset nb-1-c, from the one
@@ -212,3 +222,223 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
         query_aware=query_aware,
         js_distance=dist,
     )
+
+
+# --- packed sequences and chunked prefill -------------------------------------------
+#
+# Sequences are given by four int32 device tensors [S]: q rows [q_starts, q_ends), k rows
+# [k_starts, k_ends) of the packed tensors (views of cu_seqlens, or the rows of a padded
+# batch).  Nothing here reads them on the host: per-sequence lengths stay on the device
+# and every tensor is padded to max_nb = ceil(max_seqlen_k / bs) blocks.
+
+
+def _lengths(q_starts, q_ends, k_starts, k_ends):
+    return (q_ends - q_starts).long(), (k_ends - k_starts).long()
+
+
+def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends, max_seqlen_k: int, *, block_size: int, scale: float):
+    """Vertical and slash block mass of each sequence's last ``min(bs, n_q)`` queries, fp32 [S, Hq, max_nb] (0 past a sequence)."""
+    total_k, Hkv, D = k.shape
+    Hq = q.shape[1]
+    S = q_starts.shape[0]
+    nb = math.ceil(max_seqlen_k / block_size)
+    BR = block_size
+    BD = max(16, triton.next_power_of_2(D))
+    BK = 64 if BD <= 128 else 32
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    N = max_seqlen_k
+    keys_per_split = max(BK, triton.next_power_of_2(max(1, N // max(1, 512 // max(1, S * Hq)))))
+    keys_per_split = min(keys_per_split, 8192)
+    keys_per_split = math.ceil(keys_per_split / BK) * BK
+    num_splits = math.ceil(N / keys_per_split)
+    dev = q.device
+    m = torch.empty(S * Hq, num_splits, BR, dtype=torch.float32, device=dev)
+    l = torch.empty_like(m)
+    scale_log2 = scale * _LOG2E
+    strides = (0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1))
+    bounds = (q_starts, q_ends, k_starts, k_ends)
+    rep_row_stats_kernel[(S * Hq, num_splits)](
+        q, k, m, l, *strides,
+        N, 0, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2, *bounds,
+        D=D, BD=BD, BR=BR, BK=BK, VARLEN=True, num_warps=4,
+    )
+    m_all = m.amax(dim=1)
+    m_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
+    l_all = (l * torch.exp2(m - m_safe[:, None])).sum(dim=1)
+    lse2 = (m_safe + torch.log2(l_all)).contiguous()
+
+    vert = torch.empty(S * Hq, nb, dtype=torch.float32, device=dev)
+    part = torch.empty(S * Hq, nb, 2, dtype=torch.float32, device=dev)
+    rep_block_mass_kernel[(S * Hq, nb)](
+        q, k, lse2, vert, part, *strides,
+        N, 0, nb, Hq, Hq // Hkv, scale_log2, *bounds,
+        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), VARLEN=True, num_warps=4,
+    )
+    # key block c seen from the last query block sits at offset nb_s-1-c, from the one
+    # before at nb_s-2-c: slash[d] = hi[nb_s-1-d] + lo[nb_s-2-d], per sequence
+    _, n_k = _lengths(*bounds)
+    nb_s = ((n_k + block_size - 1) // block_size).repeat_interleave(Hq)[:, None]  # [S*Hq, 1]
+    d = torch.arange(nb, device=dev)[None, :]
+    i_hi, i_lo = nb_s - 1 - d, nb_s - 2 - d
+    hi = part[..., 1].gather(1, i_hi.clamp_min(0))
+    lo = part[..., 0].gather(1, i_lo.clamp_min(0))
+    slash = torch.where(i_hi >= 0, hi, 0.0) + torch.where(i_lo >= 0, lo, 0.0)
+    return vert.view(S, Hq, nb), slash.view(S, Hq, nb)
+
+
+def block_means_varlen(x, x_starts, x_ends, k_starts, k_ends, max_nb: int, *, block_size: int) -> torch.Tensor:
+    """Per absolute block mean of packed rows, fp32 [S, max_nb, H, D] (0 where a block holds no row).
+
+    Sequence ``s``'s rows of ``x`` are the last ``n_x`` of its ``n_k`` positions.
+    """
+    total, H, D = x.shape
+    S = x_starts.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(S, max_nb, H, D, dtype=torch.float32, device=x.device)
+    BD = max(16, triton.next_power_of_2(D))
+    block_mean_varlen_kernel[(S * max_nb, H)](
+        x, out, x_starts, x_ends, k_starts, k_ends, x.stride(0), x.stride(1), max_nb, H,
+        D=D, BD=BD, BS=block_size, BT=32, num_warps=4,
+    )
+    return out
+
+
+def _live_rows(q_starts, q_ends, k_starts, k_ends, max_nb: int, block_size: int):
+    """Bool [S, max_nb]: absolute query blocks holding queries of the chunk; and blocks per sequence [S]."""
+    n_q, n_k = _lengths(q_starts, q_ends, k_starts, k_ends)
+    first, end = chunk_rows(n_q, n_k, block_size)
+    r = torch.arange(max_nb, device=q_starts.device)[None, :]
+    return (r >= first[:, None]) & (r < end[:, None]), end
+
+
+def full_causal_selection_varlen(q_starts, q_ends, k_starts, k_ends, Hq: int, max_seqlen_k: int, block_size: int):
+    """Every causal block of each chunk's rows: counts int32 [S, Hq, max_nb], indices int32 [S, Hq, max_nb, max_nb].
+
+    Broadcast over heads (stride 0); built on the device without a sync.
+    """
+    max_nb = math.ceil(max_seqlen_k / block_size)
+    live, _ = _live_rows(q_starts, q_ends, k_starts, k_ends, max_nb, block_size)
+    r = torch.arange(max_nb, device=q_starts.device)
+    counts = torch.where(live, r[None, :] + 1, 0).to(torch.int32)
+    keep = live[:, :, None] & (r[None, :] <= r[:, None])[None]
+    indices = torch.where(keep, r[None, None, :], -1).to(torch.int32)
+    S = counts.shape[0]
+    return counts[:, None].expand(S, Hq, max_nb), indices[:, None].expand(S, Hq, max_nb, max_nb)
+
+
+def _js_distance_masked(p: torch.Tensor, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`flexprefill.reference.js_distance` over the ``valid`` entries of the last dim only."""
+    eps = 1e-10
+    p = torch.where(valid, p.float() + eps, 0.0)
+    q = torch.where(valid, q.float() + eps, 0.0)
+    p = p / p.sum(-1, keepdim=True)
+    q = q / q.sum(-1, keepdim=True)
+    m = 0.5 * (p + q)
+    m_safe = torch.where(valid, m, 1.0)
+    kl_p = torch.where(valid, p * (torch.where(valid, p, 1.0) / m_safe).log(), 0.0)
+    kl_q = torch.where(valid, q * (torch.where(valid, q, 1.0) / m_safe).log(), 0.0)
+    jsd = 0.5 * kl_p.sum(-1) + 0.5 * kl_q.sum(-1)
+    return jsd.clamp_min(0).sqrt()
+
+
+def select_blocks_varlen_fast(
+    q, k, q_starts, q_ends, k_starts, k_ends, max_seqlen_k: int, *,
+    config: FlexPrefillConfig, softmax_scale: float, dense_below: int = 0,
+):
+    """Device version of :func:`flexprefill.reference.select_blocks_varlen` (inputs already checked).
+
+    Returns ``counts`` int32 [S, Hq, max_nb], ``indices`` int32 [S, Hq, max_nb, max_nb],
+    ``query_aware`` bool [S, Hq], ``js_distance`` fp32 [S, Hq].  No host sync.
+    """
+    cfg = config
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    S = q_starts.shape[0]
+    bs = cfg.block_size
+    scale = softmax_scale
+    nb = math.ceil(max_seqlen_k / bs)
+    dev = q.device
+    min_b, max_b = cfg.min_budget_blocks, cfg.max_budget_blocks
+    bounds = (q_starts, q_ends, k_starts, k_ends)
+    n_q, n_k = _lengths(*bounds)
+    live, nb_s = _live_rows(*bounds, nb, bs)  # [S, nb], [S]
+    ar = torch.arange(nb, device=dev)
+    col_ok = ar[None, :] < nb_s[:, None]  # [S, nb]
+
+    vert, slash = representative_block_scores_varlen(q, k, *bounds, max_seqlen_k, block_size=bs, scale=scale)
+    k_bar = block_means_varlen(k, k_starts, k_ends, k_starts, k_ends, nb, block_size=bs)  # [S, nb, Hkv, D]
+    # mean of the representative queries (the last min(bs, n_q) rows of each sequence)
+    n_rep = n_q.clamp(min=0, max=bs)
+    o_r = torch.arange(bs, device=dev)
+    m_rep = o_r[None, :] < n_rep[:, None]
+    rows = torch.where(m_rep, q_ends.long()[:, None] - n_rep[:, None] + o_r[None, :], 0)
+    q_rep = q[rows.flatten()].view(S, bs, Hq, D)
+    q_hat = (q_rep * m_rep[:, :, None, None]).sum(1, dtype=torch.float32) / n_rep.clamp_min(1)[:, None, None]
+    k_bar_q = k_bar.repeat_interleave(group, dim=2) if group > 1 else k_bar
+    logits = (scale * torch.einsum("shd,schd->shc", q_hat, k_bar_q)).masked_fill(~col_ok[:, None, :], float("-inf"))
+    a_est = torch.softmax(logits, dim=-1)
+    dist = _js_distance_masked(vert, a_est, col_ok[:, None, :])
+    short = (n_k < dense_below) | (n_q == 0)  # [S]: every causal block, no search
+    query_aware = (dist < cfg.tau) & ~short[:, None]
+    dist = torch.where(short[:, None], float("nan"), dist)
+
+    BH = S * Hq
+    vert_f = vert.reshape(BH, nb)
+    slash_f = slash.reshape(BH, nb)
+    qa_f = query_aware.reshape(BH)
+    nb_h = nb_s.repeat_interleave(Hq)  # [BH]
+    live_h = live.repeat_interleave(Hq, dim=0)  # [BH, nb]
+    short_h = short.repeat_interleave(Hq)
+    rows_h = live_h.sum(-1).clamp_min(1).float()
+    n_v = torch.minimum(_clamp(_count_to_mass(vert_f, cfg.gamma), min_b, max_b, nb), nb_h)
+    n_s = torch.minimum(_clamp(_count_to_mass(slash_f, cfg.gamma), min_b, max_b, nb), nb_h)
+    vsel, ssel = _vs_sets(vert_f, slash_f, n_v, n_s)
+    use_qa = cfg.tau > 0
+    if use_qa:
+        floor_n = torch.minimum(torch.full((BH,), min_b, dtype=torch.int64, device=dev), nb_h)
+        floor_v, floor_s = _vs_sets(vert_f, slash_f, floor_n, floor_n)
+        q_bar = block_means_varlen(q, *bounds, nb, block_size=bs)  # [S, nb, Hq, D]
+        q_bar = q_bar.permute(0, 2, 1, 3).reshape(BH, nb, D)
+        k_bar_h = k_bar.permute(0, 2, 1, 3)  # [S, Hkv, nb, D]
+
+    causal = ar[None, :] <= ar[:, None]
+    eye = ar[None, :] == ar[:, None]
+    off = (ar[:, None] - ar[None, :]).clamp_min(0)
+    counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
+    indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
+    chunk = max(1, _CHUNK_ELEMS // (nb * nb))
+    # a fixed number of chunks for a given shape: this loop never depends on data
+    for h0 in range(0, BH, chunk):
+        sl = slice(h0, min(BH, h0 + chunk))
+        live_c = live_h[sl][:, :, None]  # [C, nb, 1]
+        mask = _expand_vs(vsel[sl], ssel[sl], off, causal)
+        if max_b is not None:
+            score = torch.maximum(vert_f[sl, None, :], slash_f[sl][:, off])
+        if use_qa:
+            ids = torch.arange(sl.start, sl.stop, device=dev)
+            kb = k_bar_h[ids // Hq, (ids % Hq) // group]  # [C, nb, D]
+            logits = scale * torch.bmm(q_bar[sl], kb.transpose(1, 2))
+            s = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+            # only the chunk's rows take part; the flat mass is divided by their number
+            s = torch.where(live_c, s, 0.0)
+            flat = s.flatten(1) / rows_h[sl, None]
+            srt = torch.sort(flat, dim=-1, descending=True, stable=True)
+            sel = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices).view_as(s)
+            del srt
+            qa_mask = (sel | _expand_vs(floor_v[sl], floor_s[sl], off, causal) | eye) & causal
+            qa_mask[..., 0] = True
+            is_qa = qa_f[sl][:, None, None]
+            mask = torch.where(is_qa, qa_mask, mask)
+            if max_b is not None:
+                score = torch.where(is_qa, s, score)
+        mask = mask & live_c
+        if max_b is not None:
+            mask = _cap_rows(mask, score, max_b, eye, causal)
+        mask = torch.where(short_h[sl][:, None, None], causal & live_c, mask)
+        counts[sl], indices[sl] = compact_block_mask(mask)
+    return counts.view(S, Hq, nb), indices.view(S, Hq, nb, nb), query_aware, dist

@@ -14,7 +14,7 @@ import triton
 from ..config import BLOCK_SIZES
 from .kernels.sparse_attention import sparse_attention_fwd_kernel, sparse_attention_fwd_tuned
 
-__all__ = ["sparse_attention"]
+__all__ = ["sparse_attention", "sparse_attention_varlen"]
 
 _LOG2E = 1.4426950408889634
 
@@ -96,8 +96,72 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         counts.stride(0), counts.stride(1),
         indices.stride(0), indices.stride(1), indices.stride(2),
         N, Hkv, softmax_scale * _LOG2E,
+        # sequence bounds and the lse head stride are unused by the dense path
+        counts, counts, counts, counts, 0,
         # constexprs positionally too: every triton version hands these to the config prune
-        group, D, BD, block_size, return_lse,
+        group, D, BD, block_size, return_lse, False,
+    )
+    if config is None:
+        sparse_attention_fwd_tuned[BD][grid](*args)
+    else:
+        cfg = dict(config)
+        if block_size % cfg["BLOCK_M"] or block_size % cfg["BLOCK_N"]:
+            raise ValueError(f"config {config} tiles must divide block_size={block_size}")
+        sparse_attention_fwd_kernel[grid(cfg)](*args, **cfg)
+    return (out, lse) if return_lse else out
+
+
+def sparse_attention_varlen(
+    q, k, v, counts, indices, q_starts, q_ends, k_starts, k_ends, max_seqlen_q: int, max_seqlen_k: int, *,
+    block_size: int, softmax_scale: float, return_lse: bool = False, config=None, out=None, lse=None,
+):
+    """Block-sparse causal attention of packed sequences (chunks over a cached prefix).
+
+    Args:
+        q: [total_q, Hq, D]; k, v: [total_k, Hkv, D] (rows of all sequences, any row order).
+        counts: int32 [S, Hq, max_nb]; indices: int32 [S, Hq, max_nb, max_nb], rows by
+            absolute query block, ``max_nb = ceil(max_seqlen_k / block_size)`` (stride-0
+            head dims are fine).
+        q_starts, q_ends, k_starts, k_ends: int32 [S] on the device: sequence ``s`` has
+            query rows ``[q_starts[s], q_ends[s])`` and key rows ``[k_starts[s], k_ends[s])``;
+            its ``n_q`` queries are the last ``n_q`` of its ``n_k`` positions
+            (``n_q <= n_k``, lengths at most the maxima: not checked, no host sync).
+        max_seqlen_q, max_seqlen_k: Python ints, the grid size.
+        config: dict(BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning.
+        out, lse: preallocated outputs (rows outside every sequence are left as given).
+
+    Returns:
+        ``out`` [total_q, Hq, D] in the input dtype, and ``lse`` fp32 [Hq, total_q] (natural log).
+    """
+    total_q, Hq, D = q.shape
+    Hkv = k.shape[1]
+    S = q_starts.shape[0]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    counts = counts if counts.stride(-1) == 1 else counts.contiguous()
+    indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    if out is None:
+        out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
+    if return_lse and lse is None:
+        lse = torch.empty(Hq, total_q, dtype=torch.float32, device=q.device)
+    lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)
+    BD = max(64, triton.next_power_of_2(D))
+    group = Hq // Hkv
+
+    def grid(meta):
+        # a chunk's queries span at most cdiv(n_q, BLOCK_M) + 1 tiles aligned to absolute positions
+        return ((triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) + 1) * group, S * Hkv)
+
+    args = (
+        q, k, v, out, lse_arg, counts, indices,
+        0, q.stride(0), q.stride(1),
+        0, k.stride(0), k.stride(1),
+        0, v.stride(0), v.stride(1),
+        0, out.stride(0), out.stride(1),
+        counts.stride(0), counts.stride(1),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        max_seqlen_k, Hkv, softmax_scale * _LOG2E,
+        q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0,
+        group, D, BD, block_size, return_lse, True,
     )
     if config is None:
         sparse_attention_fwd_tuned[BD][grid](*args)

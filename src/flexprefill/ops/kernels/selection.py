@@ -1,10 +1,13 @@
 """Block-pooled attention of the representative (last) queries, streamed over the keys.
 
-Computes, per (batch, query head), the softmax attention of the last ``n_rep <= bs``
-queries over all N keys without materialising the [n_rep, N] matrix: a first pass
+Computes, per (sequence, query head), the softmax attention of the last ``n_rep <= bs``
+queries over all keys without materialising the [n_rep, N] matrix: a first pass
 gathers each row's max and sum over key splits (flash-decoding style), a second pass
 recomputes each key block's probabilities and reduces them to the block's vertical
-mass and to its share of the two block diagonals the rows can sit on.
+mass and to its share of the two block diagonals the rows can sit on.  ``VARLEN``
+switches to packed sequences (per-sequence row bounds loaded in the kernel, queries
+= the last positions of a chunk over a cached prefix); programs past a sequence's
+keys do no work.  Also the per-block means of packed sequences.
 Tested against flexprefill.reference on CPU (interpreter, fp16/fp32); bf16 on GPU.
 Limits: head dim <= 256 (padded to a power of two), n_rep <= 128.
 """
@@ -19,7 +22,8 @@ def rep_row_stats_kernel(
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     N, N_REP, KEYS_PER_SPLIT, NUM_SPLITS, HQ, GROUP, scale_log2,
-    D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    q_starts, q_ends, k_starts, k_ends,
+    D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_split = tl.program_id(1).to(tl.int64)
@@ -29,20 +33,36 @@ def rep_row_stats_kernel(
 
     o_r = tl.arange(0, BR)
     o_d = tl.arange(0, BD)
-    pos_q = N - N_REP + o_r
-    m_r = o_r < N_REP
+    start = i_split * KEYS_PER_SPLIT
+    if VARLEN:
+        # sequence i_b: queries end at row q_end, keys are rows [k0, k0 + n_k)
+        q_end = tl.load(q_ends + i_b).to(tl.int64)
+        k_row0 = tl.load(k_starts + i_b).to(tl.int64)
+        n_k = tl.load(k_ends + i_b).to(tl.int64) - k_row0
+        n_rep = tl.minimum(q_end - tl.load(q_starts + i_b).to(tl.int64), BR)
+        pos_q = n_k - n_rep + o_r
+        p_q = q + (q_end - n_rep + o_r[:, None]) * stride_qn + i_h * stride_qh + o_d[None, :]
+        p_kh = k + k_row0 * stride_kn + i_hk * stride_kh
+        # splits past the sequence's keys run no iteration
+        n_iter = tl.minimum(KEYS_PER_SPLIT, n_k - start)
+    else:
+        n_k = N
+        n_rep = N_REP
+        pos_q = N - N_REP + o_r
+        p_q = q + i_b * stride_qb + i_h * stride_qh + pos_q[:, None] * stride_qn + o_d[None, :]
+        p_kh = k + i_b * stride_kb + i_hk * stride_kh
+        n_iter = KEYS_PER_SPLIT
+    m_r = o_r < n_rep
     m_d = o_d < D
-    p_q = q + i_b * stride_qb + i_h * stride_qh + pos_q[:, None] * stride_qn + o_d[None, :]
     # [BR, BD]
     b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
 
     b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BR], dtype=tl.float32)
-    start = i_split * KEYS_PER_SPLIT
-    for k0 in range(0, KEYS_PER_SPLIT, BK):
+    for k0 in range(0, n_iter, BK):
         o_k = start + k0 + tl.arange(0, BK)
-        m_k = o_k < N
-        p_k = k + i_b * stride_kb + i_hk * stride_kh + o_k[:, None] * stride_kn + o_d[None, :]
+        m_k = o_k < n_k
+        p_k = p_kh + o_k[:, None] * stride_kn + o_d[None, :]
         # [BK, BD]
         b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
         # [BR, BK]
@@ -66,7 +86,9 @@ def rep_block_mass_kernel(
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     N, N_REP, NB, HQ, GROUP, scale_log2,
+    q_starts, q_ends, k_starts, k_ends,
     D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
@@ -76,20 +98,37 @@ def rep_block_mass_kernel(
 
     o_r = tl.arange(0, BR)
     o_d = tl.arange(0, BD)
-    pos_q = N - N_REP + o_r
-    m_r = o_r < N_REP
+    if VARLEN:
+        q_end = tl.load(q_ends + i_b).to(tl.int64)
+        k_row0 = tl.load(k_starts + i_b).to(tl.int64)
+        n_k = tl.load(k_ends + i_b).to(tl.int64) - k_row0
+        n_rep = tl.minimum(q_end - tl.load(q_starts + i_b).to(tl.int64), BR)
+        nb = (n_k + BS - 1) // BS
+        pos_q = n_k - n_rep + o_r
+        p_q = q + (q_end - n_rep + o_r[:, None]) * stride_qn + i_h * stride_qh + o_d[None, :]
+        p_kh = k + k_row0 * stride_kn + i_hk * stride_kh
+        # key blocks past the sequence run no iteration and store zeros
+        n_iter = tl.where(i_c < nb, BS, 0)
+    else:
+        n_k = N
+        n_rep = N_REP
+        nb = NB
+        pos_q = N - N_REP + o_r
+        p_q = q + i_b * stride_qb + i_h * stride_qh + pos_q[:, None] * stride_qn + o_d[None, :]
+        p_kh = k + i_b * stride_kb + i_hk * stride_kh
+        n_iter = BS
+    m_r = o_r < n_rep
     m_d = o_d < D
-    p_q = q + i_b * stride_qb + i_h * stride_qh + pos_q[:, None] * stride_qn + o_d[None, :]
     # [BR, BD]
     b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
     b_lse = tl.load(lse2 + i_bh * BR + o_r, mask=m_r, other=0.0)
 
     # [BR]
     b_row = tl.zeros([BR], dtype=tl.float32)
-    for k0 in range(0, BS, BK):
+    for k0 in range(0, n_iter, BK):
         o_k = i_c * BS + k0 + tl.arange(0, BK)
-        m_k = o_k < N
-        p_k = k + i_b * stride_kb + i_hk * stride_kh + o_k[:, None] * stride_kn + o_d[None, :]
+        m_k = o_k < n_k
+        p_k = p_kh + o_k[:, None] * stride_kn + o_d[None, :]
         # [BK, BD]
         b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
         # [BR, BK]
@@ -98,10 +137,47 @@ def rep_block_mass_kernel(
         b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_row += tl.sum(b_p, 1)
 
-    # rows in the last query block see this key block at offset NB-1-c, the others at NB-2-c
-    m_last = pos_q >= (NB - 1) * BS
-    b_hi = tl.sum(tl.where(m_last, b_row, 0.0), 0) / N_REP
-    b_lo = tl.sum(tl.where(m_last, 0.0, b_row), 0) / N_REP
+    # rows in the last query block see this key block at offset nb-1-c, the others at nb-2-c
+    m_last = pos_q >= (nb - 1) * BS
+    if VARLEN:
+        # a chunk without queries has no representative row
+        n_div = tl.maximum(n_rep, 1).to(tl.float32)
+    else:
+        n_div = N_REP
+    b_hi = tl.sum(tl.where(m_last, b_row, 0.0), 0) / n_div
+    b_lo = tl.sum(tl.where(m_last, 0.0, b_row), 0) / n_div
     tl.store(vert + i_bh * NB + i_c, b_hi + b_lo)
     tl.store(part + (i_bh * NB + i_c) * 2, b_lo)
     tl.store(part + (i_bh * NB + i_c) * 2 + 1, b_hi)
+
+
+@triton.jit
+def block_mean_varlen_kernel(
+    x, out, x_starts, x_ends, k_starts, k_ends,
+    stride_xn, stride_xh, NB, H,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
+):
+    # program (sequence s, absolute block c), head h: mean of the rows of x at absolute
+    # positions [c*BS, (c+1)*BS), where x's rows are the last n_x of the sequence's n_k
+    i_sc = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_s = i_sc // NB
+    i_c = i_sc % NB
+    x0 = tl.load(x_starts + i_s).to(tl.int64)
+    n_x = tl.load(x_ends + i_s).to(tl.int64) - x0
+    n_k = tl.load(k_ends + i_s).to(tl.int64) - tl.load(k_starts + i_s).to(tl.int64)
+    off = n_k - n_x
+    lo = tl.maximum(i_c * BS - off, 0)
+    hi = tl.maximum(tl.minimum((i_c + 1) * BS - off, n_x), lo)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    # [BD]
+    b_acc = tl.zeros([BD], dtype=tl.float32)
+    for t in range(lo, hi, BT):
+        o_t = t + tl.arange(0, BT)
+        p_x = x + (x0 + o_t[:, None]) * stride_xn + i_h * stride_xh + o_d[None, :]
+        # [BT, BD]
+        b_x = tl.load(p_x, mask=(o_t[:, None] < hi) & m_d[None, :], other=0.0)
+        b_acc += tl.sum(b_x.to(tl.float32), 0)
+    b_mean = b_acc / tl.maximum(hi - lo, 1).to(tl.float32)
+    tl.store(out + (i_sc * H + i_h) * D + o_d, b_mean, mask=m_d)

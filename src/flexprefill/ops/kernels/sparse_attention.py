@@ -1,6 +1,9 @@
 """Block-sparse causal attention forward (FlashAttention-2 style, online softmax in fp32, exp2).
-Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128, GQA 1/2/4).
-Limits: not yet run on a GPU (bf16 and speed unchecked); BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
+``VARLEN`` switches to packed sequences: per-sequence row bounds loaded in the kernel, queries =
+the last n_q of n_k positions (bottom-right causal, tiles aligned to absolute positions).
+Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128, GQA 1/2/4);
+the dense path on an H200 (bf16), the varlen path on CPU only so far.
+Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
 """
 
 import triton
@@ -62,8 +65,9 @@ def sparse_attention_fwd_kernel(
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_ir,
     N, HKV, scale_log2,
+    q_starts, q_ends, k_starts, k_ends, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    RETURN_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
     # run together and share their k/v blocks through l2; last tiles (longest rows) first
@@ -71,25 +75,47 @@ def sparse_attention_fwd_kernel(
     i_bk = tl.program_id(1).to(tl.int64)
     n_mt = tl.num_programs(0).to(tl.int64) // GROUP
     i_g = i_p % GROUP
-    i_mt = n_mt - 1 - i_p // GROUP
     i_b = i_bk // HKV
     i_hk = i_bk % HKV
     i_h = i_hk * GROUP + i_g
-    # tiles never straddle a query block: BLOCK_M divides BS
-    i_r = i_mt // (BS // BLOCK_M)
-
-    o_m = i_mt * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BD)
-    m_m = o_m < N
     m_d = o_d < D
-    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qn + o_d[None, :]
+    if VARLEN:
+        # sequence i_b: queries are q rows [q0, q0 + n_q) at absolute positions [P, n_k),
+        # keys are k rows [k0, k0 + n_k); tiles are aligned to absolute positions, the
+        # first one holds position P, tiles past n_k do nothing
+        q0 = tl.load(q_starts + i_b).to(tl.int64)
+        k0 = tl.load(k_starts + i_b).to(tl.int64)
+        n_k = tl.load(k_ends + i_b).to(tl.int64) - k0
+        P = n_k - (tl.load(q_ends + i_b).to(tl.int64) - q0)
+        i_mt = P // BLOCK_M + n_mt - 1 - i_p // GROUP
+        live = i_mt * BLOCK_M < n_k
+        i_r = tl.where(live, i_mt // (BS // BLOCK_M), 0)
+        o_m = i_mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_m = (o_m >= P) & (o_m < n_k)
+        # row of the packed tensors (clamped where masked)
+        o_row = q0 + tl.where(m_m, o_m - P, 0)
+        p_q = q + i_h * stride_qh + o_row[:, None] * stride_qn + o_d[None, :]
+        p_kh = k + k0 * stride_kn + i_hk * stride_kh
+        p_vh = v + k0 * stride_vn + i_hk * stride_vh
+    else:
+        n_k = N
+        i_mt = n_mt - 1 - i_p // GROUP
+        # tiles never straddle a query block: BLOCK_M divides BS
+        i_r = i_mt // (BS // BLOCK_M)
+        o_m = i_mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_m = o_m < N
+        p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qn + o_d[None, :]
+        p_kh = k + i_b * stride_kb + i_hk * stride_kh
+        p_vh = v + i_b * stride_vb + i_hk * stride_vh
     # [BM, BD]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
-    p_kh = k + i_b * stride_kb + i_hk * stride_kh
-    p_vh = v + i_b * stride_vb + i_hk * stride_vh
     p_idx = indices + i_b * stride_ib + i_h * stride_ih + i_r * stride_ir
-    n_sel = tl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r)
+    if VARLEN:
+        n_sel = tl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r, mask=live, other=0)
+    else:
+        n_sel = tl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r)
     # ascending and causal, so a selected diagonal block is the last entry
     last = tl.load(p_idx + tl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
     has_diag = last == i_r
@@ -127,13 +153,13 @@ def sparse_attention_fwd_kernel(
         b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc)
         b_m = b_mn
 
-    # the diagonal block: token causal mask and keys past N; only key tiles up to this
+    # the diagonal block: token causal mask and keys past n_k; only key tiles up to this
     # query tile's last row can be visible
-    q_hi = tl.minimum((i_mt + 1) * BLOCK_M, N)
+    q_hi = tl.minimum((i_mt + 1) * BLOCK_M, n_k)
     n_diag = tl.where(has_diag, (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N, 0)
     for t in range(0, n_diag):
         o_n = i_r * BS + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = o_n < N
+        m_n = o_n < n_k
         p_k = p_kh + o_n[:, None] * stride_kn + o_d[None, :]
         p_v = p_vh + o_n[:, None] * stride_vn + o_d[None, :]
         # [BN, BD]
@@ -157,11 +183,18 @@ def sparse_attention_fwd_kernel(
     # (the accumulator of such a row is still 0; dividing by 1 keeps it there)
     b_l_safe = tl.where(b_l > 0, b_l, 1.0)
     b_o = b_acc * (1.0 / b_l_safe)[:, None]
-    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_on + o_d[None, :]
+    if VARLEN:
+        p_o = o + i_h * stride_oh + o_row[:, None] * stride_on + o_d[None, :]
+    else:
+        p_o = o + i_b * stride_ob + i_h * stride_oh + o_m[:, None] * stride_on + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
     if RETURN_LSE:
         b_lse = tl.where(b_l > 0, (b_m + tl.log2(b_l_safe)) * _LN2, float("-inf"))
-        p_lse = lse + (i_b * (HKV * GROUP) + i_h) * N + o_m
+        if VARLEN:
+            # FlashAttention's varlen layout [Hq, total_q]
+            p_lse = lse + i_h * stride_lh + o_row
+        else:
+            p_lse = lse + (i_b * (HKV * GROUP) + i_h) * N + o_m
         tl.store(p_lse, b_lse, mask=m_m)
 
 
@@ -169,7 +202,7 @@ def sparse_attention_fwd_kernel(
 sparse_attention_fwd_tuned = {
     bd: triton.autotune(
         configs=autotune_configs(space, interpret=_INTERPRET),
-        key=["BD", "BS"],
+        key=["BD", "BS", "VARLEN"],
         prune_configs_by={"early_config_prune": _prune},
     )(sparse_attention_fwd_kernel)
     for bd, space in _SPACE.items()
