@@ -240,6 +240,12 @@ def _pick_heads(sel, n: int) -> list[int]:
     return sorted(heads)
 
 
+def _context_length(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -286,12 +292,7 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
         haystack = haystack_text()
     steps.update(1)
 
-    from .models import context_length
-
-    try:
-        ctx = context_length(model)
-    except ValueError:
-        ctx = None
+    ctx = _context_length(model)
     length = args.length
     if length is None:
         length = min(GPU_MAX_LENGTH, ctx or GPU_MAX_LENGTH) if device.type == "cuda" else CPU_DEFAULT_LENGTH

@@ -1,0 +1,139 @@
+"""The ``flexprefill`` command: help, the needle prompt, and the demo end to end on a tiny random model."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from flexprefill import cli  # noqa: E402
+
+HAYSTACK = " ".join(
+    f"Essay {i} says that startups grow when founders talk to users and write code every day." for i in range(400)
+)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([HAYSTACK, cli.QUESTION, cli.ANSWER_PREFIX, "0123456789"], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    return _tokenizer(chat=True)
+
+
+def _tiny_llama(vocab: int):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_demo_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--model", "--length", "--gamma", "--tau", "--block-size", "--device", "--dtype", "--depth",
+                "--seed", "--min-seq-len", "--out"):
+        assert opt in text
+
+
+@pytest.mark.skipif(shutil.which("flexprefill") is None, reason="console script not installed")
+def test_console_script_help():
+    res = subprocess.run(["flexprefill", "demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "--block-size" in res.stdout
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain"])
+@pytest.mark.parametrize("length,depth", [(300, 0.5), (700, 0.0), (500, 1.0)])
+def test_needle_prompt_fits_length_and_holds_the_needle(chat, length, depth):
+    tok = _tokenizer(chat)
+    s = cli.build_needle_prompt(tok, HAYSTACK, length, depth=depth, seed=3)
+    n = len(s["input_ids"])
+    assert length - 16 <= n <= length
+    assert len(s["number"]) == 7 and s["number"].isdigit()
+    assert f"The special magic number is {s['number']}." in s["prompt"]
+    assert s["prompt"].endswith(cli.ANSWER_PREFIX)
+    assert abs(s["depth"] - depth) < 0.1
+    assert (s["prompt"].startswith("<s><|user|>") if chat else not s["prompt"].startswith("<s>"))
+    # same seed, same number; another seed, another number
+    assert cli.build_needle_prompt(tok, HAYSTACK, length, depth=depth, seed=3)["number"] == s["number"]
+    assert cli.build_needle_prompt(tok, HAYSTACK, length, depth=depth, seed=4)["number"] != s["number"]
+
+
+def test_demo_end_to_end_on_tiny_model(tmp_path, capsys, chat_tokenizer):
+    model = _tiny_llama(len(chat_tokenizer))
+    out_dir = tmp_path / "demo"
+    args = cli.build_parser().parse_args(
+        ["demo", "--length", "320", "--block-size", "32", "--device", "cpu", "--max-new-tokens", "3",
+         "--plot-heads", "3", "--out", str(out_dir), "--no-progress", "--seed", "7"]
+    )
+    report = cli.run_demo(args, model=model, tokenizer=chat_tokenizer, haystack=HAYSTACK)
+    text = capsys.readouterr().out
+    for field in ("prompt", "dense SDPA", "FlexPrefill", "found needle:", "prefill", "speed-up", "density per layer",
+                  "mean density", "plot"):
+        assert field in text
+    png = out_dir / "block_masks.png"
+    assert png.is_file() and png.stat().st_size > 1000
+    assert report["plot"] == str(png)
+    saved = json.loads((out_dir / "demo.json").read_text())
+    assert saved["prompt_tokens"] == report["prompt_tokens"] and 300 <= report["prompt_tokens"] <= 320
+    # FlexPrefill really ran on every layer of the prompt (min_seq_len defaults below the length)
+    assert report["config"]["min_seq_len"] <= report["prompt_tokens"]
+    assert sorted(report["density_per_layer"]) == [0, 1]
+    assert all(0 < d <= 1 for d in report["density_per_layer"].values())
+    assert report["dense_layers"] == {}
+    assert report["dense"]["prefill_s"] > 0 and report["flexprefill"]["prefill_s"] > 0
+    for key in ("dense", "flexprefill"):
+        assert report[key]["found"] == (report["magic_number"] in report[key]["answer"])
+    # the model is given back as it came
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_plot_block_masks_from_selection(tmp_path):
+    import flexprefill
+    from flexprefill.plotting import plot_block_masks
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 256, 4, 64), torch.randn(1, 256, 2, 64)
+    sel = flexprefill.select_blocks(q, k, config=flexprefill.FlexPrefillConfig(block_size=32, min_budget=32))
+    path = plot_block_masks(sel, None, str(tmp_path / "sub" / "sel.png"))
+    assert os.path.getsize(path) > 1000
+    with pytest.raises(ValueError, match="titles"):
+        plot_block_masks(sel, ["only one"], str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="square"):
+        plot_block_masks([torch.ones(3, 4, dtype=torch.bool)], None, str(tmp_path / "y.png"))
