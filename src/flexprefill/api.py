@@ -425,7 +425,9 @@ def block_sparse_attention_varlen(
     Returns:
         ``out`` [total_q, Hq, D] in the input dtype, and ``lse`` when asked.
     """
-    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, getattr(selection, "max_seqlen_q", 1), getattr(selection, "max_seqlen_k", 1))
+    if not isinstance(selection, VarlenBlockSelection):
+        raise TypeError(f"selection must be a VarlenBlockSelection (from select_blocks_varlen), got {type(selection).__name__}")
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, selection.max_seqlen_q, selection.max_seqlen_k)
     _check_varlen_selection(selection, q)
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
