@@ -137,3 +137,13 @@ def test_plot_block_masks_from_selection(tmp_path):
         plot_block_masks(sel, ["only one"], str(tmp_path / "x.png"))
     with pytest.raises(ValueError, match="square"):
         plot_block_masks([torch.ones(3, 4, dtype=torch.bool)], None, str(tmp_path / "y.png"))
+
+
+@pytest.mark.parametrize("command,word", [("bench", "--lengths"), ("eval", "--tasks")])
+def test_bench_and_eval_subcommands_reach_their_modules(command, word, capsys):
+    from flexprefill.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert word in capsys.readouterr().out

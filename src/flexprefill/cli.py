@@ -35,6 +35,8 @@ def _log(msg: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexprefill", description="FlexPrefill sparse attention for long prefill.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, text) in _DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
     demo = sub.add_parser(
         "demo",
         help="needle-in-a-haystack: dense SDPA vs FlexPrefill on a packaged model",
@@ -414,7 +416,19 @@ def _print_report(r: dict, heads: int, device: torch.device) -> None:
     print(f"plot         {r['plot']}" if r["plot"] else "plot         none (no FlexPrefill layer)")
 
 
+# subcommands whose options live with their module: everything after the name is theirs
+_DELEGATED = {
+    "bench": ("flexprefill.benchmarking", "speed of FlexPrefill against dense kernels (GPU): flexprefill bench --help"),
+    "eval": ("flexprefill.evals", "accuracy on RULER-style tasks and needle sweeps: flexprefill eval --help"),
+}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        import importlib
+
+        return importlib.import_module(_DELEGATED[argv[0]][0]).main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
