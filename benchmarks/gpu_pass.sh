@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU pass of every check and benchmark, in two halves that each fit a 10-minute call.
+#   bash benchmarks/gpu_pass.sh checks OUT   # GPU tests, operator checks, benchmark suite
+#   bash benchmarks/gpu_pass.sh models OUT   # break-even, whole-model prefill, demo, evals
+# Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
+# as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
+set -u
+phase=${1:?checks or models}
+out=${2:?output folder}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "   rc=$? ($name)"; tail -n 25 "$out/$name.log"; }
+case "$phase" in
+  checks)
+    run gpu_tests 150 python -m pytest tests -q -m gpu -p no:cacheprovider
+    OUT="$out" run operator_check 120 python benchmarks/gpu_check_operator.py
+    run bench_suite 330 python benchmarks/bench_attention.py --out "$out/bench" --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4
+    ;;
+  models)
+    run bench_models 240 python benchmarks/bench_attention.py --mode breakeven,model --out "$out/bench_models" --max-minutes 3.5
+    run demo_gemma 100 python -m flexprefill demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
+    run demo_smollm2 60 python -m flexprefill demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
+    run evals 200 python -m flexprefill eval --model gemma3-270m --lengths 4k,8k,16k,32k \
+      --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0,0.25,0.5,0.75,1 --samples 1 \
+      --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2.8
+    ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+esac
