@@ -14,14 +14,14 @@ cd "$here"
 run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "   rc=$? ($name)"; tail -n 25 "$out/$name.log"; }
 case "$phase" in
   checks)
-    run gpu_tests 150 python -m pytest tests -q -m gpu -p no:cacheprovider
-    OUT="$out" run operator_check 120 python benchmarks/gpu_check_operator.py
+    run gpu_tests 120 python -m pytest tests -q -m gpu -p no:cacheprovider
+    OUT="$out" run operator_check 100 python benchmarks/gpu_check_operator.py
     run bench_suite 330 python benchmarks/bench_attention.py --out "$out/bench" --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4
     ;;
   models)
-    run bench_models 240 python benchmarks/bench_attention.py --mode breakeven,model --out "$out/bench_models" --max-minutes 3.5
-    run demo_gemma 100 python -m flexprefill demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
-    run demo_smollm2 60 python -m flexprefill demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
+    run bench_models 200 python benchmarks/bench_attention.py --mode breakeven,model --out "$out/bench_models" --max-minutes 3
+    run demo_gemma 90 python -m flexprefill demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
+    run demo_smollm2 50 python -m flexprefill demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
     run evals 200 python -m flexprefill eval --model gemma3-270m --lengths 4k,8k,16k,32k \
       --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0,0.25,0.5,0.75,1 --samples 1 \
       --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2.8
