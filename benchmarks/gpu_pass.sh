@@ -15,7 +15,7 @@ run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 
 case "$phase" in
   checks)
     run gpu_tests 120 python -m pytest tests -q -m gpu -p no:cacheprovider
-    OUT="$out" run operator_check 100 python benchmarks/gpu_check_operator.py
+    run operator_check 100 env OUT="$out" python benchmarks/gpu_check_operator.py
     run bench_suite 330 python benchmarks/bench_attention.py --out "$out/bench" --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4
     ;;
   models)
