@@ -11,9 +11,10 @@ BLOCK_SIZES = (32, 64, 128)
 BACKENDS = ("auto", "triton", "reference")
 
 # Below this many tokens the operator runs dense causal attention: the pattern
-# search cannot pay for itself there.  Measured break-even on an H200 (bf16,
-# 32/8 heads, d=128, see benchmarks/RESULTS.md); re-measure on other cards.
-DEFAULT_MIN_SEQ_LEN = 8192
+# search cannot pay for itself there.  Measured on an H200 (bf16, 32/8 heads, d=128,
+# structured inputs, benchmarks/results/h200/suite): 0.81x of cuDNN at 16k, 1.47x at
+# 32k; the small-head shapes (9/3 d=64, 4/1 d=256) break even around 32k too.
+DEFAULT_MIN_SEQ_LEN = 32768
 
 
 @dataclass(frozen=True)
