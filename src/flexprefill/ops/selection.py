@@ -45,6 +45,14 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def _combine_splits(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Per-row log2-sum-exp from per-split maxima and sums [rows, splits, BR] -> [rows, BR]."""
+    m_all = m.amax(dim=1)
+    m_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
+    l_all = (l * torch.exp2(m - m_safe[:, None])).sum(dim=1)
+    return (m_safe + torch.log2(l_all)).contiguous()
+
+
 def representative_block_scores(q, k, *, block_size: int, scale: float):
     """Vertical and slash block mass of the last ``block_size`` queries, fp32 [B, Hq, nb] each."""
     B, N, Hq, D = q.shape
@@ -74,10 +82,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
         m, m, m, m,
         D=D, BD=BD, BR=BR, BK=BK, num_warps=4,
     )
-    m_all = m.amax(dim=1)
-    m_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
-    l_all = (l * torch.exp2(m - m_safe[:, None])).sum(dim=1)
-    lse2 = (m_safe + torch.log2(l_all)).contiguous()
+    lse2 = _combine_splits(m, l)
 
     vert = torch.empty(B * Hq, nb, dtype=torch.float32, device=dev)
     part = torch.empty(B * Hq, nb, 2, dtype=torch.float32, device=dev)
@@ -265,10 +270,7 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
         N, 0, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2, *bounds,
         D=D, BD=BD, BR=BR, BK=BK, VARLEN=True, num_warps=4,
     )
-    m_all = m.amax(dim=1)
-    m_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
-    l_all = (l * torch.exp2(m - m_safe[:, None])).sum(dim=1)
-    lse2 = (m_safe + torch.log2(l_all)).contiguous()
+    lse2 = _combine_splits(m, l)
 
     vert = torch.empty(S * Hq, nb, dtype=torch.float32, device=dev)
     part = torch.empty(S * Hq, nb, 2, dtype=torch.float32, device=dev)
