@@ -137,7 +137,7 @@ def check_varlen_vs_alone():
     seqs = [_seq(n, seed=i) for i, n in enumerate(lens)]
     q, k, v = (torch.cat([s[i] for s in seqs]) for i in range(3))
     cu = _cu(lens)
-    cfg = fp.FlexPrefillConfig()  # min_seq_len 8192: the 3000 and 130 sequences run dense
+    cfg = fp.FlexPrefillConfig(min_seq_len=8192)  # the 3000 and 130 sequences run dense
     out, lse, st = fp.flex_prefill_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), config=cfg, return_lse=True, return_stats=True)
     for s, (sq, sk, sv) in enumerate(seqs):
         o1, l1, st1 = fp.flex_prefill_attention(sq[None], sk[None], sv[None], config=cfg, return_lse=True, return_stats=True)
