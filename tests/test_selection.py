@@ -160,3 +160,19 @@ def test_compact_block_mask_round_trip():
     assert (sel.indices[~valid] == -1).all()
     inc = sel.indices[..., 1:] > sel.indices[..., :-1]
     assert (inc | ~valid[..., 1:]).all(), "indices ascend"
+
+
+@pytest.mark.parametrize("n", [7, 4096, 4097, 5000, 1 << 16, 300_001])
+def test_two_level_scan_equals_cumsum(n):
+    from flexprefill.ops.selection import _count_to_mass, _cumsum_rows
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(3, n, generator=g)
+    got = _cumsum_rows(x)
+    want = x.double().cumsum(-1)
+    assert got.shape == x.shape
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    # the count of entries that reach gamma of the mass: at most one off from float rounding
+    srt = torch.sort(x, dim=-1, descending=True).values
+    exact = ((srt.double().cumsum(-1) < 0.9 * want[:, -1:]).sum(-1) + 1).clamp_max(n)
+    assert (_count_to_mass(x, 0.9) - exact).abs().max() <= 1

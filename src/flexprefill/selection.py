@@ -174,7 +174,7 @@ def compact_block_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     nb = mask.shape[-1]
     counts = mask.sum(-1, dtype=torch.int32)
-    slot = torch.where(mask, mask.cumsum(-1) - 1, nb)
+    slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, nb)
     cols = torch.arange(nb, dtype=torch.int32, device=mask.device).expand_as(mask)
     out = torch.full((*mask.shape[:-1], nb + 1), -1, dtype=torch.int32, device=mask.device)
     out.scatter_(-1, slot, cols)
