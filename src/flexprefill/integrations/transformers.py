@@ -2,22 +2,51 @@
 
 Importing this module registers the attention function with ``AttentionInterface`` and
 transformers' own ``sdpa_mask`` with ``AttentionMaskInterface`` under the same name, so
-masks are exactly SDPA's: ``None`` for a plain causal prefill or a decode step (no N x N
-mask is built), a materialised mask for padding, packing, sliding windows and cached
-prefixes.  The attention function runs FlexPrefill only for a causal prefill without a
-cache prefix or padding on a full-attention layer, and hands every other call to
-transformers' SDPA function unchanged (or to an exact eager path when the layer soft-caps
-its logits, which SDPA cannot do).
+masks are exactly SDPA's: ``None`` for a plain causal prefill, a decode step or the first
+prefill into an empty static cache (no N x N mask is built), a materialised boolean mask
+``[B, 1, n, K]`` for padding, packing, sliding windows and cached prefixes.
 
-Layout adapter: transformers gives ``query [B, Hq, N, D]`` and ``key, value [B, Hkv, N, D]``
-(not repeated for GQA) and wants ``out [B, N, Hq, D]``; the operator takes ``[B, N, H, D]``.
+Which calls run FlexPrefill (full-attention layers, causal, n > 1 queries):
+
+* no mask, ``n == K``: the batched operator :func:`flex_prefill_attention`;
+* no mask, ``K > n`` (SDPA reads this as top-left causal: an empty static cache): the
+  batched operator over the first ``n`` keys, as SDPA does;
+* a materialised mask that is exactly *causal + padding*: per batch element one
+  contiguous range of valid keys ``[s, e)`` and bottom-right causal queries, i.e. allowed
+  ``(b, i, j)`` iff ``s_b <= j < e_b`` and ``j <= i + off_b``.  That covers left and
+  right padding, a cached prefix (chunked prefill, ``n < K``), both together, and
+  static caches (keys past ``e`` unused).  The valid query rows (``s_b <= i + off_b <
+  e_b``) and key rows of every element are packed and run through
+  :func:`flex_prefill_attention_varlen` (one sequence per element; ``n_k = e - s``, the
+  queries are its last ``n_q`` positions).  The other query rows are padding and their
+  output is zeros: rows that see nothing (left padding; SDPA gives zeros too) and rows
+  that see every valid key but not their own position (right padding; SDPA attends them
+  to the valid keys).  No valid position reads a padding row.
+  A sequence with ``n_k < min_seq_len`` runs dense inside the operator; when every
+  element is that short the layer runs SDPA ("short").
+
+The mask is read on the host to decide (one small device-to-host copy per mask tensor:
+every layer of a forward shares the mask, so the analysis is memoised on that tensor).
+The derived parameters are checked against *every* entry of the mask (in row chunks, on
+the mask's device) before FlexPrefill runs; anything else (packed sequences, sliding
+windows, bidirectional or image-token blocks, additive biases, a mask that does not
+broadcast as ``[B or 1, Hq or 1, n, K]``) runs SDPA with reason "custom_mask".
+
+Everything else is handed to transformers' SDPA function unchanged (or to an exact eager
+path when the layer soft-caps its logits, which SDPA cannot do); :class:`LayerRecord`
+says which path ran and why.
+
+Layout adapter: transformers gives ``query [B, Hq, n, D]`` and ``key, value [B, Hkv, K, D]``
+(not repeated for GQA) and wants ``out [B, n, Hq, D]``; the operator takes ``[B, N, H, D]``
+or packed ``[total, H, D]``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -25,7 +54,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..api import SUPPORTED_HEAD_DIMS, block_sparse_attention, flex_prefill_attention
+from ..api import SUPPORTED_HEAD_DIMS, block_sparse_attention, flex_prefill_attention, flex_prefill_attention_varlen
 from ..config import FlexPrefillConfig
 from ..selection import PatternStats
 
@@ -61,9 +90,16 @@ class LayerRecord:
     """What one attention layer did in its last call.
 
     ``path``: "flexprefill" or "dense" (transformers' SDPA, or exact eager for soft-capping).
-    ``reason``: why it was dense ("" for flexprefill), e.g. "decode", "short", "cached_prefix",
-    "padding_mask", "sliding_window", "layer_not_selected", "softcap".
-    ``stats``: :class:`PatternStats` of a FlexPrefill call when stats collection is on.
+    ``reason``: why it was dense ("" for flexprefill): "decode" (one query), "short" (every
+    sequence has fewer than ``min_seq_len`` keys), "custom_mask" (a mask that is not exactly
+    causal + padding), "sliding_window", "layer_not_selected", "not_causal", "dropout",
+    "position_bias", "selector_varlen" (a custom selector, which takes a plain batch only,
+    on a padded or cached-prefix call), "unsupported_head_dim", "unsupported_dtype", "softcap".
+    ``varlen``: the call ran :func:`flex_prefill_attention_varlen` on the packed valid rows
+    (padding and/or a cached prefix); ``lengths``: then the ``(n_q, n_k)`` of each packed
+    sequence (batch elements with at least one valid query, in batch order).
+    ``stats``: :class:`PatternStats` of a FlexPrefill call when stats collection is on (per
+    packed sequence and head when ``varlen``).
     """
 
     path: str
@@ -71,6 +107,8 @@ class LayerRecord:
     q_len: int
     k_len: int
     stats: PatternStats | None = None
+    varlen: bool = False
+    lengths: tuple | None = None
 
 
 @dataclass
@@ -103,17 +141,140 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(f"flexprefill: {msg}", RuntimeWarning, stacklevel=3)
 
 
-def _is_plain_causal(mask: torch.Tensor, n: int) -> bool:
-    """True when a materialised 4D mask [B, 1 or H, n, n] is exactly the causal mask (host sync;
-    only reached when transformers built a mask anyway)."""
-    if mask.dim() != 4 or mask.shape[-2:] != (n, n):
-        return False
-    tril = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
-    if mask.dtype == torch.bool:
-        return bool((mask == tril).all())
-    # additive float mask: 0 where allowed, a huge negative number elsewhere
-    allowed = mask == 0
-    return bool((allowed == tril).all()) and bool((mask.masked_fill(tril, -math.inf) < -1e4).all())
+# --- reading a materialised mask ------------------------------------------------------
+
+# elements of the mask compared per step of the check (bounds its temporaries)
+_CHECK_ELEMS = 1 << 24
+# an additive float mask must be 0 where allowed and below this where not (exp underflows)
+_MASKED_BELOW = -1e4
+
+
+@dataclass(eq=False)
+class _Layout:
+    """What a materialised mask ``[B or 1, Hq or 1, n, K]`` means for the operator.
+
+    ``reason`` is "" when the mask is exactly causal + padding; then ``plain`` says it is
+    the plain causal mask over ``n == K`` keys (the batched operator needs no packing), and
+    ``seqs`` lists ``(b, r0, r1, s, e)`` per batch element with a valid query: query rows
+    ``[r0, r1)`` over key rows ``[s, e)``, bottom-right causal.
+    """
+
+    batch: int
+    n: int
+    k: int
+    reason: str = ""
+    plain: bool = False
+    seqs: tuple = ()
+    _packed: dict = field(default_factory=dict)
+
+    @property
+    def max_q(self) -> int:
+        return max(r1 - r0 for _, r0, r1, _, _ in self.seqs)
+
+    @property
+    def max_k(self) -> int:
+        return max(e - s for _, _, _, s, e in self.seqs)
+
+    def packing(self, device):
+        """Gather indices and cu_seqlens of the valid rows on ``device`` (built once)."""
+        got = self._packed.get(device)
+        if got is None:
+            qb, qi, kb, kj, cu_q, cu_k = [], [], [], [], [0], [0]
+            for b, r0, r1, s, e in self.seqs:
+                qb.append(torch.full((r1 - r0,), b, dtype=torch.long))
+                qi.append(torch.arange(r0, r1))
+                kb.append(torch.full((e - s,), b, dtype=torch.long))
+                kj.append(torch.arange(s, e))
+                cu_q.append(cu_q[-1] + r1 - r0)
+                cu_k.append(cu_k[-1] + e - s)
+            idx = [torch.cat(t).to(device) for t in (qb, qi, kb, kj)]
+            cus = [torch.tensor(c, dtype=torch.int32).to(device) for c in (cu_q, cu_k)]
+            got = self._packed[device] = (*idx, *cus)
+        return got
+
+
+# the last analysed mask: (weak reference, its version counter, call shape, layout); every
+# layer of a forward gets the same mask tensor, so the host copy happens once per forward
+_MEMO: list = [None]
+
+
+def _allowed(m: torch.Tensor) -> torch.Tensor:
+    return m if m.dtype == torch.bool else m == 0
+
+
+def _analyse_mask(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) -> _Layout:
+    """Fit ``allowed(b, i, j) = s_b <= j < e_b and j <= i + off_b`` to the mask and check
+    every entry against it (one device-to-host copy of 3 ints per element)."""
+    lay = _Layout(batch, n, k)
+    if (
+        mask.dim() != 4
+        or tuple(mask.shape[-2:]) != (n, k)
+        or mask.shape[0] not in (1, batch)
+        or mask.shape[1] not in (1, heads)
+        or not (mask.dtype == torch.bool or mask.is_floating_point())
+    ):
+        lay.reason = "custom_mask"
+        return lay
+    bm, hm = mask.shape[:2]
+    dev = mask.device
+    ar_k = torch.arange(k, device=dev)
+    # the last query row sees [s, e) in every causal + padding mask (valid or right-padding row)
+    last = _allowed(mask[:, 0, n - 1, :])  # [bm, K]
+    nonempty = last.any(-1)
+    s = torch.where(last, ar_k, k).amin(-1)
+    e = torch.where(last, ar_k + 1, 0).amax(-1)
+    # the first row that sees key e-1 is the last valid query row r1-1, so off = e - r1
+    col_idx = (e - 1).clamp_min(0)[:, None, None].expand(bm, n, 1)
+    col = _allowed(mask[:, 0].gather(2, col_idx).squeeze(-1))  # [bm, n]
+    first_row = torch.where(col, torch.arange(n, device=dev), n).amin(-1)
+    off = e - 1 - first_row
+    zero = torch.zeros_like(s)
+    s, e, off = (torch.where(nonempty, t, zero) for t in (s, e, off))  # an empty element: nothing allowed
+
+    ok = torch.ones((), dtype=torch.bool, device=dev)
+    rows = max(1, _CHECK_ELEMS // max(1, bm * hm * k))
+    sv, ev, ov = s[:, None, None, None], e[:, None, None, None], off[:, None, None, None]
+    jv = ar_k[None, None, None, :]
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        iv = torch.arange(i0, i1, device=dev)[None, None, :, None]
+        want = (jv >= sv) & (jv < ev) & (jv <= iv + ov)  # [bm, 1, rows, K]
+        blk = mask[:, :, i0:i1]
+        ok &= (_allowed(blk) == want).all()
+        if blk.dtype != torch.bool:
+            ok &= ((blk == 0) | (blk < _MASKED_BELOW)).all()
+    vals = torch.cat([ok.long()[None], s.long(), e.long(), off.long()]).tolist()  # the one host sync
+    if not vals[0]:
+        lay.reason = "custom_mask"
+        return lay
+    s_l, e_l, off_l = vals[1 : 1 + bm], vals[1 + bm : 1 + 2 * bm], vals[1 + 2 * bm :]
+    seqs = []
+    for b in range(batch):
+        sb, eb, ob = (t[b if bm > 1 else 0] for t in (s_l, e_l, off_l))
+        if eb <= sb:
+            continue  # every row masked: all padding, output zeros
+        r0, r1 = max(0, sb - ob), eb - ob
+        if not (0 <= sb < eb <= k and 0 <= r0 < r1 <= n and r1 - r0 <= eb - sb):
+            lay.reason = "custom_mask"  # cannot happen for a mask that passed the check; stay exact
+            return lay
+        seqs.append((b, r0, r1, sb, eb))
+    if not seqs:
+        lay.reason = "custom_mask"  # nothing valid at all: leave it to SDPA
+        return lay
+    lay.seqs = tuple(seqs)
+    lay.plain = n == k and len(seqs) == batch and all(x[1:] == (0, n, 0, n) for x in seqs)
+    return lay
+
+
+def _layout(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) -> _Layout:
+    memo = _MEMO[0]
+    if memo is not None:
+        ref, version, shape, lay = memo
+        if ref() is mask and version == mask._version and shape == (batch, heads, n, k):
+            return lay
+    lay = _analyse_mask(mask, batch, heads, n, k)
+    _MEMO[0] = (weakref.ref(mask), mask._version, (batch, heads, n, k), lay)
+    return lay
 
 
 def _is_sliding(module, layer_idx, kwargs) -> bool:
@@ -171,11 +332,13 @@ def attention_forward(
     scaling: float | None = None,
     **kwargs,
 ):
-    """transformers attention function: FlexPrefill for a long causal prefill, SDPA otherwise.
+    """transformers attention function: FlexPrefill for a long causal prefill (padded or over a
+    cached prefix too, see the module docstring), SDPA otherwise.
 
     Args:
-        query: [B, Hq, N, D]; key, value: [B, Hkv, Nk, D] (GQA by head index).
-        attention_mask: None (plain causal or decode) or the mask ``sdpa_mask`` built.
+        query: [B, Hq, n, D]; key, value: [B, Hkv, K, D] (GQA by head index), ``K >= n``.
+        attention_mask: None (plain causal, decode or an empty static cache) or the mask
+            ``sdpa_mask`` built (boolean), or a 4D mask the caller passed (bool or additive).
         scaling: softmax scale (default ``1/sqrt(D)``).
 
     Returns:
@@ -215,8 +378,6 @@ def attention_forward(
         return dense("not_causal")
     if q_len == 1:
         return dense("decode")
-    if q_len != k_len:
-        return dense("cached_prefix")
     if _is_sliding(module, layer_idx, kwargs):
         return dense("sliding_window")
     if state is not None and state.layers is not None and layer_idx not in state.layers:
@@ -225,9 +386,23 @@ def attention_forward(
         return dense("dropout")
     if kwargs.get("position_bias") is not None:
         return dense("position_bias")
-    if attention_mask is not None and not _is_plain_causal(attention_mask, q_len):
-        return dense("padding_mask")
-    if q_len < cfg.min_seq_len:
+    # no sequence can be longer than the keys there are: short without reading any mask
+    if (q_len if attention_mask is None else k_len) < cfg.min_seq_len:
+        return dense("short")
+    B = query.shape[0]
+    lay = None
+    if attention_mask is None:
+        # SDPA's is_causal is top-left: with a longer key (an empty static cache) only the
+        # first q_len keys take part, as sdpa_attention_forward slices them
+        min_k = q_len
+    else:
+        lay = _layout(attention_mask, B, query.shape[1], q_len, k_len)
+        if lay.reason:
+            return dense(lay.reason)
+        min_k = q_len if lay.plain else lay.max_k
+        if lay.plain:
+            lay = None
+    if min_k < cfg.min_seq_len:
         return dense("short")
     D = query.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS or key.shape[-1] != D or value.shape[-1] != D:
@@ -238,10 +413,28 @@ def attention_forward(
         return dense("unsupported_dtype")
 
     scale = scaling if scaling is not None else D**-0.5
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     collect = state.collect_stats if state is not None else _DEFAULT_COLLECT
     selector = state.selector if state is not None else None
     stats = None
+    if lay is not None:
+        if selector is not None:
+            return dense("selector_varlen")
+        qb, qi, kb, kj, cu_q, cu_k = lay.packing(query.device)
+        # [B, H, N, D] indexed at (b, :, i): the advanced dims go first -> [total, H, D]
+        qp, kp, vp = query[qb, :, qi], key[kb, :, kj], value[kb, :, kj]
+        res = flex_prefill_attention_varlen(
+            qp, kp, vp, cu_q, cu_k, lay.max_q, lay.max_k, config=cfg, softmax_scale=scale, return_stats=collect
+        )
+        op, stats = res if collect else (res, None)
+        out = query.new_zeros(B, q_len, query.shape[1], D)
+        out[qb, qi] = op
+        lens = tuple((r1 - r0, e - s) for _, r0, r1, s, e in lay.seqs)
+        _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats, varlen=True, lengths=lens))
+        return out, None
+
+    if k_len > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if selector is not None:
         sel = selector(q, k, config=cfg, softmax_scale=scale)
         out = block_sparse_attention(q, k, v, sel, softmax_scale=scale, backend=cfg.backend)
