@@ -152,18 +152,28 @@ def _clamp(n: torch.Tensor, lo: int, hi: int | None, nb: int) -> torch.Tensor:
     return n.clamp_max(nb)
 
 
-def _vs_sets(vert, slash, n_v, n_s):
-    """Per head, the kept columns (sink + top n_v) and diagonals (offset 0 + top n_s): bool [BH, nb] each."""
-    vsel = _top_n(vert, n_v)
-    vsel[:, 0] = True
-    ssel = _top_n(slash, n_s)
-    ssel[:, 0] = True
-    return vsel, ssel
+def _vs_sets(vert, slash, *, gamma: float, min_b: int, max_b: int | None, nb_h: torch.Tensor | None, floor: bool):
+    """Per head, the kept columns (sink + top n_v) and diagonals (offset 0 + top n_s), bool [BH, nb] each.
 
-
-def _expand_vs(vsel, ssel, off, causal):
-    """Rows of the causal block grid from column and diagonal sets: [C, nb] x2 -> [C, nb, nb]."""
-    return (vsel[:, None, :] | ssel[:, off]) & causal
+    With ``floor`` also the sets of the ``min_b`` best (the query-aware heads' floor).  One
+    sort of the stacked scores serves the budgets and every set.
+    """
+    nb = vert.shape[-1]
+    vs = torch.stack((vert, slash))  # [2, BH, nb]
+    srt = torch.sort(vs, dim=-1, descending=True, stable=True)
+    n = _clamp(_count_to_mass(vs, gamma, srt.values), min_b, max_b, nb)
+    if nb_h is not None:
+        n = torch.minimum(n, nb_h)
+    rank = torch.empty_like(srt.indices).scatter_(-1, srt.indices, torch.arange(nb, device=vs.device).expand_as(srt.indices))
+    sel = rank < n[..., None]
+    sel[..., 0] = True
+    out = [sel[0], sel[1]]
+    if floor:
+        floor_n = min(min_b, nb) if nb_h is None else nb_h.clamp_max(min_b)[..., None]
+        fl = rank < floor_n
+        fl[..., 0] = True
+        out += [fl[0], fl[1]]
+    return out
 
 
 def _cap_rows(mask, score, max_blocks: int, eye, causal):
@@ -178,17 +188,77 @@ def _cap_rows(mask, score, max_blocks: int, eye, causal):
     return _top_n(prio, keep) & mask
 
 
+def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
+              nb_h=None, live_h=None, rows_h=None, short_h=None):
+    """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
+
+    ``vert, slash`` fp32 [BH, nb]; ``query_aware`` bool [BH]; ``q_bar, k_bar`` fp32 block
+    means [BH, nb, D] (``k_bar`` already per query head; both unused when ``tau == 0``).
+    Packed sequences add ``nb_h`` (blocks of each head's sequence) [BH], ``live_h`` (rows
+    of the chunk) bool [BH, nb], ``rows_h`` (their number) fp32 [BH] and ``short_h`` (heads
+    that take every causal block of their rows) bool [BH].  Heads are processed a fixed
+    number at a time whatever the data, so a shape always issues the same launches.
+    """
+    BH, nb = vert.shape
+    dev = vert.device
+    min_b, max_b = cfg.min_budget_blocks, cfg.max_budget_blocks
+    use_qa = cfg.tau > 0
+    sets = _vs_sets(vert, slash, gamma=cfg.gamma, min_b=min_b, max_b=max_b, nb_h=nb_h, floor=use_qa)
+    ar = torch.arange(nb, device=dev)
+    causal = ar[None, :] <= ar[:, None]
+    not_causal = ~causal
+    eye = ar[None, :] == ar[:, None]
+    off = (ar[:, None] - ar[None, :]).clamp_min(0)
+    counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
+    indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
+    chunk = max(1, _CHUNK_ELEMS // (nb * nb))
+    for h0 in range(0, BH, chunk):
+        sl = slice(h0, min(BH, h0 + chunk))
+        mask = sets[0][sl, None, :] | sets[1][sl][:, off]
+        if max_b is not None:
+            score = torch.maximum(vert[sl, None, :], slash[sl][:, off])
+        live_c = live_h[sl][:, :, None] if live_h is not None else None
+        if use_qa:
+            logits = torch.baddbmm(q_bar.new_empty(()), q_bar[sl], k_bar[sl].transpose(1, 2), beta=0.0, alpha=scale)
+            s = torch.softmax(logits.masked_fill_(not_causal, float("-inf")), dim=-1)
+            if live_c is not None:
+                # only the chunk's rows take part; the flat mass is divided by their number
+                s = torch.where(live_c, s, 0.0)
+            flat = s.flatten(1) / (rows_h[sl, None] if rows_h is not None else nb)
+            srt = torch.sort(flat, dim=-1, descending=True, stable=True)
+            sel = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices).view_as(s)
+            del srt, flat
+            # the floor sets carry the sink column, so every row keeps it
+            qa_mask = sel | sets[2][sl, None, :] | sets[3][sl][:, off] | eye
+            is_qa = query_aware[sl][:, None, None]
+            mask = torch.where(is_qa, qa_mask, mask)
+            if max_b is not None:
+                score = torch.where(is_qa, s, score)
+        mask &= causal
+        if live_c is not None:
+            mask &= live_c
+        if max_b is not None:
+            mask = _cap_rows(mask, score, max_b, eye, causal)
+        if short_h is not None:
+            mask = torch.where(short_h[sl][:, None, None], causal & live_c, mask)
+        counts[sl], indices[sl] = compact_block_mask(mask)
+    return counts, indices
+
+
+def _per_head(x: torch.Tensor) -> torch.Tensor:
+    """[B, nb, H, D] -> [B*H, nb, D] (contiguous)."""
+    B, nb, H, D = x.shape
+    return x.permute(0, 2, 1, 3).reshape(B * H, nb, D)
+
+
 def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float) -> BlockSelection:
     """Device version of :func:`flexprefill.reference.select_blocks` (inputs already checked)."""
     cfg = config
     B, N, Hq, D = q.shape
-    Hkv = k.shape[2]
-    group = Hq // Hkv
+    group = Hq // k.shape[2]
     bs = cfg.block_size
     scale = softmax_scale
     nb = math.ceil(N / bs)
-    dev = q.device
-    min_b, max_b = cfg.min_budget_blocks, cfg.max_budget_blocks
 
     vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale)
     k_bar = block_means(k, bs)  # [B, nb, Hkv, D]
@@ -199,51 +269,10 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
     dist = js_distance(vert, a_est)
     query_aware = dist < cfg.tau
 
-    BH = B * Hq
-    vert_f = vert.reshape(BH, nb)
-    slash_f = slash.reshape(BH, nb)
-    qa_f = query_aware.reshape(BH)
-    n_v = _clamp(_count_to_mass(vert_f, cfg.gamma), min_b, max_b, nb)
-    n_s = _clamp(_count_to_mass(slash_f, cfg.gamma), min_b, max_b, nb)
-    vsel, ssel = _vs_sets(vert_f, slash_f, n_v, n_s)
-    use_qa = cfg.tau > 0
-    if use_qa:
-        floor_n = torch.full((BH,), min(min_b, nb), dtype=torch.int64, device=dev)
-        floor_v, floor_s = _vs_sets(vert_f, slash_f, floor_n, floor_n)
-        q_bar = block_means(q, bs).permute(0, 2, 1, 3).reshape(BH, nb, D)  # [BH, nb, D]
-        k_bar_h = k_bar.permute(0, 2, 1, 3)  # [B, Hkv, nb, D]
-
-    ar = torch.arange(nb, device=dev)
-    causal = ar[None, :] <= ar[:, None]
-    eye = ar[None, :] == ar[:, None]
-    off = (ar[:, None] - ar[None, :]).clamp_min(0)
-    counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
-    indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
-    chunk = max(1, _CHUNK_ELEMS // (nb * nb))
-    # a fixed number of chunks for a given shape: this loop never depends on data
-    for h0 in range(0, BH, chunk):
-        sl = slice(h0, min(BH, h0 + chunk))
-        mask = _expand_vs(vsel[sl], ssel[sl], off, causal)
-        if max_b is not None:
-            score = torch.maximum(vert_f[sl, None, :], slash_f[sl][:, off])
-        if use_qa:
-            ids = torch.arange(sl.start, sl.stop, device=dev)
-            kb = k_bar_h[ids // Hq, (ids % Hq) // group]  # [C, nb, D]
-            logits = scale * torch.bmm(q_bar[sl], kb.transpose(1, 2))
-            s = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-            flat = s.flatten(1) / nb
-            srt = torch.sort(flat, dim=-1, descending=True, stable=True)
-            sel = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices).view_as(s)
-            del srt
-            qa_mask = (sel | _expand_vs(floor_v[sl], floor_s[sl], off, causal) | eye) & causal
-            qa_mask[..., 0] = True
-            is_qa = qa_f[sl][:, None, None]
-            mask = torch.where(is_qa, qa_mask, mask)
-            if max_b is not None:
-                score = torch.where(is_qa, s, score)
-        if max_b is not None:
-            mask = _cap_rows(mask, score, max_b, eye, causal)
-        counts[sl], indices[sl] = compact_block_mask(mask)
+    q_bar = kb = None
+    if cfg.tau > 0:
+        q_bar, kb = _per_head(block_means(q, bs)), _per_head(k_bar_q)
+    counts, indices = _assemble(vert.reshape(-1, nb), slash.reshape(-1, nb), query_aware.reshape(-1), q_bar, kb, cfg=cfg, scale=scale)
     return BlockSelection(
         counts=counts.view(B, Hq, nb),
         indices=indices.view(B, Hq, nb, nb),
@@ -390,7 +419,6 @@ def select_blocks_varlen_fast(
     scale = softmax_scale
     nb = math.ceil(max_seqlen_k / bs)
     dev = q.device
-    min_b, max_b = cfg.min_budget_blocks, cfg.max_budget_blocks
     bounds = (q_starts, q_ends, k_starts, k_ends)
     n_q, n_k = _lengths(*bounds)
     live, nb_s = _live_rows(*bounds, nb, bs)  # [S, nb], [S]
@@ -414,58 +442,13 @@ def select_blocks_varlen_fast(
     query_aware = (dist < cfg.tau) & ~short[:, None]
     dist = torch.where(short[:, None], float("nan"), dist)
 
-    BH = S * Hq
-    vert_f = vert.reshape(BH, nb)
-    slash_f = slash.reshape(BH, nb)
-    qa_f = query_aware.reshape(BH)
-    nb_h = nb_s.repeat_interleave(Hq)  # [BH]
-    live_h = live.repeat_interleave(Hq, dim=0)  # [BH, nb]
-    short_h = short.repeat_interleave(Hq)
-    rows_h = live_h.sum(-1).clamp_min(1).float()
-    n_v = torch.minimum(_clamp(_count_to_mass(vert_f, cfg.gamma), min_b, max_b, nb), nb_h)
-    n_s = torch.minimum(_clamp(_count_to_mass(slash_f, cfg.gamma), min_b, max_b, nb), nb_h)
-    vsel, ssel = _vs_sets(vert_f, slash_f, n_v, n_s)
-    use_qa = cfg.tau > 0
-    if use_qa:
-        floor_n = torch.minimum(torch.full((BH,), min_b, dtype=torch.int64, device=dev), nb_h)
-        floor_v, floor_s = _vs_sets(vert_f, slash_f, floor_n, floor_n)
-        q_bar = block_means_varlen(q, *bounds, nb, block_size=bs)  # [S, nb, Hq, D]
-        q_bar = q_bar.permute(0, 2, 1, 3).reshape(BH, nb, D)
-        k_bar_h = k_bar.permute(0, 2, 1, 3)  # [S, Hkv, nb, D]
-
-    causal = ar[None, :] <= ar[:, None]
-    eye = ar[None, :] == ar[:, None]
-    off = (ar[:, None] - ar[None, :]).clamp_min(0)
-    counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
-    indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
-    chunk = max(1, _CHUNK_ELEMS // (nb * nb))
-    # a fixed number of chunks for a given shape: this loop never depends on data
-    for h0 in range(0, BH, chunk):
-        sl = slice(h0, min(BH, h0 + chunk))
-        live_c = live_h[sl][:, :, None]  # [C, nb, 1]
-        mask = _expand_vs(vsel[sl], ssel[sl], off, causal)
-        if max_b is not None:
-            score = torch.maximum(vert_f[sl, None, :], slash_f[sl][:, off])
-        if use_qa:
-            ids = torch.arange(sl.start, sl.stop, device=dev)
-            kb = k_bar_h[ids // Hq, (ids % Hq) // group]  # [C, nb, D]
-            logits = scale * torch.bmm(q_bar[sl], kb.transpose(1, 2))
-            s = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-            # only the chunk's rows take part; the flat mass is divided by their number
-            s = torch.where(live_c, s, 0.0)
-            flat = s.flatten(1) / rows_h[sl, None]
-            srt = torch.sort(flat, dim=-1, descending=True, stable=True)
-            sel = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices).view_as(s)
-            del srt
-            qa_mask = (sel | _expand_vs(floor_v[sl], floor_s[sl], off, causal) | eye) & causal
-            qa_mask[..., 0] = True
-            is_qa = qa_f[sl][:, None, None]
-            mask = torch.where(is_qa, qa_mask, mask)
-            if max_b is not None:
-                score = torch.where(is_qa, s, score)
-        mask = mask & live_c
-        if max_b is not None:
-            mask = _cap_rows(mask, score, max_b, eye, causal)
-        mask = torch.where(short_h[sl][:, None, None], causal & live_c, mask)
-        counts[sl], indices[sl] = compact_block_mask(mask)
+    q_bar = kb = None
+    if cfg.tau > 0:
+        q_bar = _per_head(block_means_varlen(q, *bounds, nb, block_size=bs))  # [S*Hq, nb, D]
+        kb = _per_head(k_bar_q)
+    counts, indices = _assemble(
+        vert.reshape(-1, nb), slash.reshape(-1, nb), query_aware.reshape(-1), q_bar, kb, cfg=cfg, scale=scale,
+        nb_h=nb_s.repeat_interleave(Hq), live_h=live.repeat_interleave(Hq, dim=0),
+        rows_h=live.sum(-1).clamp_min(1).float().repeat_interleave(Hq), short_h=short.repeat_interleave(Hq),
+    )
     return counts.view(S, Hq, nb), indices.view(S, Hq, nb, nb), query_aware, dist
