@@ -305,7 +305,7 @@ def _check(mask, pad2d, P, out, ref, expect_reason, mod):
         torch.testing.assert_close(out, ref, atol=0, rtol=0)
         return
     valid = pad2d[:, P:]  # [B, n]: query rows that are real tokens
-    tol = 2e-3 if out.dtype == torch.float16 else 1e-4
+    tol = 5e-3 if out.dtype == torch.float16 else 1e-4
     torch.testing.assert_close(out[valid].float(), ref[valid].float(), atol=tol, rtol=tol)
     assert torch.all(out[~valid] == 0)
 
@@ -409,6 +409,7 @@ def test_triton_kernels_on_padded_and_chunked_masks():
         else:
             pad2d[1, :30] = False
             pad2d[1, -20:] = False
+        pad2d = pad2d.to(dev)
         mask = sdpa_mask(
             batch_size=B, q_length=n, kv_length=P + n, q_offset=P, attention_mask=pad2d, allow_is_causal_skip=False,
             device=dev,
@@ -416,5 +417,5 @@ def test_triton_kernels_on_padded_and_chunked_masks():
         q, k, v = _qkv(B, n, P + n, seed=12, dtype=dtype, device=dev)
         ref, _ = sdpa_attention_forward(mod, q, k, v, mask, scaling=0.125)
         out, _ = tf.attention_forward(mod, q, k, v, mask, scaling=0.125)
-        _check(mask, pad2d.to(dev), P, out, ref, "", mod)
+        _check(mask, pad2d, P, out, ref, "", mod)
         assert getattr(mod, tf._LAST).varlen
