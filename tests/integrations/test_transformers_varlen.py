@@ -121,7 +121,7 @@ def test_padded_batch_equals_sdpa(arch, side):
 @pytest.mark.parametrize("pads", [[0, 0], [0, 45]], ids=["no_padding", "left_padding"])
 @torch.no_grad()
 def test_chunked_prefill_over_cache_equals_sdpa(llama, pads):
-    n, cut = 180, 70
+    n, cut = 150, 70
     ids = _ids(n, 2, seed=2)
     mask = _pad(n, pads, "left")
 
@@ -151,11 +151,11 @@ def test_chunked_prefill_over_cache_equals_sdpa(llama, pads):
 
 @torch.no_grad()
 def test_static_cache_prefill_equals_sdpa(llama):
-    n, cut = 150, 60
+    n, cut = 112, 48
     ids = _ids(n, 2, seed=3)
 
     def run(mask):
-        cache = transformers.StaticCache(config=llama.config, max_cache_len=192)
+        cache = transformers.StaticCache(config=llama.config, max_cache_len=144)
         m1 = None if mask is None else mask[:, :cut]
         a = llama(ids[:, :cut], attention_mask=m1, past_key_values=cache, use_cache=True).logits
         recs = [_paths(llama)]
@@ -183,10 +183,10 @@ def test_generate_after_padded_prefill_matches_sdpa(llama):
     n = 120
     ids = _ids(n, 3, seed=4)
     mask = _pad(n, [0, 20, 77], "left")
-    dense = llama.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    dense = llama.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     flexprefill.patch(llama, EXACT)
     try:
-        sparse = llama.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        sparse = llama.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
         assert _paths(llama) == {i: ("dense", "decode", False) for i in (0, 1)}
         assert _paths(llama, prefill=True) == {i: ("flexprefill", "", True) for i in (0, 1)}
     finally:
