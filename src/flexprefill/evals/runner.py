@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 
@@ -266,11 +265,17 @@ def _sync(device) -> None:
 
 
 @torch.inference_mode()
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int, density_fn=None) -> dict:
-    """Greedy decode; returns prediction, timings, density read right after the prefill."""
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int, density_fn=None, warmup: bool = False) -> dict:
+    """Greedy decode; returns prediction, timings, density read right after the prefill.
+
+    ``warmup``: run the prefill once untimed first (the first call of a method at a new
+    length compiles and autotunes kernels, which is not prefill time).
+    """
     device = next(model.parameters()).device
     ids = torch.tensor([task_lib.encode(tokenizer, prompt)], device=device)
     eos = _eos_ids(model, tokenizer)
+    if warmup:
+        model(input_ids=ids, use_cache=False)
     _sync(device)
     t0 = time.perf_counter()
     try:
@@ -303,13 +308,12 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int, density_fn=None) 
     }
 
 
-def _git_commit() -> str | None:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
+def _git_commit() -> str:
+    # one definition of the stamp for every result file (honours FLEXPREFILL_COMMIT on
+    # machines without the git history)
+    from ..benchmarking import _git_commit as commit
+
+    return commit()
 
 
 def _max_context(model) -> int | None:
@@ -363,6 +367,7 @@ def run(
     print(f"[evals] {total} (case, method) runs to do, {len(done)} already in {path}")
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     new = []
+    warmed: set = set()
     bar = tqdm(total=total, disable=not progress, desc="evals", dynamic_ncols=True)
     with open(path, "a", encoding="utf-8") as f:
         for case, missing in todo:
@@ -374,8 +379,10 @@ def run(
             sample = task_lib.generate(gen_task, tokenizer, case.length - n_new, case.seed, depth=case.depth)
             for method in missing:
                 bar.set_postfix_str(f"{case.task} L={case.length} {method.label}")
+                warm = device.type == "cuda" and (method.label, case.length) not in warmed
+                warmed.add((method.label, case.length))
                 with applied(model, method) as density_fn:
-                    res = greedy(model, tokenizer, sample.prompt, n_new, density_fn)
+                    res = greedy(model, tokenizer, sample.prompt, n_new, density_fn, warmup=warm)
                 rec = {
                     "key": case_key(model_name, case, method),
                     "model": model_name,
