@@ -37,6 +37,10 @@ def profile(N: int, tau: float) -> dict:
     scores = lambda: S.representative_block_scores(q, k, block_size=cfg.block_size, scale=scale)  # noqa: E731
     row = dict(N=N, tau=tau, heads=f"{HQ}/{HKV}/{D}")
     row["search_ms"] = do_bench(search, warmup=5, rep=50)
+    # the same search without the cached CUDA graph of the set assembly
+    os.environ["FLEXPREFILL_SELECTION_GRAPHS"] = "0"
+    row["search_ms_no_graph"] = do_bench(search, warmup=5, rep=50)
+    del os.environ["FLEXPREFILL_SELECTION_GRAPHS"]
     row["rep_scores_ms"] = do_bench(scores, warmup=5, rep=50)
     row["cudnn_dense_ms"] = do_bench(lambda: _cudnn(q, k, v, scale), warmup=5, rep=50)
     row["search_share_of_cudnn"] = row["search_ms"] / row["cudnn_dense_ms"]

@@ -176,3 +176,32 @@ def test_two_level_scan_equals_cumsum(n):
     srt = torch.sort(x, dim=-1, descending=True).values
     exact = ((srt.double().cumsum(-1) < 0.9 * want[:, -1:]).sum(-1) + 1).clamp_max(n)
     assert (_count_to_mass(x, 0.9) - exact).abs().max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tau", [0.1, 0.0])
+def test_graphed_assembly_equals_eager(tau, monkeypatch):
+    """The cached CUDA graph of the set assembly gives the eager result, for new inputs too."""
+    from flexprefill.ops import selection as S
+
+    S.clear_graph_cache()
+    cfg = fp.FlexPrefillConfig(tau=tau, gamma=0.9)
+    for seed in (0, 1):  # the second call replays the graph captured by the first
+        q, k, _ = structured_qkv(2, 4000, 8, 2, 64, seed=seed, dtype=torch.bfloat16, device="cuda")
+        graphed = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+        monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+        eager = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+        monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+        assert torch.equal(graphed.counts, eager.counts) and torch.equal(graphed.indices, eager.indices)
+    assert len(S._graphs) == 1
+    # packed sequences take the same path
+    lens = [3000, 700, 4100]
+    cu = torch.tensor([0, 3000, 3700, 7800], dtype=torch.int32, device="cuda")
+    q, k, _ = (t[0] for t in structured_qkv(1, sum(lens), 8, 2, 64, seed=3, dtype=torch.bfloat16, device="cuda"))
+    args = (q, k, cu[:-1], cu[1:], cu[:-1], cu[1:], max(lens))
+    graphed = S.select_blocks_varlen_fast(*args, config=cfg, softmax_scale=0.125, dense_below=1000)
+    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+    eager = S.select_blocks_varlen_fast(*args, config=cfg, softmax_scale=0.125, dense_below=1000)
+    assert torch.equal(graphed[0], eager[0]) and torch.equal(graphed[1], eager[1])
+    S.clear_graph_cache()
+    assert not S._graphs

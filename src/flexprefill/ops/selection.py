@@ -7,6 +7,8 @@ a fixed shape can be captured in a CUDA graph.  Semantics match
 from __future__ import annotations
 
 import math
+import os
+from collections import OrderedDict
 
 import torch
 import triton
@@ -18,6 +20,7 @@ from .kernels.selection import block_mean_varlen_kernel, rep_block_mass_kernel, 
 
 __all__ = [
     "select_blocks_fast",
+    "clear_graph_cache",
     "representative_block_scores",
     "block_means",
     "select_blocks_varlen_fast",
@@ -245,6 +248,67 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
     return counts, indices
 
 
+# --- the assembly as a CUDA graph where launches, not the GPU, bound its time -----------
+#
+# At nb <= 512 blocks (N <= 64k at block 128) the assembly is ~70 small launches whose
+# host cost (~2-3 ms on an H200 host) exceeds their GPU time; one graph replay per shape
+# replaces them.  Its inputs are small (scores and block means, [BH, nb(, D)]) and are
+# copied into the graph's own buffers, so the caller's q, k, v are never copied.  The
+# graph's memory pool (the assembly's temporaries, ~100 MB at 32k for 32 heads) stays
+# reserved while the graph is cached: at most _GRAPH_CACHE shapes, LRU, and
+# ``clear_graph_cache()`` frees them.  Off with FLEXPREFILL_SELECTION_GRAPHS=0; never
+# used while the caller is itself capturing a graph.
+
+_GRAPH_MAX_NB = 512
+_GRAPH_CACHE = 4
+_graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def clear_graph_cache() -> None:
+    """Drop the cached CUDA graphs of the pattern search (frees their memory pools)."""
+    _graphs.clear()
+
+
+def _graphs_enabled() -> bool:
+    return os.environ.get("FLEXPREFILL_SELECTION_GRAPHS", "1") != "0"
+
+
+def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float):
+    """:func:`_assemble`, replayed from a cached CUDA graph when that pays (see above)."""
+    vert = tensors["vert"]
+    if (
+        not vert.is_cuda
+        or vert.shape[-1] > _GRAPH_MAX_NB
+        or not _graphs_enabled()
+        or torch.cuda.is_current_stream_capturing()
+    ):
+        return _assemble(**tensors, cfg=cfg, scale=scale)
+    key = (cfg, float(scale), vert.device, tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in tensors.items()))
+    entry = _graphs.get(key)
+    if entry is None:
+        static = {n: (None if t is None else t.clone()) for n, t in tensors.items()}
+        side = torch.cuda.Stream(device=vert.device)
+        side.wait_stream(torch.cuda.current_stream(vert.device))
+        with torch.cuda.stream(side):
+            _assemble(**static, cfg=cfg, scale=scale)  # warm-up outside the capture
+        torch.cuda.current_stream(vert.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = _assemble(**static, cfg=cfg, scale=scale)
+        entry = (graph, static, outs)
+        _graphs[key] = entry
+        while len(_graphs) > _GRAPH_CACHE:
+            _graphs.popitem(last=False)
+    else:
+        _graphs.move_to_end(key)
+    graph, static, outs = entry
+    for n, t in tensors.items():
+        if t is not None:
+            static[n].copy_(t)
+    graph.replay()
+    return outs[0].clone(), outs[1].clone()
+
+
 def _per_head(x: torch.Tensor) -> torch.Tensor:
     """[B, nb, H, D] -> [B*H, nb, D] (contiguous)."""
     B, nb, H, D = x.shape
@@ -272,7 +336,8 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
     q_bar = kb = None
     if cfg.tau > 0:
         q_bar, kb = _per_head(block_means(q, bs)), _per_head(k_bar_q)
-    counts, indices = _assemble(vert.reshape(-1, nb), slash.reshape(-1, nb), query_aware.reshape(-1), q_bar, kb, cfg=cfg, scale=scale)
+    tensors = dict(vert=vert.reshape(-1, nb), slash=slash.reshape(-1, nb), query_aware=query_aware.reshape(-1), q_bar=q_bar, k_bar=kb)
+    counts, indices = _assemble_any(tensors, cfg=cfg, scale=scale)
     return BlockSelection(
         counts=counts.view(B, Hq, nb),
         indices=indices.view(B, Hq, nb, nb),
@@ -446,9 +511,10 @@ def select_blocks_varlen_fast(
     if cfg.tau > 0:
         q_bar = _per_head(block_means_varlen(q, *bounds, nb, block_size=bs))  # [S*Hq, nb, D]
         kb = _per_head(k_bar_q)
-    counts, indices = _assemble(
-        vert.reshape(-1, nb), slash.reshape(-1, nb), query_aware.reshape(-1), q_bar, kb, cfg=cfg, scale=scale,
+    tensors = dict(
+        vert=vert.reshape(-1, nb), slash=slash.reshape(-1, nb), query_aware=query_aware.reshape(-1), q_bar=q_bar, k_bar=kb,
         nb_h=nb_s.repeat_interleave(Hq), live_h=live.repeat_interleave(Hq, dim=0),
         rows_h=live.sum(-1).clamp_min(1).float().repeat_interleave(Hq), short_h=short.repeat_interleave(Hq),
     )
+    counts, indices = _assemble_any(tensors, cfg=cfg, scale=scale)
     return counts.view(S, Hq, nb), indices.view(S, Hq, nb, nb), query_aware, dist
