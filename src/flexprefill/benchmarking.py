@@ -1064,6 +1064,9 @@ def _efficiency_at(shape, N, dtype, device, args, stamp, sparse_attention) -> li
     return rows
 
 
+_MODES = ("suite", "breakeven", "model", "efficiency", "gqa")
+
+
 def run_gqa_note(args, state) -> None:
     """The same selection with K/V shared by 4 query heads (Hkv = Hq/4) and with one K/V head per query head."""
     from .ops.sparse_attention import sparse_attention
@@ -1579,7 +1582,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speed of FlexPrefill against dense attention (cuDNN, flash), FlexAttention and its own parts, "
                     "in one run; writes results.json/csv/md and plots to --out.",
     )
-    p.add_argument("--mode", default="suite", help="comma list of suite, breakeven, model (default: suite)")
+    p.add_argument("--mode", default="suite", help="comma list of suite, breakeven, model, efficiency, gqa (default: suite; "
+                   "suite includes efficiency and gqa unless --quick)")
     p.add_argument("--lengths", default=",".join(str(n) for n in DEFAULT_LENGTHS), help="sequence lengths (8192 or 8k)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {sorted(SHAPES)} or Hq/Hkv/D")
     p.add_argument("--inputs", default=",".join(INPUTS), help="comma list of synthetic, random, captured")
@@ -1623,8 +1627,8 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda asked but no CUDA device is visible")
     modes = _split(args.mode)
     for m in modes:
-        if m not in ("suite", "breakeven", "model"):
-            raise SystemExit(f"--mode: unknown mode {m!r}; accepted: suite, breakeven, model")
+        if m not in _MODES:
+            raise SystemExit(f"--mode: unknown mode {m!r}; accepted: {', '.join(_MODES)}")
     for m in _split(args.methods):
         if m not in METHODS + ("sdpa",):
             raise SystemExit(f"--methods: unknown method {m!r}; accepted: {METHODS}")
@@ -1664,7 +1668,8 @@ def main(argv=None) -> int:
         f"modes {modes}; out {out_dir}")
     for m in modes:
         try:
-            {"suite": run_suite, "breakeven": run_breakeven, "model": run_model_mode}[m](args, state)
+            {"suite": run_suite, "breakeven": run_breakeven, "model": run_model_mode,
+             "efficiency": run_kernel_efficiency, "gqa": run_gqa_note}[m](args, state)
         except Exception:  # noqa: BLE001 - keep what the other modes measured
             traceback.print_exc()
     payload["meta"]["elapsed_s"] = round(state["deadline"].elapsed(), 1)
