@@ -44,6 +44,23 @@ def profile(N: int, tau: float) -> dict:
     row["rep_scores_ms"] = do_bench(scores, warmup=5, rep=50)
     row["cudnn_dense_ms"] = do_bench(lambda: _cudnn(q, k, v, scale), warmup=5, rep=50)
     row["search_share_of_cudnn"] = row["search_ms"] / row["cudnn_dense_ms"]
+    # after the warm-up (autotune, graph capture) a search must not sync with the host
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        search()
+        row["host_sync_free"] = True
+    except RuntimeError as e:
+        row["host_sync_free"] = False
+        row["host_sync_error"] = str(e)[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # the graphed search equals the eager one
+    os.environ["FLEXPREFILL_SELECTION_GRAPHS"] = "0"
+    eager = search()
+    del os.environ["FLEXPREFILL_SELECTION_GRAPHS"]
+    graphed = search()
+    row["graphed_equals_eager"] = bool(torch.equal(eager.indices, graphed.indices) and torch.equal(eager.counts, graphed.counts))
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     search()
