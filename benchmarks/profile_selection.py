@@ -67,6 +67,16 @@ def profile(N: int, tau: float) -> dict:
     torch.cuda.synchronize()
     row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     row["qkv_mb"] = (q.numel() + k.numel() + v.numel()) * 2 / 2**20
+    # memory the cached graph keeps reserved (its private pool) between searches
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    r0 = torch.cuda.memory_reserved()
+    S.clear_graph_cache()
+    gc.collect()
+    torch.cuda.empty_cache()
+    row["graph_pool_mb"] = (r0 - torch.cuda.memory_reserved()) / 2**20
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             search()
