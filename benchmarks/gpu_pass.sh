@@ -2,6 +2,9 @@
 # One GPU pass of every check and benchmark, in two halves that each fit a 10-minute call.
 #   bash benchmarks/gpu_pass.sh checks OUT   # GPU tests, operator checks, benchmark suite
 #   bash benchmarks/gpu_pass.sh models OUT   # break-even, whole-model prefill, demo, evals
+# Shorter phases for a tight device budget (each well under 10 minutes):
+#   selection OUT (GPU tests, pattern-search profile), layer OUT (Llama layer 8k-128k + GQA),
+#   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
 set -u
@@ -25,6 +28,30 @@ case "$phase" in
     run evals 200 python -m flexprefill eval --model gemma3-270m --lengths 4k,8k,16k,32k \
       --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0,0.25,0.5,0.75,1 --samples 1 \
       --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2.8
+    ;;
+  selection)
+    run gpu_tests 100 python -m pytest tests -q -m gpu -p no:cacheprovider
+    run profile_selection 120 env OUT="$out" python benchmarks/profile_selection.py 8192,32768,131072
+    ;;
+  layer)
+    run bench_layer 200 python benchmarks/bench_attention.py --mode suite,gqa --quick --shapes llama3.1-8b \
+      --inputs synthetic,random --lengths 8k,32k,128k --random-max-len 32768 --out "$out/bench_layer" --max-minutes 2.5
+    ;;
+  varlen)
+    run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py
+    ;;
+  whole)
+    run bench_models 150 python benchmarks/bench_attention.py --mode model --out "$out/bench_models" --max-minutes 2
+    run demo_gemma 90 python -m flexprefill demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
+    run demo_smollm2 50 python -m flexprefill demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
+    ;;
+  evals)
+    run evals_gemma 260 python -m flexprefill eval --model gemma3-270m --lengths 8k,16k,32k \
+      --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0.1,0.5,0.9 --samples 1 \
+      --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 3.8
+    run evals_smollm2 140 python -m flexprefill eval --model smollm2-135m-instruct --lengths 4k,8k \
+      --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0.1,0.5,0.9 --samples 1 \
+      --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
