@@ -44,6 +44,16 @@ def profile(N: int, tau: float) -> dict:
     row["rep_scores_ms"] = do_bench(scores, warmup=5, rep=50)
     row["cudnn_dense_ms"] = do_bench(lambda: _cudnn(q, k, v, scale), warmup=5, rep=50)
     row["search_share_of_cudnn"] = row["search_ms"] / row["cudnn_dense_ms"]
+    # the whole operator and the kernel alone on the same inputs, against cuDNN
+    op_cfg = cfg.replace(min_seq_len=0)
+    sel = search()
+    _, st = fp.flex_prefill_attention(q, k, v, config=op_cfg, softmax_scale=scale, return_stats=True)
+    row["density"] = float(st.density.float().mean())
+    row["kernel_ms"] = do_bench(lambda: fp.block_sparse_attention(q, k, v, sel, softmax_scale=scale), warmup=3, rep=50)
+    row["operator_ms"] = do_bench(lambda: fp.flex_prefill_attention(q, k, v, config=op_cfg, softmax_scale=scale), warmup=3, rep=50)
+    row["operator_speedup_vs_cudnn"] = row["cudnn_dense_ms"] / row["operator_ms"]
+    row["kernel_speedup_vs_cudnn"] = row["cudnn_dense_ms"] / row["kernel_ms"]
+    row["operator_share_of_ideal"] = row["operator_speedup_vs_cudnn"] * row["density"]
     # after the warm-up (autotune, graph capture) a search must not sync with the host
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
