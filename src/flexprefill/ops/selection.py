@@ -192,7 +192,7 @@ def _cap_rows(mask, score, max_blocks: int, eye, causal):
 
 
 def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
-              nb_h=None, live_h=None, rows_h=None, short_h=None):
+              nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS):
     """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
 
     ``vert, slash`` fp32 [BH, nb]; ``query_aware`` bool [BH]; ``q_bar, k_bar`` fp32 block
@@ -214,7 +214,7 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
     off = (ar[:, None] - ar[None, :]).clamp_min(0)
     counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
     indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
-    chunk = max(1, _CHUNK_ELEMS // (nb * nb))
+    chunk = max(1, chunk_elems // (nb * nb))
     for h0 in range(0, BH, chunk):
         sl = slice(h0, min(BH, h0 + chunk))
         mask = sets[0][sl, None, :] | sets[1][sl][:, off]
@@ -254,13 +254,17 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
 # host cost (~2-3 ms on an H200 host) exceeds their GPU time; one graph replay per shape
 # replaces them.  Its inputs are small (scores and block means, [BH, nb(, D)]) and are
 # copied into the graph's own buffers, so the caller's q, k, v are never copied.  The
-# graph's memory pool (the assembly's temporaries, ~100 MB at 32k for 32 heads) stays
+# graph's memory pool (the assembly's temporaries of one head chunk, ~70 MB) stays
 # reserved while the graph is cached: at most _GRAPH_CACHE shapes, LRU, and
 # ``clear_graph_cache()`` frees them.  Off with FLEXPREFILL_SELECTION_GRAPHS=0; never
 # used while the caller is itself capturing a graph.
 
 _GRAPH_MAX_NB = 512
 _GRAPH_CACHE = 4
+# inside a graph more head chunks cost no host time, and the pool it keeps is the peak of
+# one chunk's temporaries (~140 B per element): 2^19 elements keep it near 70 MB (an H200
+# measurement with 2^22 elements held 276 MB at 32k, 32 heads)
+_GRAPH_CHUNK_ELEMS = 1 << 19
 _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
@@ -290,11 +294,11 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float):
         side = torch.cuda.Stream(device=vert.device)
         side.wait_stream(torch.cuda.current_stream(vert.device))
         with torch.cuda.stream(side):
-            _assemble(**static, cfg=cfg, scale=scale)  # warm-up outside the capture
+            _assemble(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS)  # warm-up outside the capture
         torch.cuda.current_stream(vert.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outs = _assemble(**static, cfg=cfg, scale=scale)
+            outs = _assemble(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS)
         entry = (graph, static, outs)
         _graphs[key] = entry
         while len(_graphs) > _GRAPH_CACHE:
