@@ -46,12 +46,12 @@ case "$phase" in
     run demo_smollm2 50 python -m flexprefill demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
     ;;
   evals)
-    run evals_gemma 260 python -m flexprefill eval --model gemma3-270m --lengths 8k,16k,32k \
+    run evals_gemma 220 python -m flexprefill eval --model gemma3-270m --lengths 8k,16k,32k \
       --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0.1,0.5,0.9 --samples 1 \
-      --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 3.8
-    run evals_smollm2 140 python -m flexprefill eval --model smollm2-135m-instruct --lengths 4k,8k \
+      --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2.8
+    run evals_smollm2 100 python -m flexprefill eval --model smollm2-135m-instruct --lengths 4k,8k \
       --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0.1,0.5,0.9 --samples 1 \
-      --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2
+      --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 1.3
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac
