@@ -34,7 +34,7 @@ def _tokenizer(chat: bool):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([HAYSTACK, cli.QUESTION, cli.ANSWER_PREFIX, "0123456789"], trainer=trainer)
+    tok.train_from_iterator([HAYSTACK, cli.HEAD, cli.NEEDLE, cli.QUESTION, cli.ANSWER_PREFIX, "0123456789"], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
     if chat:
         fast.chat_template = CHAT_TEMPLATE
@@ -79,15 +79,22 @@ def test_console_script_help():
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain"])
-@pytest.mark.parametrize("length,depth", [(300, 0.5), (700, 0.0), (500, 1.0)])
+@pytest.mark.parametrize("length,depth", [(600, 0.5), (700, 0.0), (500, 1.0)])
 def test_needle_prompt_fits_length_and_holds_the_needle(chat, length, depth):
     tok = _tokenizer(chat)
     s = cli.build_needle_prompt(tok, HAYSTACK, length, depth=depth, seed=3)
     n = len(s["input_ids"])
     assert length - 16 <= n <= length
     assert len(s["number"]) == 7 and s["number"].isdigit()
-    assert f"The special magic number is {s['number']}." in s["prompt"]
-    assert s["prompt"].endswith(cli.ANSWER_PREFIX)
+    number, key = cli.needle_key(3)
+    assert s["number"] == number and "-" in key
+    # the needle once, the key's question before and after the essays, the answer prefix last
+    needle = f"The special magic number for {key} is #{number}."
+    assert s["prompt"].count(needle) == 1 and s["prompt"].count(number) == 1
+    assert 0 <= s["prompt"].find(cli.HEAD.format(key=key)) < s["prompt"].find(needle)
+    assert s["prompt"].find(needle) < s["prompt"].rfind(cli.QUESTION.format(key=key))
+    assert s["prompt"].endswith(cli.ANSWER_PREFIX.format(key=key))
+    assert number not in cli.QUESTION.format(key=key) + cli.ANSWER_PREFIX.format(key=key)
     assert abs(s["depth"] - depth) < 0.1
     assert (s["prompt"].startswith("<s><|user|>") if chat else not s["prompt"].startswith("<s>"))
     # same seed, same number; another seed, another number

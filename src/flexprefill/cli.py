@@ -16,7 +16,7 @@ import time
 
 import torch
 
-__all__ = ["main", "build_parser", "run_demo", "build_needle_prompt"]
+__all__ = ["main", "build_parser", "run_demo", "build_needle_prompt", "needle_key"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # the CPU path is the fp32 reference (per-head loops, N x N masks). Measured on 2 shared cores,
@@ -24,8 +24,25 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 CPU_DEFAULT_LENGTH = 2048
 GPU_MAX_LENGTH = 32768
 MAX_NEW_TOKENS = 12
-ANSWER_PREFIX = "The special magic number is"
-QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
+# The needle names a key and marks the number with "#"; the question names the key before and
+# after the essays, and the prompt ends with the needle's own words up to the "#", so the model
+# only has to copy the digits that follow the one matching place in the context. Measured with dense SDPA on CPU (benchmarks/results/needle_format_cpu.md):
+# the former "The special magic number is 1234567." needle (no key, digits after a plain
+# space, a token that precedes every number of the essays) was found far less often by the
+# packaged small models; the question never contains the number.
+HEAD = "There is a special magic number for {key} hidden in the text below. Find it and remember it."
+NEEDLE = "The special magic number for {key} is #{number}."
+QUESTION = "What is the special magic number for {key} mentioned in the text above? Answer with the number only."
+ANSWER_PREFIX = "The special magic number for {key} is #"
+_KEY_ADJECTIVES = (
+    "amber", "brisk", "copper", "dusty", "frozen", "gentle", "hollow", "ivory", "jagged", "lunar", "mellow",
+    "nimble", "olive", "purple", "quiet", "rusty", "silent", "tawny", "velvet", "wooden", "golden", "crimson",
+)
+_KEY_NOUNS = (
+    "anchor", "badger", "candle", "dolphin", "elephant", "falcon", "giraffe", "harbor", "igloo", "jackal",
+    "kettle", "lantern", "meadow", "nutmeg", "orchard", "pumpkin", "quarry", "raccoon", "saddle", "tangerine",
+    "umbrella", "walrus",
+)
 
 
 def _log(msg: str) -> None:
@@ -41,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="needle-in-a-haystack: dense SDPA vs FlexPrefill on a packaged model",
         description=(
-            "Builds a needle-in-a-haystack prompt (a 7-digit magic number hidden in essays), answers it "
+            "Builds a needle-in-a-haystack prompt (a 7-digit magic number for a named key hidden in essays), answers it "
             "with dense SDPA and with FlexPrefill (FlexPrefill prefill, dense decode), and prints the "
             "answers, prefill times, speed-up and per-layer density; writes a PNG of the selected blocks."
         ),
@@ -73,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                       help="auto: bfloat16 on CUDA, float32 on CPU")
     demo.add_argument("--depth", type=float, default=0.5, help="needle depth in the essays, 0 (start) to 1 (end)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the magic number")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the magic number and of its key")
     demo.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     demo.add_argument("--plot-layer", type=int, default=None, help="layer whose heads are drawn (default: a middle FlexPrefill layer)")
     demo.add_argument("--plot-heads", type=int, default=4, help="how many heads to draw")
@@ -86,11 +103,11 @@ def _templated(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render(tokenizer, user: str) -> str:
+def _render(tokenizer, user: str, answer_prefix: str) -> str:
     if _templated(tokenizer):
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        return text + ANSWER_PREFIX
-    return user + "\n\n" + ANSWER_PREFIX
+        return text + answer_prefix
+    return user + "\n\n" + answer_prefix
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -106,17 +123,32 @@ def _with_needle(context: str, needle: str, depth: float) -> tuple[str, float]:
     return context[:pos] + needle + " " + context[pos:], pos / max(len(context), 1)
 
 
+def needle_key(seed: int) -> tuple[str, str]:
+    """(7-digit number, key such as "velvet-lantern") of the needle for ``seed``."""
+    rng = random.Random(seed)
+    number = str(rng.randint(1_000_000, 9_999_999))
+    return number, f"{rng.choice(_KEY_ADJECTIVES)}-{rng.choice(_KEY_NOUNS)}"
+
+
 def build_needle_prompt(tokenizer, haystack: str, length: int, *, depth: float = 0.5, seed: int = 0) -> dict:
     """A needle-in-a-haystack prompt of about ``length`` tokens (never more).
+
+    The needle ``The special magic number for <key> is #<number>.`` sits at ``depth`` of the
+    essays; the task (``HEAD``) before the essays and the question after them name the key
+    (never the number), and the prompt ends with the answer prefix ``The special magic number
+    for <key> is #``, so a correct greedy answer starts with the number.
 
     Returns a dict: ``prompt`` (text, chat template applied when the tokenizer has one),
     ``input_ids`` (list), ``number`` (the 7-digit answer, str), ``depth`` (actual).
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth!r} must be in [0, 1]")
-    number = str(random.Random(seed).randint(1_000_000, 9_999_999))
-    needle = f"The special magic number is {number}."
-    frame = _encode(tokenizer, _render(tokenizer, needle + "\n\n" + QUESTION))
+    number, key = needle_key(seed)
+    needle = NEEDLE.format(key=key, number=number)
+    head = HEAD.format(key=key) + "\n\n"
+    question = QUESTION.format(key=key)
+    prefix = ANSWER_PREFIX.format(key=key)
+    frame = _encode(tokenizer, _render(tokenizer, head + needle + "\n\n" + question, prefix))
     if length <= len(frame) + 16:
         raise ValueError(f"length={length} is too short: the needle and question alone take {len(frame)} tokens")
     # tokenise a generous slice of the essays once; repeat them if they are too short
@@ -130,7 +162,7 @@ def build_needle_prompt(tokenizer, haystack: str, length: int, *, depth: float =
     for _ in range(6):
         budget = max(1, min(budget, len(hay_ids)))
         context, actual = _with_needle(tokenizer.decode(hay_ids[:budget]), needle, depth)
-        prompt = _render(tokenizer, context + "\n\n" + QUESTION)
+        prompt = _render(tokenizer, head + context + "\n\n" + question, prefix)
         ids = _encode(tokenizer, prompt)
         if len(ids) <= length and (best is None or len(ids) > len(best["input_ids"])):
             best = {"prompt": prompt, "input_ids": ids, "number": number, "depth": actual}
@@ -354,6 +386,7 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
         "prompt_tokens": n_tokens,
         "needle_depth": round(sample["depth"], 3),
         "magic_number": number,
+        "needle_key": needle_key(args.seed)[1],
         "config": {"block_size": cfg.block_size, "gamma": cfg.gamma, "tau": cfg.tau, "min_budget": cfg.min_budget,
                    "min_seq_len": cfg.min_seq_len},
         "dense": {"answer": dense_answer, "found": number in dense_answer, "prefill_s": round(dense_s, 4)},
@@ -394,7 +427,8 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
 def _print_report(r: dict, heads: int, device: torch.device) -> None:
     c = r["config"]
     print(f"model        {r['model']} on {r['device']} ({r['dtype']})")
-    print(f"prompt       {r['prompt_tokens']} tokens, needle at depth {r['needle_depth']:.2f}, magic number {r['magic_number']}")
+    print(f"prompt       {r['prompt_tokens']} tokens, needle at depth {r['needle_depth']:.2f}, magic number {r['magic_number']} "
+          f"(key {r['needle_key']})")
     print(f"FlexPrefill  block {c['block_size']}, gamma {c['gamma']}, tau {c['tau']}, min_budget {c['min_budget']}, "
           f"min_seq_len {c['min_seq_len']}")
     for key, label in (("dense", "dense SDPA "), ("flexprefill", "FlexPrefill")):

@@ -236,6 +236,8 @@ def niah(
     num_values: int = 1,
     num_queries: int = 1,
     depth: float | None = None,
+    copy_prefix: bool = False,
+    marker: str = "",
 ) -> Sample:
     """Needle(s) in a haystack.
 
@@ -243,11 +245,21 @@ def niah(
     values for each key (multi-value: all are asked), ``num_queries`` keys asked (multi-query).
     ``depth`` (0..1) places the first queried needle; the others go at random depths.
     ``haystack``: "noise" (repeated filler sentences) or "essay" (Paul Graham essays).
+
+    ``copy_prefix`` (not RULER; off by default): the needle marks its value with ``#``
+    (``... for <key> is: #1234567.``) and the prompt ends with the needle's own words up to
+    the ``#`` instead of RULER's answer prefix, so the model only has to copy the value. Small
+    models (SmolLM2-135M, Gemma 3 270M) find the needle far more often this way
+    (benchmarks/results/needle_format_cpu.md). One queried key with one value only.
     """
     if haystack not in ("noise", "essay"):
         raise ValueError(f"haystack={haystack!r} is not supported; accepted: 'noise', 'essay'")
     if not 1 <= num_queries <= num_keys:
         raise ValueError(f"num_queries={num_queries} must be in [1, num_keys={num_keys}]")
+    if copy_prefix and (num_values != 1 or num_queries != 1):
+        raise ValueError(
+            f"copy_prefix needs one queried key with one value (num_values={num_values}, num_queries={num_queries})"
+        )
     if depth is not None and not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth!r} must be in [0, 1]")
     rng = random.Random(f"niah-{seed}")
@@ -261,7 +273,7 @@ def niah(
     needles, needle_depths = [], []
     for i, key in enumerate(keys):
         for val in values[i]:
-            needles.append(f"One of the special magic {kind} for {key} is: {val}.")
+            needles.append(f"One of the special magic {kind} for {key} is: {marker}{val}.")
             needle_depths.append(rng.random())
     if depth is not None:
         needle_depths[0] = depth
@@ -274,6 +286,8 @@ def niah(
     )
     question = f"\nWhat are all the special magic {kind} for {_join(qkeys)} mentioned in the provided text?"
     prefix = f" The special magic {kind} for {_join(qkeys)} mentioned in the provided text are"
+    if copy_prefix:
+        prefix = f" One of the special magic {kind} for {qkeys[0]} is: {marker}".rstrip()
 
     hay = _haystack_ids(tokenizer, haystack, target_len_tokens + 64)
     state = {}
