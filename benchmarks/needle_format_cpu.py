@@ -1,4 +1,4 @@
-"""Which needle prompt do the packaged small models answer? Dense SDPA, greedy, fp32 on CPU.
+"""Which needle prompt do the packaged small models answer? Dense SDPA, greedy, fp32 (or bf16) on CPU.
 
     PYTHONPATH=src python benchmarks/needle_format_cpu.py --model smollm2-135m-instruct \
         --formats old,demo --lengths 2048,4096,8192 --depths 0.1,0.5,0.9 --seeds 0,1,2 --out needle.jsonl
@@ -84,10 +84,11 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--plain", action="store_true", help="no chat template (bos + text + answer prefix)")
     p.add_argument("--out", default="needle_format_cpu.jsonl")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    model, tok = load(a.model, attn_implementation="sdpa")
+    model, tok = load(a.model, attn_implementation="sdpa", dtype=getattr(torch, a.dtype))
     if a.plain:
         tok.chat_template = None
     hay = haystack_text()
@@ -164,7 +165,7 @@ def main() -> None:
                         v, prompt, ids, actual = build(name, length, depth, seed)
                         t0 = time.time()
                         text, lp = answer(ids, prompt, v)
-                        rec = dict(model=a.model, plain=a.plain, format=name, length=length, tokens=len(ids),
+                        rec = dict(model=a.model, dtype=a.dtype, plain=a.plain, format=name, length=length, tokens=len(ids),
                                    depth=depth, depth_actual=round(actual, 3), seed=seed, value=v, answer=text,
                                    found=v in text, **lp, secs=round(time.time() - t0, 1))
                         print(json.dumps(rec), flush=True)

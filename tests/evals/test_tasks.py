@@ -122,3 +122,27 @@ def test_too_short_target_rejected(tokenizer):
         generate("niah_single_2", tokenizer, 20, seed=0)
     with pytest.raises(ValueError, match="task="):
         generate("qa", tokenizer, 512, seed=0)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_copy_prefix_ends_with_the_needle_words(tokenizer, depth):
+    ruler = generate("niah_single_2", tokenizer, TARGET, seed=6, depth=depth)
+    s = generate("niah_single_2_copy", tokenizer, TARGET, seed=6, depth=depth)
+    assert s.answers == ruler.answers and len(s.answers) == 1
+    number, needle = s.answers[0], s.meta["needles"][0]
+    key = needle.split(" for ")[1].split(" is:")[0]
+    assert needle == f"One of the special magic numbers for {key} is: #{number}."
+    assert s.prompt.count(needle) == 1 and s.prompt.count(number) == 1
+    # the prompt ends with the needle's words up to the value; the question names only the key
+    assert s.prompt.endswith(f"One of the special magic numbers for {key} is: #")
+    assert f"What are all the special magic numbers for {key} mentioned in the provided text?" in s.prompt
+    assert abs(s.meta["depth_actual"][0] - depth) <= 0.05
+    n = len(encode(tokenizer, s.prompt))
+    assert TARGET - 8 <= n <= TARGET
+    # multi-key distractors carry the marker too, so it does not single out the answer
+    mk = tasks.niah(tokenizer, TARGET, seed=1, haystack="essay", num_keys=4, copy_prefix=True)
+    assert all(": #" in x for x in mk.meta["needles"]) and mk.prompt.count(mk.answers[0]) == 1
+    with pytest.raises(ValueError, match="copy_prefix"):
+        tasks.niah(tokenizer, TARGET, seed=1, num_values=2, copy_prefix=True)
+    with pytest.raises(ValueError, match="copy_prefix"):
+        tasks.niah(tokenizer, TARGET, seed=1, num_keys=2, num_queries=2, copy_prefix=True)

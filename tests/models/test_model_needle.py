@@ -25,7 +25,7 @@ def test_smollm2_finds_the_needle_with_dense_attention(smollm2, needle):
     assert needle["number"] in _greedy(model, tok, needle["input_ids"])
 
 
-# about 20 s on 2 CPU cores: the CPU path of FlexPrefill is the fp32 reference
+# about 7 s each on 2 CPU cores (the CPU path of FlexPrefill is the fp32 reference)
 @pytest.mark.slow
 @pytest.mark.parametrize("gamma", [0.9, 0.95])
 def test_smollm2_finds_the_needle_with_flexprefill(smollm2, needle, gamma):
@@ -44,5 +44,5 @@ def test_smollm2_finds_the_needle_with_flexprefill(smollm2, needle, gamma):
     assert model.config._attn_implementation == "sdpa"
     assert {r.path for r in record.values()} == {"flexprefill"} and len(record) == model.config.num_hidden_layers
     density = sum(float(s.density.float().mean()) for s in stats.values()) / len(stats)
-    assert density < 0.9, density
+    assert density < 0.8, density  # measured 0.58 (gamma 0.9), 0.69 (0.95)
     assert needle["number"] in answer, (answer, density)

@@ -8,6 +8,7 @@ are inserted at a sentence boundary just before the requested depth (fraction of
 context); ``meta["depth_actual"]`` is the measured token depth when the tokenizer
 gives offsets.  Categories follow RULER (Hsieh et al., 2024): NIAH single / multi-key /
 multi-value / multi-query, variable tracking, common- and frequent-words extraction.
+``niah_single_2_copy`` is not RULER's: see ``niah(copy_prefix=True)``.
 """
 
 from __future__ import annotations
@@ -237,7 +238,6 @@ def niah(
     num_queries: int = 1,
     depth: float | None = None,
     copy_prefix: bool = False,
-    marker: str = "",
 ) -> Sample:
     """Needle(s) in a haystack.
 
@@ -246,11 +246,13 @@ def niah(
     ``depth`` (0..1) places the first queried needle; the others go at random depths.
     ``haystack``: "noise" (repeated filler sentences) or "essay" (Paul Graham essays).
 
-    ``copy_prefix`` (not RULER; off by default): the needle marks its value with ``#``
-    (``... for <key> is: #1234567.``) and the prompt ends with the needle's own words up to
-    the ``#`` instead of RULER's answer prefix, so the model only has to copy the value. Small
-    models (SmolLM2-135M, Gemma 3 270M) find the needle far more often this way
-    (benchmarks/results/needle_format_cpu.md). One queried key with one value only.
+    ``copy_prefix`` (not RULER's format; off by default, on in the ``*_copy`` tasks): every
+    needle marks its value with ``#`` (``One of the special magic numbers for <key> is:
+    #1234567.``) and the prompt ends with the queried needle's own words up to the ``#``
+    instead of RULER's answer prefix, so the model only has to copy the value that follows
+    the one matching place. Tiny models that fail RULER's wording find the needle this way
+    (SmolLM2-135M at 8k tokens: benchmarks/results/needle_format_cpu.md). The question still
+    names only the key. Needs one queried key with one value.
     """
     if haystack not in ("noise", "essay"):
         raise ValueError(f"haystack={haystack!r} is not supported; accepted: 'noise', 'essay'")
@@ -270,6 +272,7 @@ def niah(
             keys.append(k)
     values = [[_value(rng, value_type) for _ in range(num_values)] for _ in keys]
     kind = "numbers" if value_type == "number" else "uuids"
+    marker = "#" if copy_prefix else ""
     needles, needle_depths = [], []
     for i, key in enumerate(keys):
         for val in values[i]:
@@ -287,7 +290,7 @@ def niah(
     question = f"\nWhat are all the special magic {kind} for {_join(qkeys)} mentioned in the provided text?"
     prefix = f" The special magic {kind} for {_join(qkeys)} mentioned in the provided text are"
     if copy_prefix:
-        prefix = f" One of the special magic {kind} for {qkeys[0]} is: {marker}".rstrip()
+        prefix = f" One of the special magic {kind} for {qkeys[0]} is: {marker}"
 
     hay = _haystack_ids(tokenizer, haystack, target_len_tokens + 64)
     state = {}
@@ -451,6 +454,8 @@ TASKS: dict[str, tuple[Callable, dict, int, bool]] = {
     "niah_single_1": (niah, dict(haystack="noise", value_type="number"), 32, True),
     "niah_single_2": (niah, dict(haystack="essay", value_type="number"), 32, True),
     "niah_single_3": (niah, dict(haystack="essay", value_type="uuid"), 64, True),
+    # not RULER: the needle's own words end the prompt (niah's copy_prefix), for tiny models
+    "niah_single_2_copy": (niah, dict(haystack="essay", value_type="number", copy_prefix=True), 32, True),
     "niah_multikey_1": (niah, dict(haystack="essay", num_keys=4), 32, True),
     "niah_multivalue": (niah, dict(haystack="essay", num_values=4), 64, True),
     "niah_multiquery": (niah, dict(haystack="essay", num_keys=4, num_queries=4), 64, True),
