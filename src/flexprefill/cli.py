@@ -26,10 +26,11 @@ GPU_MAX_LENGTH = 32768
 MAX_NEW_TOKENS = 12
 # The needle names a key and marks the number with "#"; the question names the key before and
 # after the essays, and the prompt ends with the needle's own words up to the "#", so the model
-# only has to copy the digits that follow the one matching place in the context. Measured with dense SDPA on CPU (benchmarks/results/needle_format_cpu.md):
-# the former "The special magic number is 1234567." needle (no key, digits after a plain
-# space, a token that precedes every number of the essays) was found far less often by the
-# packaged small models; the question never contains the number.
+# only has to copy the digits that follow the one matching place in the context (the question
+# never contains the number). Dense SDPA on CPU (benchmarks/results/needle_format_cpu.md):
+# SmolLM2-135M at 8k tokens found it 6/9 (3/3 at depths 0.5 and 0.9, 0/3 at 0.1) against 3/9
+# for the former "The special magic number is 1234567." (no key; the digits followed a bare
+# space, which precedes every number of the essays); both formats 9/9 at 2k, Gemma up to 16k.
 HEAD = "There is a special magic number for {key} hidden in the text below. Find it and remember it."
 NEEDLE = "The special magic number for {key} is #{number}."
 QUESTION = "What is the special magic number for {key} mentioned in the text above? Answer with the number only."
