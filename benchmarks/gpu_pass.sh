@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_pass.sh models OUT   # break-even, whole-model prefill, demo, evals
 # Shorter phases for a tight device budget (each well under 10 minutes):
 #   selection OUT (GPU tests, pattern-search profile), layer OUT (Llama layer 8k-128k + GQA),
+#   kvloads OUT (kernel tests, pointer vs descriptor K/V loads at 128k, GQA sharing),
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
@@ -36,6 +37,11 @@ case "$phase" in
   layer)
     run bench_layer 200 python benchmarks/bench_attention.py --mode suite,gqa --quick --shapes llama3.1-8b \
       --inputs synthetic,random --lengths 8k,32k,128k --random-max-len 32768 --out "$out/bench_layer" --max-minutes 2.5
+    ;;
+  kvloads)
+    run gpu_tests 150 python -m pytest tests/ops tests/test_varlen.py -q -m gpu -p no:cacheprovider
+    run kv_loads 260 env OUT="$out" python benchmarks/compare_kv_loads.py 131072 230
+    run bench_gqa 90 python benchmarks/bench_attention.py --mode gqa --out "$out/bench_gqa" --max-minutes 1.2
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py

@@ -269,3 +269,48 @@ def test_gpu_config_space_fits_every_block_size(bs):
         sigs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
         assert kept and len(set(sigs)) == len(sigs)
         assert all(bs % bm == 0 and bs % bn == 0 for bm, bn, _, _ in sigs)
+
+
+def _layouts(B, N, Hkv, D, dtype, seed):
+    """K as the kernel may get it: token-major [B, N, H, D], a head-major view of [B, H, N, D],
+    and a slice of a wider last dim (heads side by side, rows with a gap)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, N, Hkv, D, generator=g).to(DEV, dtype)
+    head_major = base.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.zeros(B, N, Hkv, 2 * D, device=DEV, dtype=dtype)
+    wide[..., :D] = base
+    return {"token-major": base, "head-major": head_major, "sliced": wide[..., :D]}
+
+
+@pytest.mark.parametrize("layout", ["token-major", "head-major", "sliced"])
+@pytest.mark.parametrize("dtype", [F16, pytest.param(BF16, marks=pytest.mark.gpu)])
+def test_tma_and_pointer_loads_agree(layout, dtype, monkeypatch):
+    # the tensor-descriptor path (Hopper, and the interpreter) gives the pointer path's bits
+    from flexprefill.ops.sparse_attention import _tma_descriptors
+
+    B, N, Hq, Hkv, D, bs = 2, 700, 4, 2, 64, 64
+    q, _, _ = _qkv(B, N, Hq, Hkv, D, dtype, seed=21)
+    k = _layouts(B, N, Hkv, D, dtype, seed=22)[layout]
+    v = _layouts(B, N, Hkv, D, dtype, seed=23)[layout]
+    sel = _random_selection(B, Hq, N, bs, 0.4, seed=21)
+    if DEV == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert _tma_descriptors(k, v, D, D) is not None, "this layout should take the descriptor path"
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True, config=cfg)
+    out_t, lse_t = _launch(q, k, v, sel.counts, sel.indices, **kw)
+    monkeypatch.setenv("FLEXPREFILL_TMA", "0")
+    assert _tma_descriptors(k, v, D, D) is None
+    out_p, lse_p = _launch(q, k, v, sel.counts, sel.indices, **kw)
+    assert torch.equal(out_t, out_p) and torch.equal(lse_t, lse_p)
+    _assert_matches(out_t, lse_t, q, k.contiguous(), v.contiguous(), sel, D**-0.5)
+
+
+def test_tma_refuses_layouts_it_cannot_view():
+    from flexprefill.ops.sparse_attention import _tma_descriptors
+
+    k = torch.zeros(1, 64, 2, 80, dtype=F16, device=DEV)
+    assert _tma_descriptors(k, k, 80, 128) is None  # padded head dim: a tile would hold the next head
+    odd = torch.zeros(1, 64, 2, 65, dtype=F16, device=DEV)[..., :64]
+    assert _tma_descriptors(odd, odd, 64, 64) is None  # rows of 130 bytes: not 16-byte aligned
+    if DEV == "cpu":
+        assert _tma_descriptors(k[..., :64], k[..., :64], 64, 64) is not None

@@ -15,12 +15,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune_configs(space: Iterable[dict], *, interpret: dict) -> list[triton.Config]:
+def autotune_configs(space: Iterable[dict], *, interpret: dict, pre_hook=None) -> list[triton.Config]:
     """Build ``triton.Config`` objects from dicts of meta-parameters.
 
     Each dict holds the kernel's constexpr meta-parameters plus optional
     ``num_warps`` (default 4) and ``num_stages`` (default 2).  Under the
     interpreter timings mean nothing, so only ``interpret`` is returned.
+    ``pre_hook`` (called with the launch arguments) goes on every config.
     """
     chosen = [interpret] if interpreting() else list(space)
     configs = []
@@ -28,5 +29,5 @@ def autotune_configs(space: Iterable[dict], *, interpret: dict) -> list[triton.C
         meta = dict(c)
         num_warps = meta.pop("num_warps", 4)
         num_stages = meta.pop("num_stages", 2)
-        configs.append(triton.Config(meta, num_warps=num_warps, num_stages=num_stages))
+        configs.append(triton.Config(meta, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook))
     return configs

@@ -7,9 +7,12 @@ a fixed shape can be captured in a CUDA graph (after a first call has autotuned)
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
+
+from .autotune import interpreting
 
 from ..config import BLOCK_SIZES
 from .kernels.sparse_attention import sparse_attention_fwd_kernel, sparse_attention_fwd_tuned
@@ -17,6 +20,42 @@ from .kernels.sparse_attention import sparse_attention_fwd_kernel, sparse_attent
 __all__ = ["sparse_attention", "sparse_attention_varlen"]
 
 _LOG2E = 1.4426950408889634
+
+
+def _tma_descriptors(k, v, D: int, BD: int):
+    """Tensor descriptors for the off-diagonal K/V tiles, or None where the layout does not allow them.
+
+    Each descriptor views its tensor as ``[rows, stride_n]`` (``stride_n`` = the stride of the
+    token dim); a (sequence, head) slice starts at a row and a column of that view, and the
+    ``D`` columns it reads must not run into the next row.  Needs ``D`` a power of 2 >= 64
+    (so a tile holds no other head's columns), 16-byte aligned rows, Hopper or newer (or the
+    interpreter, which is how CI tests this path).  ``FLEXPREFILL_TMA=0`` turns it off.
+    """
+    if os.environ.get("FLEXPREFILL_TMA", "1") == "0" or D != BD:
+        return None
+    if not interpreting():
+        if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+            return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # triton < 3.4
+        return None
+    descs = []
+    for t in (k, v):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return None
+        sn, sh, sb = t.stride(-3), t.stride(-2), (t.stride(0) if t.dim() == 4 else 0)
+        heads = t.shape[-2]
+        esz = t.element_size()
+        if t.stride(-1) != 1 or sn <= 0 or (sn * esz) % 16 or t.data_ptr() % 16 or sb % sn:
+            return None
+        # heads either whole rows apart (head-major storage) or side by side within a row
+        if sh % sn and not (sh >= D and (heads - 1) * sh + D <= sn):
+            return None
+        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        rows = -(-extent // sn)
+        descs.append(TensorDescriptor(t, [rows, sn], [sn, 1], [BD, BD]))
+    return descs
 
 
 def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale: float, return_lse: bool = False):
@@ -83,12 +122,13 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
     lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)
     BD = max(64, triton.next_power_of_2(D))
     group = Hq // Hkv
+    descs = _tma_descriptors(k, v, D, BD)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * group, B * Hkv)
 
     args = (
-        q, k, v, out, lse_arg, counts, indices,
+        q, k, v, out, lse_arg, counts, indices, *(descs or (k, v)),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -99,16 +139,22 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         # sequence bounds and the lse head stride are unused by the dense path
         counts, counts, counts, counts, 0,
         # constexprs positionally too: every triton version hands these to the config prune
-        group, D, BD, block_size, return_lse, False,
+        group, D, BD, block_size, return_lse, False, descs is not None,
     )
+    _run(args, grid, BD, block_size, config, descs)
+    return (out, lse) if return_lse else out
+
+
+def _run(args, grid, BD, block_size, config, descs):
     if config is None:
         sparse_attention_fwd_tuned[BD][grid](*args)
-    else:
-        cfg = dict(config)
-        if block_size % cfg["BLOCK_M"] or block_size % cfg["BLOCK_N"]:
-            raise ValueError(f"config {config} tiles must divide block_size={block_size}")
-        sparse_attention_fwd_kernel[grid(cfg)](*args, **cfg)
-    return (out, lse) if return_lse else out
+        return
+    cfg = dict(config)
+    if block_size % cfg["BLOCK_M"] or block_size % cfg["BLOCK_N"]:
+        raise ValueError(f"config {config} tiles must divide block_size={block_size}")
+    for d in descs or ():
+        d.block_shape = [cfg["BLOCK_N"], BD]
+    sparse_attention_fwd_kernel[grid(cfg)](*args, **cfg)
 
 
 def sparse_attention_varlen(
@@ -146,13 +192,14 @@ def sparse_attention_varlen(
     lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)
     BD = max(64, triton.next_power_of_2(D))
     group = Hq // Hkv
+    descs = _tma_descriptors(k, v, D, BD)
 
     def grid(meta):
         # a chunk's queries span at most cdiv(n_q, BLOCK_M) + 1 tiles aligned to absolute positions
         return ((triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) + 1) * group, S * Hkv)
 
     args = (
-        q, k, v, out, lse_arg, counts, indices,
+        q, k, v, out, lse_arg, counts, indices, *(descs or (k, v)),
         0, q.stride(0), q.stride(1),
         0, k.stride(0), k.stride(1),
         0, v.stride(0), v.stride(1),
@@ -161,13 +208,7 @@ def sparse_attention_varlen(
         indices.stride(0), indices.stride(1), indices.stride(2),
         max_seqlen_k, Hkv, softmax_scale * _LOG2E,
         q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0,
-        group, D, BD, block_size, return_lse, True,
+        group, D, BD, block_size, return_lse, True, descs is not None,
     )
-    if config is None:
-        sparse_attention_fwd_tuned[BD][grid](*args)
-    else:
-        cfg = dict(config)
-        if block_size % cfg["BLOCK_M"] or block_size % cfg["BLOCK_N"]:
-            raise ValueError(f"config {config} tiles must divide block_size={block_size}")
-        sparse_attention_fwd_kernel[grid(cfg)](*args, **cfg)
+    _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out

@@ -4,6 +4,8 @@ the last n_q of n_k positions (bottom-right causal, tiles aligned to absolute po
 Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128, GQA 1/2/4);
 the dense path on an H200 (bf16), the varlen path on CPU only so far.
 Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
+``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
+copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
 """
 
 import triton
@@ -43,6 +45,13 @@ _SPACE = {
 _INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: the descriptors' tile shape follows the config's BLOCK_N."""
+    if nargs.get("TMA"):
+        for name in ("k_desc", "v_desc"):
+            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BD"]]
+
+
 def _prune(configs, named_args, **kwargs):
     """Clamp tiles to the selection block size and drop the duplicates that makes."""
     bs = {**named_args, **kwargs}["BS"]
@@ -54,13 +63,14 @@ def _prune(configs, named_args, **kwargs):
         sig = (bm, bn, warps, c.num_stages)
         if sig not in seen:
             seen.add(sig)
-            kept.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=c.num_stages))
+            kept.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=c.num_stages,
+                                      pre_hook=_set_tma_blocks))
     return kept
 
 
 @triton.jit
 def sparse_attention_fwd_kernel(
-    q, k, v, o, lse, counts, indices,
+    q, k, v, o, lse, counts, indices, k_desc, v_desc,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -70,7 +80,7 @@ def sparse_attention_fwd_kernel(
     N, HKV, scale_log2,
     q_starts, q_ends, k_starts, k_ends, stride_lh,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
     # run together and share their k/v blocks through l2; last tiles (longest rows) first
@@ -99,8 +109,8 @@ def sparse_attention_fwd_kernel(
         # row of the packed tensors (clamped where masked)
         o_row = q0 + tl.where(m_m, o_m - P, 0)
         p_q = q + i_h * stride_qh + o_row[:, None] * stride_qn + o_d[None, :]
-        p_kh = k + k0 * stride_kn + i_hk * stride_kh
-        p_vh = v + k0 * stride_vn + i_hk * stride_vh
+        off_k = k0 * stride_kn + i_hk * stride_kh
+        off_v = k0 * stride_vn + i_hk * stride_vh
     else:
         n_k = N
         i_mt = n_mt - 1 - i_p // GROUP
@@ -109,8 +119,17 @@ def sparse_attention_fwd_kernel(
         o_m = i_mt * BLOCK_M + tl.arange(0, BLOCK_M)
         m_m = o_m < N
         p_q = q + i_b * stride_qb + i_h * stride_qh + o_m[:, None] * stride_qn + o_d[None, :]
-        p_kh = k + i_b * stride_kb + i_hk * stride_kh
-        p_vh = v + i_b * stride_vb + i_hk * stride_vh
+        off_k = i_b * stride_kb + i_hk * stride_kh
+        off_v = i_b * stride_vb + i_hk * stride_vh
+    p_kh = k + off_k
+    p_vh = v + off_v
+    if TMA:
+        # the descriptors view k and v as [rows, row stride]: this (sequence, kv head) starts
+        # at row off // stride_n, column off % stride_n (the launcher checked the layout)
+        r_k = (off_k // stride_kn).to(tl.int32)
+        c_k = (off_k % stride_kn).to(tl.int32)
+        r_v = (off_v // stride_vn).to(tl.int32)
+        c_v = (off_v % stride_vn).to(tl.int32)
     # [BM, BD]
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
 
@@ -133,11 +152,14 @@ def sparse_attention_fwd_kernel(
     # last block can be partial, and only its own row sees it), so no masks at all
     for t in range(0, n_full * (BS // BLOCK_N)):
         i_kb = tl.load(p_idx + t // (BS // BLOCK_N)).to(tl.int64)
-        o_n = i_kb * BS + (t % (BS // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = i_kb * BS + (t % (BS // BLOCK_N)) * BLOCK_N
+        o_n = n0 + tl.arange(0, BLOCK_N)
         p_k = p_kh + o_n[:, None] * stride_kn + o_d[None, :]
         p_v = p_vh + o_n[:, None] * stride_vn + o_d[None, :]
-        if BD == D:
+        if TMA:
             # [BN, BD]
+            b_k = k_desc.load([r_k + n0.to(tl.int32), c_k])
+        elif BD == D:
             b_k = tl.load(p_k)
         else:
             b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
@@ -148,8 +170,10 @@ def sparse_attention_fwd_kernel(
         b_alpha = tl.exp2(b_m - b_mn)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None]
-        if BD == D:
+        if TMA:
             # [BN, BD]
+            b_v = v_desc.load([r_v + n0.to(tl.int32), c_v])
+        elif BD == D:
             b_v = tl.load(p_v)
         else:
             b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
@@ -204,7 +228,7 @@ def sparse_attention_fwd_kernel(
 # one autotuner per head-dim bucket, keyed on (padded head dim, block size); triton adds the dtypes
 sparse_attention_fwd_tuned = {
     bd: triton.autotune(
-        configs=autotune_configs(space, interpret=_INTERPRET),
+        configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
         key=["BD", "BS", "VARLEN"],
         prune_configs_by={"early_config_prune": _prune},
     )(sparse_attention_fwd_kernel)
