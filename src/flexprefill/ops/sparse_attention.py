@@ -15,7 +15,7 @@ import triton
 from .autotune import interpreting
 
 from ..config import BLOCK_SIZES
-from .kernels.sparse_attention import sparse_attention_fwd_kernel, sparse_attention_fwd_tuned
+from .kernels.sparse_attention import length_bucket, sparse_attention_fwd_kernel, sparse_attention_fwd_tuned
 
 __all__ = ["sparse_attention", "sparse_attention_varlen"]
 
@@ -137,7 +137,7 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         indices.stride(0), indices.stride(1), indices.stride(2),
         N, Hkv, softmax_scale * _LOG2E,
         # sequence bounds and the lse head stride are unused by the dense path
-        counts, counts, counts, counts, 0,
+        counts, counts, counts, counts, 0, length_bucket(N),
         # constexprs positionally too: every triton version hands these to the config prune
         group, D, BD, block_size, return_lse, False, descs is not None,
     )
@@ -207,7 +207,7 @@ def sparse_attention_varlen(
         counts.stride(0), counts.stride(1),
         indices.stride(0), indices.stride(1), indices.stride(2),
         max_seqlen_k, Hkv, softmax_scale * _LOG2E,
-        q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0,
+        q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k),
         group, D, BD, block_size, return_lse, True, descs is not None,
     )
     _run(args, grid, BD, block_size, config, descs)
