@@ -250,16 +250,18 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
 
 # --- the assembly as a CUDA graph where launches, not the GPU, bound its time -----------
 #
-# At nb <= 512 blocks (N <= 64k at block 128) the assembly is ~70 small launches whose
+# At nb <= 256 blocks (N <= 32k at block 128) the assembly is ~70 small launches whose
 # host cost (~2-3 ms on an H200 host) exceeds their GPU time; one graph replay per shape
-# replaces them.  Its inputs are small (scores and block means, [BH, nb(, D)]) and are
+# replaces them (32k, 32 heads: 1.62 ms against 2.15 ms eager).  At 512 blocks the graph's
+# small head chunks made it slower than the eager assembly (64k: 5.1 ms against 3.4 ms;
+# benchmarks/results/h200/selection_profile_35240a9.json), so the limit is 256.  Its inputs are small (scores and block means, [BH, nb(, D)]) and are
 # copied into the graph's own buffers, so the caller's q, k, v are never copied.  The
 # graph's memory pool (the assembly's temporaries of one head chunk, ~70 MB) stays
 # reserved while the graph is cached: at most _GRAPH_CACHE shapes, LRU, and
 # ``clear_graph_cache()`` frees them.  Off with FLEXPREFILL_SELECTION_GRAPHS=0; never
 # used while the caller is itself capturing a graph.
 
-_GRAPH_MAX_NB = 512
+_GRAPH_MAX_NB = 256
 _GRAPH_CACHE = 4
 # inside a graph more head chunks cost no host time, and the pool it keeps is the peak of
 # one chunk's temporaries (~140 B per element): 2^19 elements keep it near 70 MB (an H200
