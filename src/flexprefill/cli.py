@@ -377,7 +377,8 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
     density = {i: float(s.density.float().mean()) for i, s in sorted(stats.items())}
     qa_heads = {i: int(s.query_aware.sum()) for i, s in sorted(stats.items())}
     heads = next(iter(stats.values())).density.shape[1] if stats else 0
-    dense_layers = {i: r.reason for i, r in sorted(record.items()) if r.path != "flexprefill"}
+    dense_layers = {i: r.reason for i, r in sorted(record.items()) if r.path == "dense"}
+    window_layers = sorted(i for i, r in record.items() if r.path == "window")
     mean_density = sum(density.values()) / len(density) if density else None
     number = sample["number"]
     report = {
@@ -397,6 +398,7 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
         "query_aware_heads_per_layer": qa_heads,
         "mean_density": None if mean_density is None else round(mean_density, 4),
         "dense_layers": dense_layers,
+        "window_layers": window_layers,
         "plot": None,
     }
     steps.update(1)
@@ -445,6 +447,8 @@ def _print_report(r: dict, heads: int, device: torch.device) -> None:
         print(f"mean density {r['mean_density']:.3f} over {len(items)} FlexPrefill layers")
     else:
         print("density      no layer ran FlexPrefill")
+    if r.get("window_layers"):
+        print(f"window       layers {r['window_layers']}: exact sliding-window kernel (no pattern search)")
     if r["dense_layers"]:
         reasons = sorted(set(r["dense_layers"].values()))
         print(f"dense layers {sorted(r['dense_layers'])} ({', '.join(reasons)})")

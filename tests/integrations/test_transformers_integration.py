@@ -101,6 +101,31 @@ def test_logits_equal_sdpa_and_unpatch_round_trips(arch):
 
 
 @torch.no_grad()
+def test_sliding_layers_run_the_exact_window_kernel():
+    # Gemma 3's sliding layer (window 64 < N) on the windowed kernel (the interpreter on CPU:
+    # backend="triton"); a padded batch or a prompt inside the window stays on SDPA
+    model = _model("gemma3")
+    ids, short = _ids(), _ids(n=60)
+    batch = _ids(n=200, batch=2)
+    mask = torch.ones_like(batch)
+    mask[0, :40] = 0
+    ref, ref_short = model(ids).logits, model(short).logits
+    ref_batch = model(batch, attention_mask=mask).logits
+    flexprefill.patch(model, EXACT.replace(backend="triton"))
+    try:
+        out = model(ids).logits
+        assert _paths(model) == {0: ("window", ""), 1: ("flexprefill", "")}
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(short).logits, ref_short, atol=1e-4, rtol=1e-4)
+        assert _paths(model)[0] == ("dense", "sliding_window")
+        out_batch = model(batch, attention_mask=mask).logits
+        assert _paths(model)[0] == ("dense", "sliding_window")
+        torch.testing.assert_close(out_batch[1], ref_batch[1], atol=1e-4, rtol=1e-4)
+    finally:
+        flexprefill.unpatch(model)
+
+
+@torch.no_grad()
 def test_generate_after_flexprefill_prefill_matches_sdpa(llama):
     ids = _ids(seed=2)
     dense = llama.generate(ids, max_new_tokens=6, do_sample=False)

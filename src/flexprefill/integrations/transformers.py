@@ -32,6 +32,13 @@ the mask's device) before FlexPrefill runs; anything else (packed sequences, sli
 windows, bidirectional or image-token blocks, additive biases, a mask that does not
 broadcast as ``[B or 1, Hq or 1, n, K]``) runs SDPA with reason "custom_mask".
 
+Sliding-window layers (Gemma 3's local layers, Mistral) get no FlexPrefill pattern: they are
+exact by design.  On CUDA, a prefill without padding or cached prefix whose mask is exactly
+the causal window ``i - window < j <= i`` (checked entry by entry, once per mask tensor) runs
+the block kernel on the band of blocks the window reaches, with the window applied per
+token (:func:`flexprefill.ops.dense.sliding_window_attention`): O(N * window) work where SDPA
+with a materialised mask does O(N^2).  Other sliding calls run SDPA ("sliding_window").
+
 Everything else is handed to transformers' SDPA function unchanged (or to an exact eager
 path when the layer soft-caps its logits, which SDPA cannot do); :class:`LayerRecord`
 says which path ran and why.
@@ -56,6 +63,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..api import SUPPORTED_HEAD_DIMS, block_sparse_attention, flex_prefill_attention, flex_prefill_attention_varlen
 from ..config import FlexPrefillConfig
+from ..ops.autotune import interpreting
+from ..ops.dense import sliding_window_attention
 from ..selection import PatternStats
 
 __all__ = [
@@ -89,10 +98,13 @@ _WARNED: set[str] = set()
 class LayerRecord:
     """What one attention layer did in its last call.
 
-    ``path``: "flexprefill" or "dense" (transformers' SDPA, or exact eager for soft-capping).
+    ``path``: "flexprefill", "window" (a sliding-window layer on the exact windowed kernel:
+    O(N * window) work, no approximation) or "dense" (transformers' SDPA, or exact eager for
+    soft-capping).
     ``reason``: why it was dense ("" for flexprefill): "decode" (one query), "short" (every
     sequence has fewer than ``min_seq_len`` keys), "custom_mask" (a mask that is not exactly
-    causal + padding), "sliding_window", "layer_not_selected", "not_causal", "dropout",
+    causal + padding), "sliding_window" (a sliding layer the windowed kernel does not take:
+    padding, a cached prefix, CPU, or a window that does not bind), "layer_not_selected", "not_causal", "dropout",
     "position_bias", "selector_varlen" (a custom selector, which takes a plain batch only,
     on a padded or cached-prefix call), "unsupported_head_dim", "unsupported_dtype", "softcap".
     ``varlen``: the call ran :func:`flex_prefill_attention_varlen` on the packed valid rows
@@ -277,6 +289,66 @@ def _layout(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) -> _Layo
     return lay
 
 
+# the last mask checked against a sliding window: (weak reference, version, shape, window, ok)
+_WINDOW_MEMO: list = [None]
+
+
+def _window_mask_ok(mask: torch.Tensor, batch: int, heads: int, n: int, window: int) -> bool:
+    """True when ``mask`` allows exactly ``i - window < j <= i`` for every batch element and head
+    (one host sync per mask tensor; every sliding layer of a forward gets the same tensor)."""
+    memo = _WINDOW_MEMO[0]
+    if memo is not None:
+        ref, version, shape, w, ok = memo
+        if ref() is mask and version == mask._version and shape == (batch, heads, n) and w == window:
+            return ok
+    ok = (
+        mask.dim() == 4
+        and tuple(mask.shape[-2:]) == (n, n)
+        and mask.shape[0] in (1, batch)
+        and mask.shape[1] in (1, heads)
+        and (mask.dtype == torch.bool or mask.is_floating_point())
+    )
+    if ok:
+        dev = mask.device
+        good = torch.ones((), dtype=torch.bool, device=dev)
+        rows = max(1, _CHECK_ELEMS // max(1, mask.shape[0] * mask.shape[1] * n))
+        jv = torch.arange(n, device=dev)[None, :]
+        for i0 in range(0, n, rows):
+            iv = torch.arange(i0, min(n, i0 + rows), device=dev)[:, None]
+            want = (jv <= iv) & (jv > iv - window)
+            blk = mask[:, :, i0 : i0 + rows]
+            good &= (_allowed(blk) == want).all()
+            if blk.dtype != torch.bool:
+                good &= ((blk == 0) | (blk < _MASKED_BELOW)).all()
+        ok = bool(good.item())
+    _WINDOW_MEMO[0] = (weakref.ref(mask), mask._version, (batch, heads, n), window, ok)
+    return ok
+
+
+def _window_reason(query, key, value, attention_mask, window, cfg) -> str:
+    """Why a sliding-window layer cannot run the exact windowed kernel ("" when it can).
+
+    The kernel runs for a prefill without padding or cached prefix whose mask is exactly the
+    causal window (checked), on CUDA (or with ``backend="triton"``, the interpreter in tests).
+    Without a mask transformers has found the window does not bind: SDPA's causal path is exact.
+    """
+    n = query.shape[2]
+    if attention_mask is None or not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return "sliding_window"
+    if not (query.is_cuda or (cfg.backend == "triton" and interpreting())):
+        return "sliding_window"
+    if key.shape[2] != n or n <= window:
+        return "sliding_window"
+    D = query.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS or key.shape[-1] != D or value.shape[-1] != D:
+        return "sliding_window"
+    if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
+        return "sliding_window"
+    if not _window_mask_ok(attention_mask, query.shape[0], query.shape[1], n, window):
+        return "sliding_window"
+    return ""
+
+
 def _is_sliding(module, layer_idx, kwargs) -> bool:
     if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
         return True
@@ -379,7 +451,16 @@ def attention_forward(
     if q_len == 1:
         return dense("decode")
     if _is_sliding(module, layer_idx, kwargs):
-        return dense("sliding_window")
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        reason = _window_reason(query, key, value, attention_mask, window, cfg)
+        if reason:
+            return dense(reason)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = sliding_window_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), window=int(window), softmax_scale=scale
+        )
+        _record(module, LayerRecord("window", "", q_len, k_len))
+        return out, None
     if state is not None and state.layers is not None and layer_idx not in state.layers:
         return dense("layer_not_selected")
     if dropout and module.training:

@@ -1,7 +1,10 @@
-"""Dense causal attention: the short-sequence path of the operator.
+"""Dense causal attention: the short-sequence path of the operator; exact sliding-window attention.
 
 Without an LSE, PyTorch SDPA (cuDNN / FlashAttention on the GPU).  With an LSE, the
 block-sparse kernel on the full causal selection, built on the device without a sync.
+Sliding-window layers (Gemma 3, Mistral) run the same kernel on the band of blocks the
+window reaches, with the window applied per token: O(N * window) work where SDPA with a
+mask does O(N^2).
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .sparse_attention import sparse_attention
+from .sparse_attention import _launch, sparse_attention
 
-__all__ = ["dense_causal_attention", "full_causal_selection"]
+__all__ = ["dense_causal_attention", "full_causal_selection", "window_selection", "sliding_window_attention"]
 
 _BLOCK = 128
 
@@ -51,3 +54,46 @@ def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = 
     B, N, Hq, _ = q.shape
     counts, indices = full_causal_selection(B, Hq, N, _BLOCK, q.device)
     return sparse_attention(q, k, v, counts, indices, block_size=_BLOCK, softmax_scale=softmax_scale, return_lse=True)
+
+
+def window_selection(B: int, Hq: int, N: int, block_size: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key blocks a causal sliding window reaches: row block ``r`` lists blocks
+    ``c <= r`` holding a key ``j > r * block_size - window`` (visible from the block's first row).
+
+    Returns counts int32 [B, Hq, nb] and indices int32 [B, Hq, nb, w], ``w`` = the largest
+    count (broadcast views of one [nb, w] table; -1 past each count).
+    """
+    nb = math.ceil(N / block_size)
+    r = torch.arange(nb, device=device)
+    # first block whose last key c*bs + bs - 1 is > r*bs - window
+    lo = torch.div(r * block_size - window - block_size + 1, block_size, rounding_mode="floor") + 1
+    lo = lo.clamp_min(0)
+    counts = (r - lo + 1).to(torch.int32)
+    width = min(nb, (window + block_size - 2) // block_size + 2)
+    t = torch.arange(width, device=device)
+    indices = torch.where(t[None, :] < counts[:, None], lo[:, None] + t[None, :], -1).to(torch.int32)
+    return counts.expand(B, Hq, nb), indices.expand(B, Hq, nb, width)
+
+
+def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float, return_lse: bool = False,
+                             block_size: int = _BLOCK):
+    """Exact causal sliding-window attention: query ``i`` sees keys ``i - window < j <= i``
+    (the convention of transformers' ``sliding_window``).
+
+    Args:
+        q: [B, N, Hq, D]; k, v: [B, N, Hkv, D], ``Hq % Hkv == 0``; CUDA fp16/bf16 (or any
+            device under ``TRITON_INTERPRET=1``).
+        window: tokens, >= 1.
+        softmax_scale: scale of the scores.
+        return_lse: also return ``lse`` fp32 [B, Hq, N] (natural log).
+        block_size: 32, 64 or 128: the tile grid of the band.
+
+    Returns:
+        ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} must be an int >= 1 (tokens)")
+    B, N, Hq, _ = q.shape
+    counts, indices = window_selection(B, Hq, N, block_size, window, q.device)
+    return _launch(q, k, v, counts, indices, block_size=block_size, softmax_scale=softmax_scale,
+                   return_lse=return_lse, window=window)

@@ -79,7 +79,7 @@ def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale
     return _launch(q, k, v, counts, indices, block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse)
 
 
-def _check(q, k, v, counts, indices, block_size):
+def _check(q, k, v, counts, indices, block_size, narrow_indices=False):
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size={block_size!r} is not supported; accepted: {BLOCK_SIZES}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -94,19 +94,26 @@ def _check(q, k, v, counts, indices, block_size):
     nb = math.ceil(N / block_size)
     if counts.dtype != torch.int32 or tuple(counts.shape) != (B, Hq, nb):
         raise ValueError(f"counts must be int32 [{B}, {Hq}, {nb}], got {counts.dtype} {tuple(counts.shape)}")
-    if indices.dtype != torch.int32 or tuple(indices.shape) != (B, Hq, nb, nb):
+    if narrow_indices:
+        shape_ok = indices.dim() == 4 and tuple(indices.shape[:3]) == (B, Hq, nb) and indices.shape[3] >= 1
+    else:
+        shape_ok = tuple(indices.shape) == (B, Hq, nb, nb)
+    if indices.dtype != torch.int32 or not shape_ok:
         raise ValueError(f"indices must be int32 [{B}, {Hq}, {nb}, {nb}], got {indices.dtype} {tuple(indices.shape)}")
     for name, t in (("k", k), ("v", v), ("counts", counts), ("indices", indices)):
         if t.device != q.device:
             raise ValueError(f"q is on {q.device} but {name} is on {t.device}")
 
 
-def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, config=None, out=None, lse=None):
+def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, config=None, out=None, lse=None,
+            window=None):
     """Launch with autotuning, or with ``config`` = dict(BLOCK_M, BLOCK_N, num_warps, num_stages).
 
-    ``out`` and ``lse`` may be given (tests poison them to catch unwritten rows).
+    ``out`` and ``lse`` may be given (tests poison them to catch unwritten rows).  ``window``:
+    a sliding window on top of the selection (then ``indices`` may be narrower than ``nb``:
+    it needs room for the largest count only).
     """
-    _check(q, k, v, counts, indices, block_size)
+    _check(q, k, v, counts, indices, block_size, narrow_indices=window is not None)
     B, N, Hq, D = q.shape
     Hkv = k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -137,9 +144,9 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         indices.stride(0), indices.stride(1), indices.stride(2),
         N, Hkv, softmax_scale * _LOG2E,
         # sequence bounds and the lse head stride are unused by the dense path
-        counts, counts, counts, counts, 0, length_bucket(N),
+        counts, counts, counts, counts, 0, length_bucket(N), 0 if window is None else int(window),
         # constexprs positionally too: every triton version hands these to the config prune
-        group, D, BD, block_size, return_lse, False, descs is not None,
+        group, D, BD, block_size, return_lse, False, descs is not None, window is not None,
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out
@@ -207,8 +214,8 @@ def sparse_attention_varlen(
         counts.stride(0), counts.stride(1),
         indices.stride(0), indices.stride(1), indices.stride(2),
         max_seqlen_k, Hkv, softmax_scale * _LOG2E,
-        q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k),
-        group, D, BD, block_size, return_lse, True, descs is not None,
+        q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k), 0,
+        group, D, BD, block_size, return_lse, True, descs is not None, False,
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out

@@ -4,6 +4,8 @@ the last n_q of n_k positions (bottom-right causal, tiles aligned to absolute po
 Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128, GQA 1/2/4);
 the dense path on an H200 (bf16), the varlen path on CPU only so far.
 Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
+``WINDOWED`` adds a sliding window (key j visible from query i when ``i - j < window``, the
+transformers convention) on top of whichever blocks the selection lists.
 ``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
 copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
 """
@@ -68,7 +70,7 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
-@triton.jit(do_not_specialize=["N_BUCKET"])
+@triton.jit(do_not_specialize=["N_BUCKET", "window"])
 def sparse_attention_fwd_kernel(
     q, k, v, o, lse, counts, indices, k_desc, v_desc,
     stride_qb, stride_qn, stride_qh,
@@ -78,9 +80,10 @@ def sparse_attention_fwd_kernel(
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_ir,
     N, HKV, scale_log2,
-    q_starts, q_ends, k_starts, k_ends, stride_lh, N_BUCKET,
+    q_starts, q_ends, k_starts, k_ends, stride_lh, N_BUCKET, window,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, WINDOWED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
     # run together and share their k/v blocks through l2; last tiles (longest rows) first
@@ -165,9 +168,18 @@ def sparse_attention_fwd_kernel(
             b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
         # [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1) * scale_log2)
-        b_p = tl.exp2(b_s * scale_log2 - b_mn[:, None])
-        b_alpha = tl.exp2(b_m - b_mn)
+        if WINDOWED:
+            # sliding window: key j visible from query i when i - j < window; a row may see
+            # none of this tile's keys, so keep exp2 away from -inf - -inf as below
+            b_s = tl.where(o_n[None, :] > o_m[:, None] - window, b_s * scale_log2, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+            b_p = tl.exp2(b_s - b_safe[:, None])
+            b_alpha = tl.exp2(b_m - b_safe)
+        else:
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1) * scale_log2)
+            b_p = tl.exp2(b_s * scale_log2 - b_mn[:, None])
+            b_alpha = tl.exp2(b_m - b_mn)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None]
         if TMA:
@@ -193,7 +205,10 @@ def sparse_attention_fwd_kernel(
         b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
         # [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        b_s = tl.where((o_n[None, :] <= o_m[:, None]) & m_n[None, :], b_s, float("-inf"))
+        b_vis = (o_n[None, :] <= o_m[:, None]) & m_n[None, :]
+        if WINDOWED:
+            b_vis = b_vis & (o_n[None, :] > o_m[:, None] - window)
+        b_s = tl.where(b_vis, b_s, float("-inf"))
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         # a row that has seen no key yet stays at -inf: keep exp2 away from -inf - -inf
         b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
@@ -237,7 +252,7 @@ def length_bucket(n: int) -> int:
 sparse_attention_fwd_tuned = {
     bd: triton.autotune(
         configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
-        key=["BD", "BS", "VARLEN", "N_BUCKET"],
+        key=["BD", "BS", "VARLEN", "WINDOWED", "N_BUCKET"],
         prune_configs_by={"early_config_prune": _prune},
     )(sparse_attention_fwd_kernel)
     for bd, space in _SPACE.items()

@@ -1,0 +1,85 @@
+"""Exact sliding-window attention (the kernel's WINDOWED path) against masked attention in fp32."""
+
+import math
+
+import pytest
+import torch
+
+from flexprefill.ops.dense import sliding_window_attention, window_selection
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
+
+
+def _qkv(B, N, Hq, Hkv, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, N, h, D, generator=g).to(DEV, dtype) for h in (Hq, Hkv, Hkv))
+
+
+def _masked(q, k, v, window, scale, dtype=torch.float32):
+    """Attention with transformers' sliding mask (kv_idx > q_idx - window, kv_idx <= q_idx)."""
+    N = q.shape[1]
+    g = q.shape[2] // k.shape[2]
+    i = torch.arange(N, device=q.device)
+    allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    qh = q.transpose(1, 2).to(dtype)
+    kh = k.transpose(1, 2).repeat_interleave(g, 1).to(dtype)
+    vh = v.transpose(1, 2).repeat_interleave(g, 1).to(dtype)
+    s = (qh @ kh.transpose(-1, -2)).float() * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return (torch.softmax(s, -1).to(dtype) @ vh).transpose(1, 2), lse
+
+
+@pytest.mark.parametrize(
+    "B,N,Hq,Hkv,D,window,bs,dtype",
+    [
+        pytest.param(1, 700, 4, 1, 64, 200, 64, F16, id="N700-W200-bs64-fp16"),
+        pytest.param(2, 333, 2, 2, 128, 64, 32, F32, id="B2-N333-W64-bs32-fp32"),
+        pytest.param(1, 500, 2, 1, 64, 1, 64, F32, id="W1-only-self"),
+        pytest.param(1, 300, 2, 1, 64, 5000, 128, F16, id="window-longer-than-N"),
+        pytest.param(1, 640, 4, 2, 80, 100, 64, F16, id="D80-W100"),
+        pytest.param(1, 4100, 8, 2, 256, 512, 128, BF16, id="N4100-W512-D256-bf16", marks=pytest.mark.gpu),
+    ],
+)
+def test_sliding_window_matches_masked_attention(B, N, Hq, Hkv, D, window, bs, dtype):
+    q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + window)
+    scale = 0.8 / math.sqrt(D)
+    out, lse = sliding_window_attention(q, k, v, window=window, softmax_scale=scale, return_lse=True, block_size=bs)
+    ref, ref_lse = _masked(q.float(), k.float(), v.float(), window, scale)
+    pt, _ = _masked(q, k, v, window, scale, dtype=dtype)
+    tol = 2 * (pt.float() - ref).abs().max().item() + (1e-5 if dtype == F32 else 0.0)
+    assert out.shape == q.shape and out.dtype == dtype and not out.isnan().any()
+    err = (out.float() - ref).abs().max().item()
+    assert err <= tol, f"output error {err:.3g} > {tol:.3g}"
+    assert (lse - ref_lse).abs().max().item() < 1e-3
+    # windows change the answer: far keys matter in full causal attention
+    if window < N // 2:
+        full, _ = _masked(q.float(), k.float(), v.float(), N, scale)
+        assert (full - ref).abs().max().item() > 10 * tol
+
+
+def test_window_selection_lists_exactly_the_reached_blocks():
+    N, bs = 1000, 64
+    for window in (1, 63, 64, 65, 200, 2000):
+        counts, indices = window_selection(1, 1, N, bs, window, DEV)
+        nb = counts.shape[-1]
+        i = torch.arange(N)
+        allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        blk = torch.zeros(nb, nb, dtype=torch.bool)
+        for r in range(nb):
+            rows = allowed[r * bs : (r + 1) * bs]
+            for c in range(nb):
+                blk[r, c] = rows[:, c * bs : (c + 1) * bs].any()
+        got = torch.zeros(nb, nb, dtype=torch.bool)
+        for r in range(nb):
+            for t in range(int(counts[0, 0, r])):
+                got[r, int(indices[0, 0, r, t])] = True
+        assert torch.equal(got, blk), f"window {window}"
+
+
+def test_bad_window():
+    q, k, v = _qkv(1, 64, 2, 1, 64, F32, seed=0)
+    for w in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            sliding_window_attention(q, k, v, window=w, softmax_scale=0.1)
