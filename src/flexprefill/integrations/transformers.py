@@ -210,6 +210,16 @@ class _Layout:
 _MEMO: list = [None]
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter; inference tensors (``torch.inference_mode``) have none,
+    and there the memo relies on the tensor's identity alone (transformers builds a new mask
+    tensor for every forward)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _allowed(m: torch.Tensor) -> torch.Tensor:
     return m if m.dtype == torch.bool else m == 0
 
@@ -282,10 +292,10 @@ def _layout(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) -> _Layo
     memo = _MEMO[0]
     if memo is not None:
         ref, version, shape, lay = memo
-        if ref() is mask and version == mask._version and shape == (batch, heads, n, k):
+        if ref() is mask and version == _version(mask) and shape == (batch, heads, n, k):
             return lay
     lay = _analyse_mask(mask, batch, heads, n, k)
-    _MEMO[0] = (weakref.ref(mask), mask._version, (batch, heads, n, k), lay)
+    _MEMO[0] = (weakref.ref(mask), _version(mask), (batch, heads, n, k), lay)
     return lay
 
 
@@ -299,7 +309,7 @@ def _window_mask_ok(mask: torch.Tensor, batch: int, heads: int, n: int, window: 
     memo = _WINDOW_MEMO[0]
     if memo is not None:
         ref, version, shape, w, ok = memo
-        if ref() is mask and version == mask._version and shape == (batch, heads, n) and w == window:
+        if ref() is mask and version == _version(mask) and shape == (batch, heads, n) and w == window:
             return ok
     ok = (
         mask.dim() == 4
@@ -321,7 +331,7 @@ def _window_mask_ok(mask: torch.Tensor, batch: int, heads: int, n: int, window: 
             if blk.dtype != torch.bool:
                 good &= ((blk == 0) | (blk < _MASKED_BELOW)).all()
         ok = bool(good.item())
-    _WINDOW_MEMO[0] = (weakref.ref(mask), mask._version, (batch, heads, n), window, ok)
+    _WINDOW_MEMO[0] = (weakref.ref(mask), _version(mask), (batch, heads, n), window, ok)
     return ok
 
 
