@@ -129,6 +129,39 @@ def test_sliding_layers_run_the_exact_window_kernel():
 
 
 @torch.no_grad()
+def test_sliding_mask_of_a_plain_prefill_is_a_placeholder():
+    # no N x N tensor for the window of a plain prefill; padded prompts get the real mask
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    model = _model("gemma3")
+    ids = _ids()
+    ref = model(ids).logits
+    flexprefill.patch(model, EXACT)
+    try:
+        cfg = model.config
+        emb = torch.zeros(2, N, COMMON["hidden_size"])
+        pos = torch.arange(N)[None]
+        lazy = create_sliding_window_causal_mask(cfg, emb, None, None, position_ids=pos)
+        assert lazy is not None and lazy.numel() == 0 and tf._lazy(lazy)["window"] == 64
+        real = tf._real_mask(lazy)
+        i = torch.arange(N)
+        want = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 64)
+        assert real.shape[-2:] == (N, N) and torch.equal(real[0, 0], want) and tf._real_mask(lazy) is real
+        pad = torch.ones(2, N, dtype=torch.long)
+        pad[0, :10] = 0
+        padded = create_sliding_window_causal_mask(cfg, emb, pad, None, position_ids=pos)
+        assert padded.numel() == 2 * N * N
+        # a full-attention layer's mask stays SDPA's (None for a plain causal prefill)
+        assert create_causal_mask(cfg, emb, None, None, position_ids=pos) is None
+        # on CPU the sliding layer falls back to SDPA on the materialised mask: same logits
+        out = model(ids).logits
+        assert _paths(model)[0] == ("dense", "sliding_window")
+    finally:
+        flexprefill.unpatch(model)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_generate_after_flexprefill_prefill_matches_sdpa(llama):
     ids = _ids(seed=2)
     dense = llama.generate(ids, max_new_tokens=6, do_sample=False)

@@ -1,10 +1,12 @@
 """FlexPrefill as a transformers (5.x) attention implementation named ``"flexprefill"``.
 
 Importing this module registers the attention function with ``AttentionInterface`` and
-transformers' own ``sdpa_mask`` with ``AttentionMaskInterface`` under the same name, so
-masks are exactly SDPA's: ``None`` for a plain causal prefill, a decode step or the first
+:func:`flexprefill_mask` with ``AttentionMaskInterface`` under the same name.  Its masks are
+transformers' ``sdpa_mask``: ``None`` for a plain causal prefill, a decode step or the first
 prefill into an empty static cache (no N x N mask is built), a materialised boolean mask
-``[B, 1, n, K]`` for padding, packing, sliding windows and cached prefixes.
+``[B, 1, n, K]`` for padding, packing, sliding windows and cached prefixes; except the
+sliding window of a plain prefill, which is an empty placeholder tensor (the windowed
+kernel needs no mask; a fallback to SDPA builds the real one, once per forward).
 
 Which calls run FlexPrefill (full-attention layers, causal, n > 1 queries):
 
@@ -33,8 +35,9 @@ windows, bidirectional or image-token blocks, additive biases, a mask that does 
 broadcast as ``[B or 1, Hq or 1, n, K]``) runs SDPA with reason "custom_mask".
 
 Sliding-window layers (Gemma 3's local layers, Mistral) get no FlexPrefill pattern: they are
-exact by design.  On CUDA, a prefill without padding or cached prefix whose mask is exactly
-the causal window ``i - window < j <= i`` (checked entry by entry, once per mask tensor) runs
+exact by design.  On CUDA, a prefill without padding or cached prefix whose mask is the
+placeholder above, or a real mask that is exactly the causal window ``i - window < j <= i``
+(checked entry by entry, once per mask tensor), runs
 the block kernel on the band of blocks the window reaches, with the window applied per
 token (:func:`flexprefill.ops.dense.sliding_window_attention`): O(N * window) work where SDPA
 with a materialised mask does O(N^2).  Other sliding calls run SDPA ("sliding_window").
@@ -71,6 +74,7 @@ __all__ = [
     "NAME",
     "LayerRecord",
     "attention_forward",
+    "flexprefill_mask",
     "register",
     "patch",
     "unpatch",
@@ -335,7 +339,7 @@ def _window_mask_ok(mask: torch.Tensor, batch: int, heads: int, n: int, window: 
     return ok
 
 
-def _window_reason(query, key, value, attention_mask, window, cfg) -> str:
+def _window_reason(query, key, value, attention_mask, window, cfg, lazy=None) -> str:
     """Why a sliding-window layer cannot run the exact windowed kernel ("" when it can).
 
     The kernel runs for a prefill without padding or cached prefix whose mask is exactly the
@@ -354,6 +358,10 @@ def _window_reason(query, key, value, attention_mask, window, cfg) -> str:
         return "sliding_window"
     if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
         return "sliding_window"
+    if lazy is not None:
+        # the placeholder of flexprefill_mask: a plain causal window by construction
+        ok = lazy["window"] == window and lazy["n"] == n and lazy["batch"] == query.shape[0]
+        return "" if ok else "sliding_window"
     if not _window_mask_ok(attention_mask, query.shape[0], query.shape[1], n, window):
         return "sliding_window"
     return ""
@@ -401,6 +409,7 @@ def _record(module, rec: LayerRecord) -> None:
 
 def _dense(module, query, key, value, attention_mask, layer_idx, reason, kwargs, *, dropout, scaling):
     _record(module, LayerRecord("dense", reason, query.shape[2], key.shape[2]))
+    attention_mask = _real_mask(attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
@@ -445,7 +454,7 @@ def attention_forward(
             "so these layers run exact eager attention",
         )
         _record(module, LayerRecord("dense", "softcap", q_len, k_len))
-        return _softcap_eager(module, query, key, value, attention_mask, scaling, softcap, is_causal)
+        return _softcap_eager(module, query, key, value, _real_mask(attention_mask), scaling, softcap, is_causal)
     if getattr(module, "attn_logit_softcapping", None) is not None:
         # the module has a cap but its forward does not pass it (Gemma 3): transformers' own
         # sdpa and eager ignore it, so dense SDPA is the model's behaviour; FlexPrefill stays off
@@ -462,7 +471,7 @@ def attention_forward(
         return dense("decode")
     if _is_sliding(module, layer_idx, kwargs):
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        reason = _window_reason(query, key, value, attention_mask, window, cfg)
+        reason = _window_reason(query, key, value, attention_mask, window, cfg, _lazy(attention_mask))
         if reason:
             return dense(reason)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -539,11 +548,80 @@ def attention_forward(
     return out, None
 
 
+# attribute of the placeholder mask that stands for a plain causal sliding window
+_LAZY = "_flexprefill_window"
+
+
+def flexprefill_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    allow_is_causal_skip: bool = True,
+    allow_is_bidirectional_skip: bool = False,
+    use_vmap: bool = False,
+    config=None,
+    **kwargs,
+):
+    """transformers mask function of ``"flexprefill"``: SDPA's masks, except one case.
+
+    SDPA's masks are None whenever ``is_causal`` suffices (no N x N mask for a causal
+    prefill).  A *sliding-window* mask of a plain prefill (no padding, no cached prefix, no
+    extra mask functions, more queries than the window) would be a materialised N x N
+    boolean tensor (1 GB at 32k tokens, 16 GB at 128k); instead this returns an empty
+    placeholder tensor that records the call.  The attention function runs the exact
+    windowed kernel on it, or builds the real mask (once per placeholder) where it falls
+    back to SDPA.  Checking for padding reads the 2D mask's ``all()`` (one small sync).
+    """
+    call = dict(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
+        allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap, config=config, **kwargs,
+    )
+    window = getattr(config, "sliding_window", None)
+    plain_window = (
+        local_size is not None
+        and window == local_size
+        and getattr(config, "attention_chunk_size", None) is None
+        and getattr(config, "is_causal", True)
+        and allow_is_causal_skip  # transformers turns it off for extra (or/and/packed/block) masks
+        and not allow_is_bidirectional_skip
+        and not use_vmap
+        and q_offset == 0
+        and kv_offset == 0
+        and kv_length == q_length
+        and q_length > local_size
+        and (attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all())))
+    )
+    if not plain_window:
+        return sdpa_mask(**call)
+    device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+    placeholder = torch.empty(0, dtype=torch.bool, device=device)
+    setattr(placeholder, _LAZY, dict(window=int(local_size), batch=batch_size, n=q_length, call=call, dense=None))
+    return placeholder
+
+
+def _lazy(mask) -> dict | None:
+    return getattr(mask, _LAZY, None) if mask is not None else None
+
+
+def _real_mask(mask):
+    """``mask``, or the real SDPA mask a placeholder of :func:`flexprefill_mask` stands for (built once)."""
+    lazy = _lazy(mask)
+    if lazy is None:
+        return mask
+    if lazy["dense"] is None:
+        lazy["dense"] = sdpa_mask(**lazy["call"])
+    return lazy["dense"]
+
+
 def register() -> None:
     """Register ``"flexprefill"`` with transformers' attention and mask interfaces (idempotent)."""
     AttentionInterface.register(NAME, attention_forward)
-    # SDPA's masks: None whenever is_causal suffices, so no N x N mask for a causal prefill
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, flexprefill_mask)
 
 
 register()
