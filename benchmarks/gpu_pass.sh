@@ -5,6 +5,7 @@
 # Shorter phases for a tight device budget (each well under 10 minutes):
 #   selection OUT (GPU tests, pattern-search profile), layer OUT (Llama layer 8k-128k + GQA),
 #   kvloads OUT (kernel tests, pointer vs descriptor K/V loads at 128k, GQA sharing),
+#   window OUT (sliding-window kernel against masked SDPA and FlexAttention),
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
@@ -42,6 +43,10 @@ case "$phase" in
     run gpu_tests 150 python -m pytest tests/ops tests/test_varlen.py -q -m gpu -p no:cacheprovider
     run kv_loads 260 env OUT="$out" python benchmarks/compare_kv_loads.py 131072 230
     run bench_gqa 90 python benchmarks/bench_attention.py --mode gqa --out "$out/bench_gqa" --max-minutes 1.2
+    ;;
+  window)
+    run window_tests 120 python -m pytest tests/ops/test_sliding_window.py tests/integrations -q -m gpu -p no:cacheprovider
+    run bench_window 200 python benchmarks/bench_attention.py --mode window --out "$out/bench_window" --max-minutes 2.5
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py

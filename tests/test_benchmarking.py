@@ -193,3 +193,19 @@ def test_quick_cpu_dry_run(tmp_path, capsys):
     assert {p["input"] for p in payload["patterns"]} == {"synthetic", "random"}
     assert (tmp_path / "results.csv").exists() and (tmp_path / "results.md").exists()
     assert "summary" in capsys.readouterr().out
+
+
+def test_window_mode_cpu(tmp_path, monkeypatch, capsys):
+    # the windowed kernel (interpreter) against SDPA with the materialised mask; the GPU-only
+    # baselines are not tried on a CPU
+    monkeypatch.setattr(bm, "WINDOW_SHAPES", (("tiny", 2, 1, 64, 100),))
+    rc = bm.main(["--mode", "window", "--device", "cpu", "--window-lengths", "300", "--dtype", "fp32", "--rep-ms", "1",
+                  "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    by = {r["method"]: r for r in rows if r.get("mode") == "window"}
+    assert set(by) == {"window_kernel", "sdpa_masked"}
+    k = by["window_kernel"]
+    assert k["ms"] > 0 and k["speedup_vs_sdpa_masked"] > 0 and k["max_abs_err"] < 1e-4 and k["window"] == 100
+    assert "Sliding-window layers" in (tmp_path / "results.md").read_text()
+    assert "sliding-window layers" in capsys.readouterr().out

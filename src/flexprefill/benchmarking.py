@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import json
 import math
@@ -1062,7 +1063,101 @@ def _efficiency_at(shape, N, dtype, device, args, stamp, sparse_attention) -> li
     return rows
 
 
-_MODES = ("suite", "breakeven", "model", "efficiency", "gqa")
+_MODES = ("suite", "breakeven", "model", "efficiency", "gqa", "window")
+
+# sliding-window layer shapes: (name, Hq, Hkv, D, window)
+WINDOW_SHAPES = (("gemma3-270m-local", 4, 1, 256, 512), ("mistral-7b", 32, 8, 128, 4096))
+
+
+@functools.lru_cache(maxsize=None)
+def _window_mask_mod(window: int):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return mask_mod
+
+
+def run_window_mode(args, state) -> None:
+    """Sliding-window layers: the exact windowed kernel against SDPA with the materialised
+    mask (what transformers runs), compiled FlexAttention with a sliding BlockMask, and
+    cuDNN full causal (not the same attention: what the window saves)."""
+    from .ops.dense import sliding_window_attention
+
+    device, stamp, log = state["device"], state["stamp"], state["log"]
+    dtype = _dtype(args.dtype)
+    for name, hq, hkv, d, window in WINDOW_SHAPES:
+        for N in _parse_lengths(args.window_lengths):
+            if state["deadline"].passed():
+                state["rows"].append(dict(mode="window", shape=name, N=N, skipped="time budget", **stamp))
+                return
+            try:
+                _window_case(name, hq, hkv, d, window, N, dtype, device, args, state, sliding_window_attention)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                state["rows"].append(dict(mode="window", shape=name, N=N, window=window, error=_first_line(e), **stamp))
+            finally:
+                _free(device)
+                state["checkpoint"]()
+    log("window: " + "; ".join(f"{r['shape']} {r['N']}: {r['method']} {r['ms']:.3g} ms" for r in state["rows"]
+                               if r.get("mode") == "window" and r.get("ms")))
+
+
+def _window_case(name, hq, hkv, d, window, N, dtype, device, args, state, sliding_window_attention) -> None:
+    import torch.nn.functional as F
+
+    stamp = state["stamp"]
+    q, k, v = random_qkv(1, N, hq, hkv, d, seed=args.seed, dtype=dtype, device=device)
+    scale = d**-0.5
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    base = dict(mode="window", shape=name, Hq=hq, Hkv=hkv, D=d, B=1, N=N, window=window, input="random",
+                dtype=str(dtype).replace("torch.", ""), **stamp)
+    outs, times = {}, {}
+
+    def record(method, fn, note=""):
+        row = dict(base, method=method, note=note)
+        try:
+            out = fn()
+            ms, reps = time_ms(fn, device=device, budget_ms=args.rep_ms, warmed=True)
+            row.update(ms=ms, reps=reps)
+            outs[method], times[method] = out, ms
+        except MethodUnavailable as e:
+            row.update(skipped=str(e))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row.update(error=_first_line(e))
+        state["rows"].append(row)
+        _free(device)
+
+    record("window_kernel", lambda: sliding_window_attention(q, k, v, window=window, softmax_scale=scale).transpose(1, 2))
+    if N <= args.window_mask_max_len:
+        i = torch.arange(N, device=device)
+        mask = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
+        gqa = dict(enable_gqa=True) if hq != hkv else {}
+        record("sdpa_masked", lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, **gqa),
+               "SDPA with the materialised N x N bool mask (transformers' sliding layers)")
+        del mask
+    else:
+        state["rows"].append(dict(base, method="sdpa_masked", skipped=f"N > --window-mask-max-len {args.window_mask_max_len}"))
+    if device.type == "cuda":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        from .backends.flex_attention import compiled_flex_attention
+
+        bm = create_block_mask(_window_mask_mod(window), None, None, N, N, device=device)
+        flex = compiled_flex_attention(_flex_dynamic(args))
+        record("flex_window", lambda: flex(qt, kt, vt, block_mask=bm, scale=scale, enable_gqa=hq != hkv),
+               "torch.compile(flex_attention), sliding BlockMask")
+        fn, note = make_dense_fn("cudnn", qt, kt, vt, scale=scale)
+        record("cudnn_causal", fn, "full causal attention, not windowed: what the window saves")
+    ref = outs.get("sdpa_masked", outs.get("flex_window"))
+    for r in state["rows"]:
+        if r.get("mode") != "window" or r.get("shape") != name or r.get("N") != N or not r.get("ms"):
+            continue
+        for b in ("sdpa_masked", "flex_window"):
+            if b in times and r["method"] == "window_kernel":
+                r[f"speedup_vs_{b}"] = times[b] / r["ms"]
+        if ref is not None and r["method"] in outs and r["method"] != "cudnn_causal":
+            r["max_abs_err"] = (outs[r["method"]].float() - ref.float()).abs().max().item()
 
 
 def run_gqa_note(args, state) -> None:
@@ -1412,6 +1507,8 @@ _MD_SUITE = ["shape", "N", "input", "method", "ms", "density", "tflops", "speedu
              "extra_mem_bytes", "extra_mem_frac_qkv", "warmup_s", "note", "skipped", "error"]
 _MD_EFF = ["shape", "N", "target_density", "density", "ms", "tflops", "baseline", "baseline_tflops", "efficiency", "error"]
 _MD_GQA = ["shape", "Hq", "Hkv", "N", "density", "ms", "tflops", "baseline_ms", "speedup", "note", "error"]
+_MD_WINDOW = ["shape", "Hq", "Hkv", "D", "N", "window", "method", "ms", "speedup_vs_sdpa_masked", "speedup_vs_flex_window",
+              "max_abs_err", "note", "skipped", "error"]
 _MD_MODEL = ["shape", "N", "method", "ms", "speedup", "answer", "correct", "note", "error"]
 _MD_PATTERN = ["shape", "N", "input", "layer", "density", "qa_frac", "js_mean", "js_median"]
 
@@ -1444,6 +1541,7 @@ def results_markdown(payload: dict) -> str:
         ("Pattern statistics (captured vs synthetic vs random)", _pattern_rows(payload.get("patterns", [])), _MD_PATTERN),
         ("Kernel efficiency (our kernel TFLOP/s over the dense baseline's)", [r for r in rows if r.get("mode") == "kernel_efficiency"], _MD_EFF),
         ("K/V sharing (GQA)", [r for r in rows if r.get("mode") == "gqa"], _MD_GQA),
+        ("Sliding-window layers (exact windowed kernel)", [r for r in rows if r.get("mode") == "window"], _MD_WINDOW),
         ("Break-even rows", [r for r in rows if r.get("mode") == "breakeven"], _MD_SUITE),
         ("Whole model prefill", [r for r in rows if r.get("mode") == "model"], _MD_MODEL),
     ]
@@ -1582,7 +1680,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speed of FlexPrefill against dense attention (cuDNN, flash), FlexAttention and its own parts, "
                     "in one run; writes results.json/csv/md and plots to --out.",
     )
-    p.add_argument("--mode", default="suite", help="comma list of suite, breakeven, model, efficiency, gqa (default: suite; "
+    p.add_argument("--mode", default="suite", help="comma list of suite, breakeven, model, efficiency, gqa, window (default: suite; "
                    "suite includes efficiency and gqa unless --quick)")
     p.add_argument("--lengths", default=",".join(str(n) for n in DEFAULT_LENGTHS), help="sequence lengths (8192 or 8k)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {sorted(SHAPES)} or Hq/Hkv/D")
@@ -1607,6 +1705,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile(flex_attention, dynamic=...): auto = static first, symbolic after a size changes")
     p.add_argument("--efficiency-len", type=int, default=131072, help="N of the kernel-efficiency sweep (halved on OOM)")
     p.add_argument("--gqa-len", type=int, default=65536, help="N of the GQA comparison")
+    p.add_argument("--window-lengths", default="8k,32k,128k", help="N of the sliding-window mode")
+    p.add_argument("--window-mask-max-len", type=int, default=65536,
+                   help="longest N for SDPA with a materialised mask in the window mode (N x N bytes)")
     p.add_argument("--breakeven-lengths", default=",".join(str(n) for n in BREAKEVEN_LENGTHS))
     p.add_argument("--models", default=",".join(CAPTURE_MODELS), help="models of the model mode")
     p.add_argument("--model", "--model-path", dest="model_overrides", action="append", default=[],
@@ -1669,7 +1770,7 @@ def main(argv=None) -> int:
     for m in modes:
         try:
             {"suite": run_suite, "breakeven": run_breakeven, "model": run_model_mode,
-             "efficiency": run_kernel_efficiency, "gqa": run_gqa_note}[m](args, state)
+             "efficiency": run_kernel_efficiency, "gqa": run_gqa_note, "window": run_window_mode}[m](args, state)
         except Exception:  # noqa: BLE001 - keep what the other modes measured
             traceback.print_exc()
     payload["meta"]["elapsed_s"] = round(state["deadline"].elapsed(), 1)
@@ -1710,6 +1811,11 @@ def _print_final(payload: dict) -> None:
         print(format_table(pats, ["shape", "N", "input", "layer", "density", "qa_frac", "js_mean"], markdown=False))
     for b in payload.get("breakeven", []):
         print(f"break-even {b['shape']} {b['input']}: {b['break_even_N']}")
+    win = [r for r in rows if r.get("mode") == "window" and r.get("ms")]
+    if win:
+        print("\n=== sliding-window layers ===")
+        print(format_table(win, ["shape", "N", "window", "method", "ms", "speedup_vs_sdpa_masked", "speedup_vs_flex_window",
+                                 "max_abs_err"], markdown=False))
     models = [r for r in rows if r.get("mode") == "model"]
     if models:
         print("\n=== whole model ===")
