@@ -8,6 +8,8 @@ from .api import (
     flex_prefill_attention_varlen,
     select_blocks,
     select_blocks_varlen,
+    sliding_window_attention,
+    sliding_window_attention_varlen,
 )
 from .config import FlexPrefillConfig
 from .integrations import patch, register, unpatch
@@ -26,6 +28,8 @@ __all__ = [
     "flex_prefill_attention_varlen",
     "select_blocks_varlen",
     "block_sparse_attention_varlen",
+    "sliding_window_attention",
+    "sliding_window_attention_varlen",
     "reference",
     "patch",
     "unpatch",

@@ -44,6 +44,8 @@ __all__ = [
     "flex_prefill_attention_varlen",
     "select_blocks_varlen",
     "block_sparse_attention_varlen",
+    "sliding_window_attention",
+    "sliding_window_attention_varlen",
     "SUPPORTED_HEAD_DIMS",
 ]
 
@@ -554,3 +556,69 @@ def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
     if return_stats:
         res = res + (stats,)
     return res[0] if len(res) == 1 else res
+
+
+# --- exact sliding-window attention (the local layers of Gemma 3, Mistral) -------------
+
+
+def _check_window(window) -> int:
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window={window!r} must be a Python int (tokens)")
+    if window < 1:
+        raise ValueError(f"window={window!r} must be >= 1 (tokens; a query sees keys i - window < j <= i)")
+    return window
+
+
+def sliding_window_attention(
+    q, k, v, *, window: int, softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto"
+):
+    """Exact causal sliding-window attention: query ``i`` sees keys ``i - window < j <= i``
+    (transformers' ``sliding_window`` convention).  No pattern search, no approximation.
+
+    On CUDA the block kernel runs over the band of key blocks the window reaches and applies
+    the window per token: O(N * window) work, no N x N mask.
+
+    Args:
+        q: [B, N, Hq, D]; k, v: [B, N, Hkv, D], ``Hq % Hkv == 0``; D in 64, 80, 96, 128, 256.
+        window: tokens, >= 1 (``window >= N`` is plain causal attention).
+        softmax_scale: default ``1/sqrt(D)``.
+        return_lse: also return ``lse`` [B, Hq, N] fp32 (natural log).
+        backend: "auto" (Triton on CUDA, fp32 reference on CPU), "triton" or "reference".
+
+    Returns:
+        ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
+    """
+    _check_qkv(q, k, v)
+    window = _check_window(window)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
+        return reference.dense_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, window=window)
+    from .ops.dense import sliding_window_attention as _swa
+
+    return _swa(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse)
+
+
+def sliding_window_attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+    window: int, softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto",
+):
+    """:func:`sliding_window_attention` over packed sequences or prefill chunks over cached
+    prefixes (arguments as :func:`flex_prefill_attention_varlen`; the window is on absolute
+    positions, so a chunk sees the cached keys within the window).
+
+    Returns:
+        ``out`` [total_q, Hq, D] in the input dtype, and ``lse`` [Hq, total_q] when asked.
+    """
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    window = _check_window(window)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
+        return reference.dense_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse, window=window
+        )
+    from .ops.dense import sliding_window_attention_varlen as _swa_varlen
+
+    return _swa_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        window=window, softmax_scale=scale, return_lse=return_lse,
+    )

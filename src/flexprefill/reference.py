@@ -285,14 +285,18 @@ def _block_sparse(q, k, v, block_mask, bs, scale, return_lse):
     return _attend(q, k, v, token_mask & _causal(n_q, n_k, q.device), scale, return_lse)
 
 
-def dense_attention(q, k, v, *, softmax_scale: float | None = None, return_lse: bool = False):
+def dense_attention(q, k, v, *, softmax_scale: float | None = None, return_lse: bool = False, window: int | None = None):
     """Dense causal attention in fp32 (GQA by head index), output in the input dtype.
 
     ``k, v`` may be longer than ``q``: bottom-right alignment (the queries are the last positions).
+    ``window``: a sliding window, key ``j`` visible from position ``i`` when ``i - window < j <= i``.
     """
     B, N, Hq, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     causal = _causal(N, k.shape[1], q.device)
+    if window is not None:
+        pos_q = torch.arange(k.shape[1] - N, k.shape[1], device=q.device)
+        causal = causal & (torch.arange(k.shape[1], device=q.device)[None, :] > pos_q[:, None] - window)
     return _attend(q, k, v, causal.expand(B, Hq, *causal.shape), scale, return_lse)
 
 
@@ -398,15 +402,18 @@ def block_sparse_attention_varlen(
     return (out, lse) if return_lse else out
 
 
-def dense_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float | None = None, return_lse: bool = False):
-    """Dense causal attention per sequence (bottom-right aligned), fp32: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]``."""
+def dense_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float | None = None, return_lse: bool = False,
+                           window: int | None = None):
+    """Dense causal attention per sequence (bottom-right aligned), fp32: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]``
+    (``window``: a sliding window as in :func:`dense_attention`)."""
     total_q, Hq, D = q.shape
     out = torch.zeros(total_q, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((Hq, total_q), float("-inf"), device=q.device)
     for q0, q1, k0, k1 in _bounds(cu_seqlens_q, cu_seqlens_k):
         if q1 == q0:
             continue
-        o, l = dense_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale=softmax_scale, return_lse=True)
+        o, l = dense_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale=softmax_scale, return_lse=True,
+                               window=window)
         out[q0:q1], lse[:, q0:q1] = o[0], l[0]
     return (out, lse) if return_lse else out
 

@@ -14,9 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .sparse_attention import _launch, sparse_attention
+from .sparse_attention import _launch, sparse_attention, sparse_attention_varlen
 
-__all__ = ["dense_causal_attention", "full_causal_selection", "window_selection", "sliding_window_attention"]
+__all__ = ["dense_causal_attention", "full_causal_selection", "window_selection", "sliding_window_attention",
+           "sliding_window_attention_varlen"]
 
 _BLOCK = 128
 
@@ -97,3 +98,22 @@ def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float, retu
     counts, indices = window_selection(B, Hq, N, block_size, window, q.device)
     return _launch(q, k, v, counts, indices, block_size=block_size, softmax_scale=softmax_scale,
                    return_lse=return_lse, window=window)
+
+
+def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                                    window: int, softmax_scale: float, return_lse: bool = False, block_size: int = _BLOCK):
+    """:func:`sliding_window_attention` of packed sequences: ``q [total_q, Hq, D]``, ``k, v
+    [total_k, Hkv, D]``, int32 ``cu_seqlens``; a sequence with more keys than queries is a chunk
+    over a cached prefix (its queries are the last positions).  The window is on absolute
+    positions, so a chunk sees the prefix keys within the window.  Returns ``out [total_q, Hq, D]``
+    and ``lse [Hq, total_q]`` when asked."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} must be an int >= 1 (tokens)")
+    S = cu_seqlens_q.numel() - 1
+    Hq = q.shape[1]
+    counts, indices = window_selection(S, Hq, max_seqlen_k, block_size, window, q.device)
+    return sparse_attention_varlen(
+        q, k, v, counts, indices, cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:],
+        max_seqlen_q, max_seqlen_k, block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse,
+        window=window,
+    )

@@ -166,7 +166,7 @@ def _run(args, grid, BD, block_size, config, descs):
 
 def sparse_attention_varlen(
     q, k, v, counts, indices, q_starts, q_ends, k_starts, k_ends, max_seqlen_q: int, max_seqlen_k: int, *,
-    block_size: int, softmax_scale: float, return_lse: bool = False, config=None, out=None, lse=None,
+    block_size: int, softmax_scale: float, return_lse: bool = False, config=None, out=None, lse=None, window=None,
 ):
     """Block-sparse causal attention of packed sequences (chunks over a cached prefix).
 
@@ -181,6 +181,8 @@ def sparse_attention_varlen(
             (``n_q <= n_k``, lengths at most the maxima: not checked, no host sync).
         max_seqlen_q, max_seqlen_k: Python ints, the grid size.
         config: dict(BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning.
+        window: a sliding window on absolute positions on top of the selection (``indices``
+            may then be narrower than ``max_nb``).
         out, lse: preallocated outputs (rows outside every sequence are left as given).
 
     Returns:
@@ -214,8 +216,9 @@ def sparse_attention_varlen(
         counts.stride(0), counts.stride(1),
         indices.stride(0), indices.stride(1), indices.stride(2),
         max_seqlen_k, Hkv, softmax_scale * _LOG2E,
-        q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k), 0,
-        group, D, BD, block_size, return_lse, True, descs is not None, False,
+        q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k),
+        0 if window is None else int(window),
+        group, D, BD, block_size, return_lse, True, descs is not None, window is not None,
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out
