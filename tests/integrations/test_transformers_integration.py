@@ -121,11 +121,33 @@ def test_sliding_layers_run_the_exact_window_kernel():
         assert _paths(model) == {0: ("window", ""), 1: ("flexprefill", "")}
         torch.testing.assert_close(model(short).logits, ref_short, atol=1e-4, rtol=1e-4)
         assert _paths(model)[0] == ("dense", "sliding_window")
+        # a left-padded batch: the valid rows are packed and run the varlen windowed kernel
         out_batch = model(batch, attention_mask=mask).logits
-        assert _paths(model)[0] == ("dense", "sliding_window")
+        rec = tf.last_record(model)[0]
+        assert (rec.path, rec.varlen, rec.lengths) == ("window", True, ((160, 160), (200, 200)))
         torch.testing.assert_close(out_batch[1], ref_batch[1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out_batch[0, 40:], ref_batch[0, 40:], atol=1e-4, rtol=1e-4)
     finally:
         flexprefill.unpatch(model)
+
+
+@torch.no_grad()
+def test_sliding_layers_over_a_cached_prefix():
+    # chunked prefill: the sliding layer's chunk sees the cached keys within its window
+    model = _model("gemma3")
+    ids = _ids(seed=5)
+    prefix = model(ids[:, :200], use_cache=True)
+    ref = model(ids[:, 200:], past_key_values=prefix.past_key_values).logits
+    flexprefill.patch(model, EXACT.replace(backend="triton"))
+    try:
+        prefix = model(ids[:, :200], use_cache=True)
+        assert _paths(model)[0] == ("window", "")
+        out = model(ids[:, 200:], past_key_values=prefix.past_key_values).logits
+        rec = tf.last_record(model)[0]
+        assert rec.path == "window" and rec.varlen and rec.lengths[0][0] == 100 and rec.lengths[0][1] > 100
+    finally:
+        flexprefill.unpatch(model)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -374,3 +396,27 @@ def test_import_flexprefill_registers_before_transformers_is_imported():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+@torch.no_grad()
+def test_masks_of_both_layer_types_are_read_once_per_forward(monkeypatch):
+    # sliding and full layers alternate: each mask is analysed once per forward, not per layer
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 4},
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], sliding_window=64,
+    )
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    calls = []
+    real = tf._analyse_mask
+    monkeypatch.setattr(tf, "_analyse_mask", lambda *a: calls.append(a[-1]) or real(*a))
+    ids = _ids(n=200, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :30] = 0
+    flexprefill.patch(model, EXACT.replace(backend="triton"))
+    try:
+        model(ids, attention_mask=mask)
+        assert sorted(calls, key=str) == [64, None]
+        assert [r.path for r in tf.last_record(model).values()] == ["window", "flexprefill"] * 2
+    finally:
+        flexprefill.unpatch(model)

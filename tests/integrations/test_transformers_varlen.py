@@ -236,7 +236,7 @@ def test_mask_is_read_once_per_forward(llama, monkeypatch):
     flexprefill.patch(llama, EXACT)
     try:
         llama(ids, attention_mask=mask)
-        assert calls == [(2, 4, 100, 100)]  # two layers, one analysis (one host sync)
+        assert calls == [(2, 4, 100, 100, None)]  # two layers, one analysis (one host sync); no window
         llama(ids, attention_mask=mask)
         assert len(calls) == 2  # a new forward builds a new mask
     finally:

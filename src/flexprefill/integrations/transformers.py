@@ -35,12 +35,14 @@ windows, bidirectional or image-token blocks, additive biases, a mask that does 
 broadcast as ``[B or 1, Hq or 1, n, K]``) runs SDPA with reason "custom_mask".
 
 Sliding-window layers (Gemma 3's local layers, Mistral) get no FlexPrefill pattern: they are
-exact by design.  On CUDA, a prefill without padding or cached prefix whose mask is the
-placeholder above, or a real mask that is exactly the causal window ``i - window < j <= i``
-(checked entry by entry, once per mask tensor), runs
-the block kernel on the band of blocks the window reaches, with the window applied per
-token (:func:`flexprefill.ops.dense.sliding_window_attention`): O(N * window) work where SDPA
-with a materialised mask does O(N^2).  Other sliding calls run SDPA ("sliding_window").
+exact by design.  On CUDA they run the block kernel on the band of blocks the window reaches,
+with the window applied per token: O(N * window) work where SDPA with a materialised mask does
+O(N^2).  A plain prefill (the placeholder above) calls :func:`flexprefill.sliding_window_attention`;
+a real mask that is exactly *causal window + padding* (the fit above plus
+``j > i + off_b - window``, checked entry by entry, once per mask tensor: left or right
+padding, a cached prefix, Gemma 3's sliding cache) packs the valid rows for
+:func:`flexprefill.sliding_window_attention_varlen`.  Other sliding calls run SDPA
+("sliding_window"), as do all of them on the CPU.
 
 Everything else is handed to transformers' SDPA function unchanged (or to an exact eager
 path when the layer soft-caps its logits, which SDPA cannot do); :class:`LayerRecord`
@@ -64,10 +66,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..api import SUPPORTED_HEAD_DIMS, block_sparse_attention, flex_prefill_attention, flex_prefill_attention_varlen
+from ..api import (
+    SUPPORTED_HEAD_DIMS,
+    block_sparse_attention,
+    flex_prefill_attention,
+    flex_prefill_attention_varlen,
+    sliding_window_attention,
+    sliding_window_attention_varlen,
+)
 from ..config import FlexPrefillConfig
 from ..ops.autotune import interpreting
-from ..ops.dense import sliding_window_attention
 from ..selection import PatternStats
 
 __all__ = [
@@ -108,7 +116,8 @@ class LayerRecord:
     ``reason``: why it was dense ("" for flexprefill): "decode" (one query), "short" (every
     sequence has fewer than ``min_seq_len`` keys), "custom_mask" (a mask that is not exactly
     causal + padding), "sliding_window" (a sliding layer the windowed kernel does not take:
-    padding, a cached prefix, CPU, or a window that does not bind), "layer_not_selected", "not_causal", "dropout",
+    the CPU, a mask that is not causal window + padding, or no mask because the window does
+    not bind), "layer_not_selected", "not_causal", "dropout",
     "position_bias", "selector_varlen" (a custom selector, which takes a plain batch only,
     on a padded or cached-prefix call), "unsupported_head_dim", "unsupported_dtype", "softcap".
     ``varlen``: the call ran :func:`flex_prefill_attention_varlen` on the packed valid rows
@@ -209,9 +218,11 @@ class _Layout:
         return got
 
 
-# the last analysed mask: (weak reference, its version counter, call shape, layout); every
-# layer of a forward gets the same mask tensor, so the host copy happens once per forward
-_MEMO: list = [None]
+# the last analysed masks: (weak reference, its version counter, call shape and window,
+# layout), most recent last; every layer of a forward gets the same mask tensor (one per
+# layer type: full and sliding), so the host copy happens once per mask and forward
+_MEMO: list = []
+_MEMO_SIZE = 4
 
 
 def _version(t: torch.Tensor) -> int:
@@ -228,9 +239,10 @@ def _allowed(m: torch.Tensor) -> torch.Tensor:
     return m if m.dtype == torch.bool else m == 0
 
 
-def _analyse_mask(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) -> _Layout:
-    """Fit ``allowed(b, i, j) = s_b <= j < e_b and j <= i + off_b`` to the mask and check
-    every entry against it (one device-to-host copy of 3 ints per element)."""
+def _analyse_mask(mask: torch.Tensor, batch: int, heads: int, n: int, k: int, window: int | None = None) -> _Layout:
+    """Fit ``allowed(b, i, j) = s_b <= j < e_b and j <= i + off_b`` (and ``j > i + off_b - window``
+    with a sliding window) to the mask and check every entry against it (one device-to-host
+    copy of 3 ints per element)."""
     lay = _Layout(batch, n, k)
     if (
         mask.dim() != 4
@@ -244,11 +256,15 @@ def _analyse_mask(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) ->
     bm, hm = mask.shape[:2]
     dev = mask.device
     ar_k = torch.arange(k, device=dev)
-    # the last query row sees [s, e) in every causal + padding mask (valid or right-padding row)
-    last = _allowed(mask[:, 0, n - 1, :])  # [bm, K]
-    nonempty = last.any(-1)
-    s = torch.where(last, ar_k, k).amin(-1)
-    e = torch.where(last, ar_k + 1, 0).amax(-1)
+    if window is None:
+        # the last query row sees [s, e) in every causal + padding mask (valid or right-padding row)
+        seen = _allowed(mask[:, 0, n - 1, :])  # [bm, K]
+    else:
+        # with a window no single row sees them all: the keys any row sees
+        seen = _allowed(mask[:, 0]).any(1)  # [bm, K]
+    nonempty = seen.any(-1)
+    s = torch.where(seen, ar_k, k).amin(-1)
+    e = torch.where(seen, ar_k + 1, 0).amax(-1)
     # the first row that sees key e-1 is the last valid query row r1-1, so off = e - r1
     col_idx = (e - 1).clamp_min(0)[:, None, None].expand(bm, n, 1)
     col = _allowed(mask[:, 0].gather(2, col_idx).squeeze(-1))  # [bm, n]
@@ -265,6 +281,8 @@ def _analyse_mask(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) ->
         i1 = min(n, i0 + rows)
         iv = torch.arange(i0, i1, device=dev)[None, None, :, None]
         want = (jv >= sv) & (jv < ev) & (jv <= iv + ov)  # [bm, 1, rows, K]
+        if window is not None:
+            want &= jv > iv + ov - window
         blk = mask[:, :, i0:i1]
         ok &= (_allowed(blk) == want).all()
         if blk.dtype != torch.bool:
@@ -292,79 +310,66 @@ def _analyse_mask(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) ->
     return lay
 
 
-def _layout(mask: torch.Tensor, batch: int, heads: int, n: int, k: int) -> _Layout:
-    memo = _MEMO[0]
-    if memo is not None:
-        ref, version, shape, lay = memo
-        if ref() is mask and version == _version(mask) and shape == (batch, heads, n, k):
+def _layout(mask: torch.Tensor, batch: int, heads: int, n: int, k: int, window: int | None = None) -> _Layout:
+    key = (batch, heads, n, k, window)
+    for i, (ref, version, shape, lay) in enumerate(_MEMO):
+        if ref() is mask and version == _version(mask) and shape == key:
+            _MEMO.append(_MEMO.pop(i))
             return lay
-    lay = _analyse_mask(mask, batch, heads, n, k)
-    _MEMO[0] = (weakref.ref(mask), _version(mask), (batch, heads, n, k), lay)
+    lay = _analyse_mask(mask, batch, heads, n, k, window)
+    _MEMO.append((weakref.ref(mask), _version(mask), key, lay))
+    del _MEMO[:-_MEMO_SIZE]
     return lay
 
 
-# the last mask checked against a sliding window: (weak reference, version, shape, window, ok)
-_WINDOW_MEMO: list = [None]
-
-
-def _window_mask_ok(mask: torch.Tensor, batch: int, heads: int, n: int, window: int) -> bool:
-    """True when ``mask`` allows exactly ``i - window < j <= i`` for every batch element and head
-    (one host sync per mask tensor; every sliding layer of a forward gets the same tensor)."""
-    memo = _WINDOW_MEMO[0]
-    if memo is not None:
-        ref, version, shape, w, ok = memo
-        if ref() is mask and version == _version(mask) and shape == (batch, heads, n) and w == window:
-            return ok
-    ok = (
-        mask.dim() == 4
-        and tuple(mask.shape[-2:]) == (n, n)
-        and mask.shape[0] in (1, batch)
-        and mask.shape[1] in (1, heads)
-        and (mask.dtype == torch.bool or mask.is_floating_point())
-    )
-    if ok:
-        dev = mask.device
-        good = torch.ones((), dtype=torch.bool, device=dev)
-        rows = max(1, _CHECK_ELEMS // max(1, mask.shape[0] * mask.shape[1] * n))
-        jv = torch.arange(n, device=dev)[None, :]
-        for i0 in range(0, n, rows):
-            iv = torch.arange(i0, min(n, i0 + rows), device=dev)[:, None]
-            want = (jv <= iv) & (jv > iv - window)
-            blk = mask[:, :, i0 : i0 + rows]
-            good &= (_allowed(blk) == want).all()
-            if blk.dtype != torch.bool:
-                good &= ((blk == 0) | (blk < _MASKED_BELOW)).all()
-        ok = bool(good.item())
-    _WINDOW_MEMO[0] = (weakref.ref(mask), _version(mask), (batch, heads, n), window, ok)
-    return ok
-
-
-def _window_reason(query, key, value, attention_mask, window, cfg, lazy=None) -> str:
-    """Why a sliding-window layer cannot run the exact windowed kernel ("" when it can).
-
-    The kernel runs for a prefill without padding or cached prefix whose mask is exactly the
-    causal window (checked), on CUDA (or with ``backend="triton"``, the interpreter in tests).
-    Without a mask transformers has found the window does not bind: SDPA's causal path is exact.
-    """
-    n = query.shape[2]
-    if attention_mask is None or not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        return "sliding_window"
+def _window_unsupported(query, key, value, window, cfg) -> bool:
+    """True when the windowed kernel cannot take this call whatever the mask: CPU without
+    ``backend="triton"`` (the interpreter, in tests), a head dim or dtype it does not run."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return True
     if not (query.is_cuda or (cfg.backend == "triton" and interpreting())):
-        return "sliding_window"
-    if key.shape[2] != n or n <= window:
-        return "sliding_window"
+        return True
     D = query.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS or key.shape[-1] != D or value.shape[-1] != D:
-        return "sliding_window"
-    if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
-        return "sliding_window"
+        return True
+    return query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16)
+
+
+def _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense):
+    """A sliding-window layer: the exact windowed kernel where the mask is a causal window
+    (plain, padded or over a cached prefix), SDPA otherwise."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None or _window_unsupported(query, key, value, window, cfg):
+        # no mask: transformers found the window does not bind, SDPA's causal path is exact
+        return dense("sliding_window")
+    B = query.shape[0]
+    lazy = _lazy(attention_mask)
     if lazy is not None:
-        # the placeholder of flexprefill_mask: a plain causal window by construction
-        ok = lazy["window"] == window and lazy["n"] == n and lazy["batch"] == query.shape[0]
-        return "" if ok else "sliding_window"
-    if not _window_mask_ok(attention_mask, query.shape[0], query.shape[1], n, window):
-        return "sliding_window"
-    return ""
+        if not (lazy["window"] == window and lazy["n"] == q_len == k_len and lazy["batch"] == B):
+            return dense("sliding_window")
+        plain = True
+    else:
+        lay = _layout(attention_mask, B, query.shape[1], q_len, k_len, window=window)
+        if lay.reason:
+            return dense("sliding_window")
+        plain = lay.plain
+    if plain:
+        out = sliding_window_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), window=window, softmax_scale=scale,
+            backend="triton",
+        )
+        _record(module, LayerRecord("window", "", q_len, k_len))
+        return out, None
+    qb, qi, kb, kj, cu_q, cu_k = lay.packing(query.device)
+    op = sliding_window_attention_varlen(
+        query[qb, :, qi], key[kb, :, kj], value[kb, :, kj], cu_q, cu_k, lay.max_q, lay.max_k,
+        window=window, softmax_scale=scale, backend="triton",
+    )
+    out = query.new_zeros(B, q_len, query.shape[1], query.shape[-1])
+    out[qb, qi] = op
+    lens = tuple((r1 - r0, e - s) for _, r0, r1, s, e in lay.seqs)
+    _record(module, LayerRecord("window", "", q_len, k_len, varlen=True, lengths=lens))
+    return out, None
 
 
 def _is_sliding(module, layer_idx, kwargs) -> bool:
@@ -471,15 +476,8 @@ def attention_forward(
         return dense("decode")
     if _is_sliding(module, layer_idx, kwargs):
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        reason = _window_reason(query, key, value, attention_mask, window, cfg, _lazy(attention_mask))
-        if reason:
-            return dense(reason)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = sliding_window_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), window=int(window), softmax_scale=scale
-        )
-        _record(module, LayerRecord("window", "", q_len, k_len))
-        return out, None
+        return _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense)
     if state is not None and state.layers is not None and layer_idx not in state.layers:
         return dense("layer_not_selected")
     if dropout and module.training:
