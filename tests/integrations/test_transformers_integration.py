@@ -45,6 +45,9 @@ def _model(arch: str, qk_scale: float = 8.0, **extra):
             **COMMON, layer_types=["sliding_attention", "full_attention"], sliding_window=64, **extra
         )
         cls = transformers.Gemma3ForCausalLM
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**COMMON, sliding_window=64, **extra)
+        cls = transformers.MistralForCausalLM
     elif arch == "gemma2":
         cfg = transformers.Gemma2Config(**COMMON, sliding_window=64, attn_logit_softcapping=5.0, **extra)
         cls = transformers.Gemma2ForCausalLM
@@ -420,3 +423,18 @@ def test_masks_of_both_layer_types_are_read_once_per_forward(monkeypatch):
         assert [r.path for r in tf.last_record(model).values()] == ["window", "flexprefill"] * 2
     finally:
         flexprefill.unpatch(model)
+
+
+@torch.no_grad()
+def test_mistral_sliding_window_on_every_layer():
+    # Mistral's window applies to every layer: all of them run the windowed kernel, none FlexPrefill
+    model = _model("mistral")
+    ids = _ids()
+    ref = model(ids).logits
+    flexprefill.patch(model, EXACT.replace(backend="triton"))
+    try:
+        out = model(ids).logits
+        assert _paths(model) == {0: ("window", ""), 1: ("window", "")}
+    finally:
+        flexprefill.unpatch(model)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
