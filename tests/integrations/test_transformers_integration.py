@@ -438,3 +438,19 @@ def test_mistral_sliding_window_on_every_layer():
     finally:
         flexprefill.unpatch(model)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_gemma3_generate_with_windowed_prefill_matches_sdpa():
+    # prefill: placeholder sliding mask and the windowed kernel; decode steps: SDPA on real masks
+    model = _model("gemma3")
+    ids = _ids(seed=8)
+    dense = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    flexprefill.patch(model, EXACT.replace(backend="triton"))
+    try:
+        sparse = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert _paths(model, prefill=True) == {0: ("window", ""), 1: ("flexprefill", "")}
+        assert _paths(model) == {0: ("dense", "decode"), 1: ("dense", "decode")}
+    finally:
+        flexprefill.unpatch(model)
+    assert torch.equal(sparse, dense)
