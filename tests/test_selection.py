@@ -193,7 +193,9 @@ def test_graphed_assembly_equals_eager(tau, monkeypatch):
         eager = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
         monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
         assert torch.equal(graphed.counts, eager.counts) and torch.equal(graphed.indices, eager.indices)
-    assert len(S._graphs) == 1
+        # the estimate and the pattern decision are inside the graph too
+        assert torch.equal(graphed.query_aware, eager.query_aware) and torch.equal(graphed.js_distance, eager.js_distance)
+    assert len(S._graphs) == 1 and not S._ungraphable
     # packed sequences take the same path
     lens = [3000, 700, 4100]
     cu = torch.tensor([0, 3000, 3700, 7800], dtype=torch.int32, device="cuda")

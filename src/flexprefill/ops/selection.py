@@ -250,6 +250,8 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
 
 # --- the assembly as a CUDA graph where launches, not the GPU, bound its time -----------
 #
+# The dense search graphs everything after its passes over q and k (the estimate, JS
+# distance and pattern of each head too: ~25 more launches, not yet timed on a GPU).
 # At nb <= 256 blocks (N <= 32k at block 128) the assembly is ~70 small launches whose
 # host cost (~2-3 ms on an H200 host) exceeds their GPU time; one graph replay per shape
 # replaces them (32k, 32 heads: 1.62 ms against 2.15 ms eager).  At 512 blocks the graph's
@@ -279,8 +281,14 @@ def _graphs_enabled() -> bool:
     return os.environ.get("FLEXPREFILL_SELECTION_GRAPHS", "1") != "0"
 
 
-def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float):
-    """:func:`_assemble`, replayed from a cached CUDA graph when that pays (see above)."""
+# graph keys whose capture failed: they stay eager (a warning says so once)
+_ungraphable: set = set()
+
+
+def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=None):
+    """``fn(**tensors)`` (default :func:`_assemble`), replayed from a cached CUDA graph when
+    that pays (see above).  ``fn`` returns a tuple of tensors; the graph's are cloned out."""
+    fn = _assemble if fn is None else fn
     vert = tensors["vert"]
     if (
         not vert.is_cuda
@@ -288,19 +296,30 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float):
         or not _graphs_enabled()
         or torch.cuda.is_current_stream_capturing()
     ):
-        return _assemble(**tensors, cfg=cfg, scale=scale)
-    key = (cfg, float(scale), vert.device, tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in tensors.items()))
+        return fn(**tensors, cfg=cfg, scale=scale)
+    key = (fn.__name__, cfg, float(scale), vert.device,
+           tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in tensors.items()))
+    if key in _ungraphable:
+        return fn(**tensors, cfg=cfg, scale=scale)
     entry = _graphs.get(key)
     if entry is None:
         static = {n: (None if t is None else t.clone()) for n, t in tensors.items()}
         side = torch.cuda.Stream(device=vert.device)
         side.wait_stream(torch.cuda.current_stream(vert.device))
         with torch.cuda.stream(side):
-            _assemble(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS)  # warm-up outside the capture
+            fn(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS)  # warm-up outside the capture
         torch.cuda.current_stream(vert.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = _assemble(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS)
+        try:
+            with torch.cuda.graph(graph):
+                outs = fn(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS)
+        except RuntimeError as e:  # a capture this torch/driver refuses: stay correct, only slower
+            import warnings
+
+            warnings.warn(f"flexprefill: the pattern search could not be captured in a CUDA graph ({str(e)[:200]}); "
+                          "it runs eagerly for this shape", RuntimeWarning, stacklevel=3)
+            _ungraphable.add(key)
+            return fn(**tensors, cfg=cfg, scale=scale)
         entry = (graph, static, outs)
         _graphs[key] = entry
         while len(_graphs) > _GRAPH_CACHE:
@@ -312,7 +331,29 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float):
         if t is not None:
             static[n].copy_(t)
     graph.replay()
-    return outs[0].clone(), outs[1].clone()
+    return tuple(o.clone() for o in outs)
+
+
+def _dense_tail(vert, slash, q_hat, k_bar, q_bar, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int = _CHUNK_ELEMS):
+    """Everything of the dense search after the passes over q and k: the estimate, the JS
+    distance and pattern of each head, the block sets (one graph replays it all).
+
+    ``vert, slash`` fp32 [B, Hq, nb]; ``q_hat`` fp32 [B, Hq, D]; ``k_bar`` fp32 [B, nb, Hkv, D];
+    ``q_bar`` fp32 [B, nb, Hq, D] or None (``tau == 0``).  Returns counts int32 [B*Hq, nb],
+    indices int32 [B*Hq, nb, nb], js distance fp32 [B, Hq], query_aware bool [B, Hq].
+    """
+    nb = vert.shape[-1]
+    group = q_hat.shape[1] // k_bar.shape[2]
+    k_bar_q = k_bar.repeat_interleave(group, dim=2) if group > 1 else k_bar
+    a_est = torch.softmax(scale * torch.einsum("bhd,bchd->bhc", q_hat, k_bar_q), dim=-1)
+    dist = js_distance(vert, a_est)
+    query_aware = dist < cfg.tau
+    qb = kb = None
+    if cfg.tau > 0:
+        qb, kb = _per_head(q_bar), _per_head(k_bar_q)
+    counts, indices = _assemble(vert.reshape(-1, nb), slash.reshape(-1, nb), query_aware.reshape(-1), qb, kb,
+                                cfg=cfg, scale=scale, chunk_elems=chunk_elems)
+    return counts, indices, dist, query_aware
 
 
 def _per_head(x: torch.Tensor) -> torch.Tensor:
@@ -325,25 +366,18 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
     """Device version of :func:`flexprefill.reference.select_blocks` (inputs already checked)."""
     cfg = config
     B, N, Hq, D = q.shape
-    group = Hq // k.shape[2]
     bs = cfg.block_size
     scale = softmax_scale
     nb = math.ceil(N / bs)
 
+    # the passes over q and k run eagerly (a graph would have to copy them); the rest is small
     vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale)
     k_bar = block_means(k, bs)  # [B, nb, Hkv, D]
     n_rep = min(bs, N)
     q_hat = q[:, N - n_rep :].sum(1, dtype=torch.float32) / n_rep  # [B, Hq, D]
-    k_bar_q = k_bar.repeat_interleave(group, dim=2) if group > 1 else k_bar
-    a_est = torch.softmax(scale * torch.einsum("bhd,bchd->bhc", q_hat, k_bar_q), dim=-1)
-    dist = js_distance(vert, a_est)
-    query_aware = dist < cfg.tau
-
-    q_bar = kb = None
-    if cfg.tau > 0:
-        q_bar, kb = _per_head(block_means(q, bs)), _per_head(k_bar_q)
-    tensors = dict(vert=vert.reshape(-1, nb), slash=slash.reshape(-1, nb), query_aware=query_aware.reshape(-1), q_bar=q_bar, k_bar=kb)
-    counts, indices = _assemble_any(tensors, cfg=cfg, scale=scale)
+    q_bar = block_means(q, bs) if cfg.tau > 0 else None  # [B, nb, Hq, D]
+    tensors = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
+    counts, indices, dist, query_aware = _assemble_any(tensors, cfg=cfg, scale=scale, fn=_dense_tail)
     return BlockSelection(
         counts=counts.view(B, Hq, nb),
         indices=indices.view(B, Hq, nb, nb),
