@@ -222,3 +222,21 @@ def test_head_chunking_does_not_change_the_selection(monkeypatch):
     monkeypatch.setattr(S, "_assemble", functools.partial(S._assemble, chunk_elems=nb * nb * 5))
     chunked = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
     assert torch.equal(whole.counts, chunked.counts) and torch.equal(whole.indices, chunked.indices)
+
+
+@pytest.mark.parametrize("br", [32, 128])
+def test_combine_kernel_matches_torch(br):
+    """The one-launch log2-sum-exp over key splits equals the PyTorch version, rows that saw no key included."""
+    from flexprefill.ops.selection import _combine, _combine_splits
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(br)
+    m = (torch.randn(6, 5, br, generator=g) * 4).to(dev)
+    l = (torch.rand(6, 5, br, generator=g) * 10 + 0.1).to(dev)
+    m[0, 2:] = float("-inf")  # splits past the row's keys
+    l[0, 2:] = 0.0
+    m[1] = float("-inf")  # a row with no key at all
+    l[1] = 0.0
+    got, want = _combine(m, l), _combine_splits(m, l)
+    assert torch.isneginf(got[1]).all() and torch.isneginf(want[1]).all()
+    assert torch.allclose(got[2:], want[2:], rtol=1e-5, atol=1e-5) and torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-5)

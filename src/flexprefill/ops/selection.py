@@ -16,7 +16,7 @@ import triton
 from ..config import FlexPrefillConfig
 from ..reference import js_distance
 from ..selection import BlockSelection, chunk_rows, compact_block_mask
-from .kernels.selection import block_mean_varlen_kernel, rep_block_mass_kernel, rep_row_stats_kernel
+from .kernels.selection import block_mean_varlen_kernel, combine_splits_kernel, rep_block_mass_kernel, rep_row_stats_kernel
 
 __all__ = [
     "select_blocks_fast",
@@ -46,6 +46,14 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
         tail = x[:, nbf * block_size :]
         parts.append(tail.sum(1, keepdim=True, dtype=torch.float32) / tail.shape[1])
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _combine(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """:func:`_combine_splits` in one launch (contiguous [rows, splits, BR] fp32 inputs)."""
+    rows, splits, br = m.shape
+    out = torch.empty(rows, br, dtype=torch.float32, device=m.device)
+    combine_splits_kernel[(rows,)](m, l, out, splits, BR=br, num_warps=1 if br <= 64 else 2)
+    return out
 
 
 def _combine_splits(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -85,7 +93,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
         m, m, m, m,
         D=D, BD=BD, BR=BR, BK=BK, num_warps=4,
     )
-    lse2 = _combine_splits(m, l)
+    lse2 = _combine(m, l)
 
     vert = torch.empty(B * Hq, nb, dtype=torch.float32, device=dev)
     part = torch.empty(B * Hq, nb, 2, dtype=torch.float32, device=dev)
@@ -429,7 +437,7 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
         N, 0, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2, *bounds,
         D=D, BD=BD, BR=BR, BK=BK, VARLEN=True, num_warps=4,
     )
-    lse2 = _combine_splits(m, l)
+    lse2 = _combine(m, l)
 
     vert = torch.empty(S * Hq, nb, dtype=torch.float32, device=dev)
     part = torch.empty(S * Hq, nb, 2, dtype=torch.float32, device=dev)

@@ -181,3 +181,20 @@ def block_mean_varlen_kernel(
         b_acc += tl.sum(b_x.to(tl.float32), 0)
     b_mean = b_acc / tl.maximum(hi - lo, 1).to(tl.float32)
     tl.store(out + (i_sc * H + i_h) * D + o_d, b_mean, mask=m_d)
+
+
+@triton.jit
+def combine_splits_kernel(m, l, out, NUM_SPLITS, BR: tl.constexpr):
+    """Per row, the log2-sum-exp of the first pass's per-split maxima and sums
+    ([rows, splits, BR] each -> [rows, BR]); a row that saw no key gives -inf."""
+    i_row = tl.program_id(0).to(tl.int64)
+    o_r = tl.arange(0, BR)
+    base = i_row * NUM_SPLITS * BR
+    b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        b_m = tl.maximum(b_m, tl.load(m + base + s * BR + o_r))
+    b_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_l = tl.zeros([BR], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        b_l += tl.load(l + base + s * BR + o_r) * tl.exp2(tl.load(m + base + s * BR + o_r) - b_safe)
+    tl.store(out + i_row * BR + o_r, b_safe + tl.log2(b_l))
