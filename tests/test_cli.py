@@ -154,3 +154,33 @@ def test_bench_and_eval_subcommands_reach_their_modules(command, word, capsys):
         main([command, "--help"])
     assert exc.value.code == 0
     assert word in capsys.readouterr().out
+
+
+def test_inspect_end_to_end_on_tiny_model(tmp_path, capsys, chat_tokenizer):
+    from flexprefill.inspector import run_inspect
+
+    model = _tiny_llama(len(chat_tokenizer))
+    out_dir = tmp_path / "inspect"
+    args = cli.build_parser().parse_args(
+        ["inspect", "--length", "300", "--block-size", "32", "--device", "cpu", "--layers", "1", "--heads", "3",
+         "--out", str(out_dir), "--no-progress"]
+    )
+    report = run_inspect(args, model=model, tokenizer=chat_tokenizer, text=HAYSTACK * 3)
+    text = capsys.readouterr().out
+    assert "layer  mean density" in text and "pictures" in text
+    assert report["tokens"] == 300 and sorted(report["layers"]) == ["0", "1"]
+    for heads in report["layers"].values():
+        assert len(heads) == 4
+        for h in heads:
+            assert 0 < h["density"] <= 1 and h["blocks"] > 0 and h["pattern"] in ("query_aware", "vertical_slash")
+            assert (h["pattern"] == "query_aware") == (h["js_distance"] < 0.1)
+    for name in ("patterns.png", "layer_1.png"):
+        png = out_dir / name
+        assert png.is_file() and png.stat().st_size > 1000
+    assert not (out_dir / "layer_0.png").exists()
+    assert json.loads((out_dir / "inspect.json").read_text())["tokens"] == 300
+    assert model.config._attn_implementation == "sdpa"  # given back as it came
+    with pytest.raises(SystemExit, match="not FlexPrefill layers"):
+        run_inspect(cli.build_parser().parse_args(["inspect", "--layers", "7", "--device", "cpu", "--length", "300",
+                                                   "--block-size", "32", "--out", str(out_dir), "--no-progress"]),
+                    model=model, tokenizer=chat_tokenizer, text=HAYSTACK * 3)

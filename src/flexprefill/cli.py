@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot-heads", type=int, default=4, help="how many heads to draw")
     demo.add_argument("--out", default="./flexprefill-demo", help="folder for the PNG and a JSON summary")
     demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    from .inspector import add_parser as _add_inspect
+
+    _add_inspect(sub)
     return parser
 
 
@@ -472,6 +475,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         run_demo(args)
+    elif args.command == "inspect":
+        from .inspector import run_inspect
+
+        run_inspect(args)
     return 0
 
 
