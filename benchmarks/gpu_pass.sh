@@ -55,6 +55,7 @@ case "$phase" in
     run bench_models 150 python benchmarks/bench_attention.py --mode model --out "$out/bench_models" --max-minutes 2
     run demo_gemma 90 python -m flexprefill demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
     run demo_smollm2 50 python -m flexprefill demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
+    run inspect_smollm2 60 python -m flexprefill inspect --model smollm2-135m-instruct --device cuda --length 8192 --no-progress --out "$out/inspect_smollm2"
     ;;
   evals)
     run evals_gemma 220 python -m flexprefill eval --model gemma3-270m --lengths 8k,16k,32k \
