@@ -220,6 +220,12 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
     not_causal = ~causal
     eye = ar[None, :] == ar[:, None]
     off = (ar[:, None] - ar[None, :]).clamp_min(0)
+    if use_qa:
+        # flat positions of the causal (row, col) pairs, row-major: the query-aware ranking
+        # sorts these nb(nb+1)/2 entries, not all nb^2 (the others are 0 and never reached:
+        # the gamma count stops at the last positive entry, whose running sum is the total)
+        tri = torch.tril_indices(nb, nb, device=dev)
+        tri_flat = tri[0] * nb + tri[1]
     counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
     indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
     chunk = max(1, chunk_elems // (nb * nb))
@@ -235,10 +241,11 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
             if live_c is not None:
                 # only the chunk's rows take part; the flat mass is divided by their number
                 s = torch.where(live_c, s, 0.0)
-            flat = s.flatten(1) / (rows_h[sl, None] if rows_h is not None else nb)
+            flat = s.flatten(1).index_select(1, tri_flat) / (rows_h[sl, None] if rows_h is not None else nb)
             srt = torch.sort(flat, dim=-1, descending=True, stable=True)
-            sel = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices).view_as(s)
-            del srt, flat
+            kept = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices)
+            sel = torch.zeros(s.shape[0], nb * nb, dtype=torch.bool, device=dev).index_copy_(1, tri_flat, kept).view_as(s)
+            del srt, flat, kept
             # the floor sets carry the sink column, so every row keeps it
             qa_mask = sel | sets[2][sl, None, :] | sets[3][sl][:, off] | eye
             is_qa = query_aware[sl][:, None, None]
