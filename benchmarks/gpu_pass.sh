@@ -6,6 +6,7 @@
 #   selection OUT (GPU tests, pattern-search profile), layer OUT (Llama layer 8k-128k + GQA),
 #   kvloads OUT (kernel tests, pointer vs descriptor K/V loads at 128k, GQA sharing),
 #   window OUT (sliding-window kernel against masked SDPA and FlexAttention),
+#   ncu OUT (Nsight Compute sections of the sparse kernel at 5% density and of cuDNN),
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
@@ -47,6 +48,18 @@ case "$phase" in
   window)
     run window_tests 120 python -m pytest tests/ops/test_sliding_window.py tests/integrations -q -m gpu -p no:cacheprovider
     run bench_window 200 python benchmarks/bench_attention.py --mode window --out "$out/bench_window" --max-minutes 2.5
+    ;;
+  ncu)
+    # Nsight Compute on the low-density d128 case (the kernel-efficiency miss) and cuDNN dense
+    if command -v ncu >/dev/null; then
+      sec="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats"
+      run ncu_sparse 200 ncu $sec --kernel-name regex:sparse_attention --launch-skip 40 --launch-count 1 --csv --page details \
+        python benchmarks/ncu_kernel.py 128 65536 0.05
+      run ncu_dense 150 ncu $sec --kernel-name regex:"cudnn|fmha|sm90" --launch-skip 2 --launch-count 1 --csv --page details \
+        python benchmarks/ncu_kernel.py 128 65536 --dense
+    else
+      echo "no ncu on this machine"; ls /usr/local/cuda*/bin 2>/dev/null | head
+    fi
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py
