@@ -53,7 +53,7 @@ case "$phase" in
     # Nsight Compute on the low-density d128 case (the kernel-efficiency miss) and cuDNN dense
     if command -v ncu >/dev/null; then
       sec="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats"
-      run ncu_sparse 200 ncu $sec --kernel-name regex:sparse_attention --launch-skip 40 --launch-count 1 --csv --page details \
+      run ncu_sparse 200 ncu $sec --kernel-name regex:sparse_attention --launch-skip 2 --launch-count 1 --csv --page details \
         python benchmarks/ncu_kernel.py 128 65536 0.05
       run ncu_dense 150 ncu $sec --kernel-name regex:"cudnn|fmha|sm90" --launch-skip 2 --launch-count 1 --csv --page details \
         python benchmarks/ncu_kernel.py 128 65536 --dense
