@@ -188,7 +188,6 @@ def check_speed(N, Hq, Hkv, D, densities, rows):
     dtype = torch.bfloat16 if CUDA else torch.float16
     q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=7 + D)
     scale = D**-0.5
-    nb = math.ceil(N / BS)
     full_counts, _ = full_causal_selection(B, Hq, N, BS, DEV)
     dense_pairs, _ = computed_pairs(full_counts, N)
     dense_flops = 4 * D * dense_pairs

@@ -1375,8 +1375,8 @@ def run_model_mode(args, state) -> None:
                     _set_attn(model, "sdpa")
                     row["note"] = "SDPA, cuDNN first"
                 with _dense_sdpa_context(), torch.inference_mode():
-                    def prefill():
-                        return model(input_ids=ids, logits_to_keep=1)
+                    def prefill(m=model, x=ids):
+                        return m(input_ids=x, logits_to_keep=1)
 
                     t0 = time.perf_counter()
                     prefill()
