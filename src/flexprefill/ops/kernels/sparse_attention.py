@@ -247,8 +247,9 @@ def length_bucket(n: int) -> int:
 
 # one autotuner per head-dim bucket, keyed on (padded head dim, block size, varlen, length
 # bucket); triton adds the dtypes.  ``N_BUCKET`` (unused by the body) is the key's length
-# class: a config tuned on an 8k call lost up to 25% at 128k (H200, d256: 0.60 against 0.86
-# of cuDNN's TFLOP/s), so each power of two from 8k to 128k tunes once
+# class: with configs tuned on the first (8k) call, the H200 suite measured d256 at 0.60-0.64
+# of cuDNN's TFLOP/s at 128k (densities 5-60%); keyed on the length class, 0.80-0.94.  Each
+# power of two from 8k to 128k tunes once
 sparse_attention_fwd_tuned = {
     bd: triton.autotune(
         configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
