@@ -18,7 +18,7 @@ import torch
 from triton.testing import do_bench
 
 from flexprefill.benchmarking import (
-    attention_flops, causal_density, count_pairs, dense_pairs, env_stamp, make_dense_fn, random_qkv, random_selection,
+    attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv, random_selection,
 )
 from flexprefill.ops.dense import full_causal_selection
 from flexprefill.ops.sparse_attention import _launch, _tma_descriptors
@@ -42,10 +42,7 @@ def main():
     for D in (128, 64, 256):
         q, k, v = random_qkv(1, N, HQ, HKV, D, seed=0, device="cuda")
         scale = D**-0.5
-        fn, _ = make_dense_fn("cudnn", q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
-                              v.transpose(1, 2).contiguous(), scale=scale)
-        base_ms = do_bench(fn, warmup=5, rep=100)
-        base_tf = attention_flops(dense_pairs(N) * HQ, D) / (base_ms * 1e-3) / 1e12
+        base_ms, base_tf = cudnn_reference(q, k, v, scale=scale)
         print(f"D={D} N={N} cuDNN {base_ms:.2f} ms {base_tf:.0f} TFLOP/s", flush=True)
         assert _tma_descriptors(k, v, D, D) is not None, "descriptors refused on this GPU"
         for density in DENSITIES:

@@ -19,7 +19,7 @@ import torch
 from triton.testing import do_bench
 
 from flexprefill.benchmarking import (
-    attention_flops, causal_density, count_pairs, dense_pairs, env_stamp, make_dense_fn, random_qkv, random_selection,
+    attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv, random_selection,
 )
 from flexprefill.ops.sparse_attention import _launch
 
@@ -45,9 +45,7 @@ def main():
     for D in (128, 64, 256):
         q, k, v = random_qkv(1, N, HQ, HKV, D, seed=0, device="cuda")
         scale = D**-0.5
-        fn, _ = make_dense_fn("cudnn", q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), scale=scale)
-        base_ms = do_bench(fn, warmup=5, rep=100)
-        base_tf = attention_flops(dense_pairs(N) * HQ, D) / (base_ms * 1e-3) / 1e12
+        base_ms, base_tf = cudnn_reference(q, k, v, scale=scale)
         sel = random_selection(1, HQ, N, block_size=BS, density=density, device="cuda", seed=0)
         flops = attention_flops(count_pairs(sel.counts, sel.indices, block_size=BS, seq_len=N), D)
         dens = causal_density(sel.counts)

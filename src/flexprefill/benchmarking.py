@@ -411,6 +411,18 @@ def _sdpa_backend(method):
     return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}.get(method)
 
 
+def cudnn_reference(q, k, v, *, scale: float, rep: int = 100) -> tuple[float, float]:
+    """cuDNN SDPA on ``[B, N, H, D]`` inputs (laid out as ``[B, H, N, D]`` before timing):
+    (median ms by ``triton.testing.do_bench``, TFLOP/s of dense causal attention)."""
+    from triton.testing import do_bench
+
+    fn, _ = make_dense_fn("cudnn", q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
+                          v.transpose(1, 2).contiguous(), scale=scale)
+    ms = do_bench(fn, warmup=5, rep=rep)
+    B, N, Hq, D = q.shape
+    return ms, attention_flops(dense_pairs(N) * Hq * B, D) / (ms * 1e-3) / 1e12
+
+
 def make_dense_fn(method: str, qt, kt, vt, *, scale: float):
     """SDPA in [B, H, N, D] (layout prepared outside the timed region), returns (fn, note).
 

@@ -65,31 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--model", default=DEFAULT_MODEL, help="packaged model name, HF folder or .gguf file")
-    demo.add_argument(
-        "--length",
-        type=int,
-        default=None,
-        help=f"prompt tokens (default: {CPU_DEFAULT_LENGTH} on CPU; on GPU the model's context, at most {GPU_MAX_LENGTH})",
-    )
-    demo.add_argument("--gamma", type=float, default=0.9, help="attention mass each head keeps")
-    demo.add_argument("--tau", type=float, default=0.1, help="JS-distance threshold for query-aware heads")
-    demo.add_argument("--block-size", type=int, default=128, choices=(32, 64, 128))
-    demo.add_argument(
-        "--min-budget",
-        type=int,
-        default=None,
-        help="tokens of columns and diagonals always kept (default 1024, or length/8 below 8k tokens)",
-    )
+    add_model_args(demo)
     demo.add_argument(
         "--min-seq-len",
         type=int,
         default=None,
         help="prompts shorter than this run dense (default: half the prompt length, so FlexPrefill runs)",
     )
-    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    demo.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                      help="auto: bfloat16 on CUDA, float32 on CPU")
     demo.add_argument("--depth", type=float, default=0.5, help="needle depth in the essays, 0 (start) to 1 (end)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the magic number and of its key")
     demo.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
@@ -101,6 +83,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_inspect(sub)
     return parser
+
+
+def add_model_args(p) -> None:
+    """Options ``demo`` and ``inspect`` share: model, prompt length, search settings, device."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="packaged model name, HF folder or .gguf file")
+    p.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help=f"prompt tokens (default: {CPU_DEFAULT_LENGTH} on CPU; on GPU the model's context, at most {GPU_MAX_LENGTH})",
+    )
+    p.add_argument("--gamma", type=float, default=0.9, help="attention mass each head keeps")
+    p.add_argument("--tau", type=float, default=0.1, help="JS-distance threshold for query-aware heads")
+    p.add_argument("--block-size", type=int, default=128, choices=(32, 64, 128))
+    p.add_argument(
+        "--min-budget",
+        type=int,
+        default=None,
+        help="tokens of columns and diagonals always kept (default 1024, or length/8 below 8k tokens)",
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+
+
+def default_min_budget(args, length: int) -> int:
+    """``--min-budget``, or 1024 tokens, or length/8 below 8k tokens."""
+    return args.min_budget if args.min_budget is not None else (1024 if length >= 8192 else max(length // 8, 1))
+
+
+def load_model_for(args, device, dtype, model=None, tokenizer=None):
+    """The model of ``--model`` (SDPA attention), or an injected one moved to ``device``/``dtype``:
+    returns (model, tokenizer, name)."""
+    if model is None:
+        from .models import load
+
+        model, tokenizer = load(args.model, dtype=dtype, device=device, attn_implementation="sdpa")
+        name = args.model
+    else:
+        model = model.to(device=device, dtype=dtype).eval()
+        name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed with an injected model")
+    return model, tokenizer, name
 
 
 def _templated(tokenizer) -> bool:
@@ -314,16 +340,7 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
     steps = tqdm(total=6, desc="demo", disable=not progress, file=sys.stderr)
 
     steps.set_postfix_str("loading model")
-    if model is None:
-        from .models import load
-
-        model, tokenizer = load(args.model, dtype=dtype, device=device, attn_implementation="sdpa")
-        model_name = args.model
-    else:
-        model = model.to(device=device, dtype=dtype).eval()
-        model_name = getattr(model.config, "name_or_path", "") or type(model).__name__
-    if tokenizer is None:
-        raise ValueError("a tokenizer is needed with an injected model")
+    model, tokenizer, model_name = load_model_for(args, device, dtype, model, tokenizer)
     if haystack is None:
         from .models import haystack_text
 
@@ -343,7 +360,7 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
     steps.set_postfix_str("building prompt")
     sample = build_needle_prompt(tokenizer, haystack, length, depth=args.depth, seed=args.seed)
     n_tokens = len(sample["input_ids"])
-    min_budget = args.min_budget if args.min_budget is not None else (1024 if length >= 8192 else max(length // 8, 1))
+    min_budget = default_min_budget(args, length)
     min_seq_len = args.min_seq_len if args.min_seq_len is not None else min(DEFAULT_MIN_SEQ_LEN, n_tokens // 2)
     cfg = FlexPrefillConfig(
         block_size=args.block_size, gamma=args.gamma, tau=args.tau, min_budget=min_budget, min_seq_len=min_seq_len

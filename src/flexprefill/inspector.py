@@ -24,15 +24,12 @@ import torch
 
 __all__ = ["add_parser", "run_inspect"]
 
-CPU_DEFAULT_LENGTH = 2048
-GPU_MAX_LENGTH = 32768
-
 
 def add_parser(sub) -> None:
     """Add the ``inspect`` subcommand to ``flexprefill``'s argument parser."""
     import argparse
 
-    from .cli import DEFAULT_MODEL
+    from .cli import add_model_args
 
     p = sub.add_parser(
         "inspect",
@@ -45,21 +42,11 @@ def add_parser(sub) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="packaged model name, HF folder or .gguf file")
+    add_model_args(p)
     p.add_argument("--text", default=None, help="UTF-8 text file to prefill (default: the packaged essays)")
-    p.add_argument("--length", type=int, default=None,
-                   help=f"prompt tokens (default: {CPU_DEFAULT_LENGTH} on CPU; on GPU the model's context, at most {GPU_MAX_LENGTH})")
-    p.add_argument("--gamma", type=float, default=0.9, help="attention mass each head keeps")
-    p.add_argument("--tau", type=float, default=0.1, help="JS-distance threshold for query-aware heads")
-    p.add_argument("--block-size", type=int, default=128, choices=(32, 64, 128))
-    p.add_argument("--min-budget", type=int, default=None,
-                   help="tokens of columns and diagonals always kept (default 1024, or length/8 below 8k tokens)")
     p.add_argument("--layers", default=None,
                    help="comma list of layers to draw block by block (default: first, middle and last FlexPrefill layer)")
     p.add_argument("--heads", type=int, default=8, help="at most this many heads per drawn layer")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--out", default="./flexprefill-inspect", help="folder for the pictures and inspect.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -145,7 +132,10 @@ def run_inspect(args, *, model=None, tokenizer=None, text: str | None = None) ->
 
     import flexprefill
 
-    from .cli import _context_length, _LayerProgress, _resolve_device, _resolve_dtype
+    from .cli import (
+        CPU_DEFAULT_LENGTH, GPU_MAX_LENGTH, _context_length, _LayerProgress, _resolve_device, _resolve_dtype,
+        default_min_budget, load_model_for,
+    )
     from .config import FlexPrefillConfig
     from .integrations import transformers as tf
     from .plotting import plot_block_masks
@@ -155,16 +145,7 @@ def run_inspect(args, *, model=None, tokenizer=None, text: str | None = None) ->
     dtype = _resolve_dtype(args.dtype, device)
     steps = tqdm(total=4, desc="inspect", disable=not progress, file=sys.stderr)
     steps.set_postfix_str("loading model")
-    if model is None:
-        from .models import load
-
-        model, tokenizer = load(args.model, dtype=dtype, device=device, attn_implementation="sdpa")
-        model_name = args.model
-    else:
-        model = model.to(device=device, dtype=dtype).eval()
-        model_name = getattr(model.config, "name_or_path", "") or type(model).__name__
-    if tokenizer is None:
-        raise ValueError("a tokenizer is needed with an injected model")
+    model, tokenizer, model_name = load_model_for(args, device, dtype, model, tokenizer)
     if text is None:
         if args.text is not None:
             try:
@@ -190,7 +171,7 @@ def run_inspect(args, *, model=None, tokenizer=None, text: str | None = None) ->
         raise SystemExit(f"the text has {len(ids)} tokens; at least {2 * args.block_size} are needed")
     if len(ids) < length:
         print(f"[flexprefill] the text has {len(ids)} tokens, fewer than --length {length}: using them all", file=sys.stderr)
-    min_budget = args.min_budget if args.min_budget is not None else (1024 if length >= 8192 else max(length // 8, 1))
+    min_budget = default_min_budget(args, length)
     cfg = FlexPrefillConfig(block_size=args.block_size, gamma=args.gamma, tau=args.tau, min_budget=min_budget, min_seq_len=0)
     steps.update(1)
 

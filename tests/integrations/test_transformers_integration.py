@@ -4,6 +4,7 @@ With gamma=1 FlexPrefill selects every causal block, so its logits must equal SD
 per-layer record says which path each layer took.
 """
 
+import contextlib
 import subprocess
 import sys
 import types
@@ -67,6 +68,16 @@ def _ids(n=N, batch=1, seed=1):
     return torch.randint(0, COMMON["vocab_size"], (batch, n), generator=g)
 
 
+@contextlib.contextmanager
+def _patched(model, config, **kw):
+    """The model with FlexPrefill for the block, given back as it came afterwards."""
+    flexprefill.patch(model, config, **kw)
+    try:
+        yield model
+    finally:
+        flexprefill.unpatch(model)
+
+
 def _paths(model, prefill=False):
     return {i: (r.path, r.reason) for i, r in tf.last_record(model, prefill=prefill).items()}
 
@@ -114,8 +125,7 @@ def test_sliding_layers_run_the_exact_window_kernel():
     mask[0, :40] = 0
     ref, ref_short = model(ids).logits, model(short).logits
     ref_batch = model(batch, attention_mask=mask).logits
-    flexprefill.patch(model, EXACT.replace(backend="triton"))
-    try:
+    with _patched(model, EXACT.replace(backend="triton")):
         out = model(ids).logits
         assert _paths(model) == {0: ("window", ""), 1: ("flexprefill", "")}
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -130,8 +140,6 @@ def test_sliding_layers_run_the_exact_window_kernel():
         assert (rec.path, rec.varlen, rec.lengths) == ("window", True, ((160, 160), (200, 200)))
         torch.testing.assert_close(out_batch[1], ref_batch[1], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out_batch[0, 40:], ref_batch[0, 40:], atol=1e-4, rtol=1e-4)
-    finally:
-        flexprefill.unpatch(model)
 
 
 @torch.no_grad()
@@ -141,15 +149,12 @@ def test_sliding_layers_over_a_cached_prefix():
     ids = _ids(seed=5)
     prefix = model(ids[:, :200], use_cache=True)
     ref = model(ids[:, 200:], past_key_values=prefix.past_key_values).logits
-    flexprefill.patch(model, EXACT.replace(backend="triton"))
-    try:
+    with _patched(model, EXACT.replace(backend="triton")):
         prefix = model(ids[:, :200], use_cache=True)
         assert _paths(model)[0] == ("window", "")
         out = model(ids[:, 200:], past_key_values=prefix.past_key_values).logits
         rec = tf.last_record(model)[0]
         assert rec.path == "window" and rec.varlen and rec.lengths[0][0] == 100 and rec.lengths[0][1] > 100
-    finally:
-        flexprefill.unpatch(model)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -161,8 +166,7 @@ def test_sliding_mask_of_a_plain_prefill_is_a_placeholder():
     model = _model("gemma3")
     ids = _ids()
     ref = model(ids).logits
-    flexprefill.patch(model, EXACT)
-    try:
+    with _patched(model, EXACT):
         cfg = model.config
         emb = torch.zeros(2, N, COMMON["hidden_size"])
         pos = torch.arange(N)[None]
@@ -181,8 +185,6 @@ def test_sliding_mask_of_a_plain_prefill_is_a_placeholder():
         # on CPU the sliding layer falls back to SDPA on the materialised mask: same logits
         out = model(ids).logits
         assert _paths(model)[0] == ("dense", "sliding_window")
-    finally:
-        flexprefill.unpatch(model)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -416,13 +418,10 @@ def test_masks_of_both_layer_types_are_read_once_per_forward(monkeypatch):
     ids = _ids(n=200, batch=2)
     mask = torch.ones_like(ids)
     mask[0, :30] = 0
-    flexprefill.patch(model, EXACT.replace(backend="triton"))
-    try:
+    with _patched(model, EXACT.replace(backend="triton")):
         model(ids, attention_mask=mask)
         assert sorted(calls, key=str) == [64, None]
         assert [r.path for r in tf.last_record(model).values()] == ["window", "flexprefill"] * 2
-    finally:
-        flexprefill.unpatch(model)
 
 
 @torch.no_grad()
@@ -431,12 +430,9 @@ def test_mistral_sliding_window_on_every_layer():
     model = _model("mistral")
     ids = _ids()
     ref = model(ids).logits
-    flexprefill.patch(model, EXACT.replace(backend="triton"))
-    try:
+    with _patched(model, EXACT.replace(backend="triton")):
         out = model(ids).logits
         assert _paths(model) == {0: ("window", ""), 1: ("window", "")}
-    finally:
-        flexprefill.unpatch(model)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -446,11 +442,8 @@ def test_gemma3_generate_with_windowed_prefill_matches_sdpa():
     model = _model("gemma3")
     ids = _ids(seed=8)
     dense = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    flexprefill.patch(model, EXACT.replace(backend="triton"))
-    try:
+    with _patched(model, EXACT.replace(backend="triton")):
         sparse = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
         assert _paths(model, prefill=True) == {0: ("window", ""), 1: ("flexprefill", "")}
         assert _paths(model) == {0: ("dense", "decode"), 1: ("dense", "decode")}
-    finally:
-        flexprefill.unpatch(model)
     assert torch.equal(sparse, dense)

@@ -57,6 +57,11 @@ def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = 
     return sparse_attention(q, k, v, counts, indices, block_size=_BLOCK, softmax_scale=softmax_scale, return_lse=True)
 
 
+def _check_window(window) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} must be an int >= 1 (tokens)")
+
+
 def window_selection(B: int, Hq: int, N: int, block_size: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The key blocks a causal sliding window reaches: row block ``r`` lists blocks
     ``c <= r`` holding a key ``j > r * block_size - window`` (visible from the block's first row).
@@ -92,8 +97,7 @@ def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float, retu
     Returns:
         ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window={window!r} must be an int >= 1 (tokens)")
+    _check_window(window)
     B, N, Hq, _ = q.shape
     counts, indices = window_selection(B, Hq, N, block_size, window, q.device)
     return _launch(q, k, v, counts, indices, block_size=block_size, softmax_scale=softmax_scale,
@@ -107,8 +111,7 @@ def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     over a cached prefix (its queries are the last positions).  The window is on absolute
     positions, so a chunk sees the prefix keys within the window.  Returns ``out [total_q, Hq, D]``
     and ``lse [Hq, total_q]`` when asked."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window={window!r} must be an int >= 1 (tokens)")
+    _check_window(window)
     S = cu_seqlens_q.numel() - 1
     Hq = q.shape[1]
     counts, indices = window_selection(S, Hq, max_seqlen_k, block_size, window, q.device)
