@@ -3,7 +3,9 @@
 For head dims 64, 128, 256 (32 query / 8 KV heads, bf16, block size 128) at N (default
 65536) and a fixed random selection of the given density, every candidate config is
 timed (triton.testing.do_bench median) and its TFLOP/s on the computed blocks compared
-with cuDNN dense SDPA's TFLOP/s on the same inputs.  The winners go into the autotune
+with cuDNN dense SDPA's TFLOP/s on the same inputs.
+
+    python benchmarks/sweep_kernel_configs.py [N] [density] [budget_s] [head dims, e.g. 128,64]  The winners go into the autotune
 space of flexprefill/ops/kernels/sparse_attention.py.
 """
 
@@ -40,9 +42,10 @@ def main():
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
     density = float(sys.argv[2]) if len(sys.argv) > 2 else 0.3
     budget_s = float(sys.argv[3]) if len(sys.argv) > 3 else 200
+    head_dims = [int(x) for x in sys.argv[4].split(",")] if len(sys.argv) > 4 else [128, 64, 256]
     t0 = time.time()
     rows = []
-    for D in (128, 64, 256):
+    for D in head_dims:
         q, k, v = random_qkv(1, N, HQ, HKV, D, seed=0, device="cuda")
         scale = D**-0.5
         base_ms, base_tf = cudnn_reference(q, k, v, scale=scale)

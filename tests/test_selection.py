@@ -224,6 +224,19 @@ def test_head_chunking_does_not_change_the_selection(monkeypatch):
     assert torch.equal(whole.counts, chunked.counts) and torch.equal(whole.indices, chunked.indices)
 
 
+def test_causal_only_ranking_equals_full_ranking(monkeypatch):
+    """The query-aware ranking over the nb(nb+1)/2 causal scores picks what the nb^2 one picks."""
+    from flexprefill.ops import selection as S
+
+    q, k, _ = structured_qkv(1, 1500, 4, 2, 64, seed=9, dtype=torch.float16)
+    cfg = fp.FlexPrefillConfig(block_size=32, min_budget=64, gamma=0.9, tau=1.0)  # every head query-aware
+    causal = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+    assert bool(causal.query_aware.all())
+    monkeypatch.setattr(S, "_QA_CAUSAL_ONLY", False)
+    full = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+    assert torch.equal(causal.counts, full.counts) and torch.equal(causal.indices, full.indices)
+
+
 @pytest.mark.parametrize("br", [32, 128])
 def test_combine_kernel_matches_torch(br):
     """The one-launch log2-sum-exp over key splits equals the PyTorch version, rows that saw no key included."""

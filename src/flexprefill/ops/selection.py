@@ -33,6 +33,9 @@ _LOG2E = 1.4426950408889634
 # elements of one [heads, nb, nb] working set of the query-aware search; bounds its
 # temporaries (sort keys and indices) to roughly 100 MB whatever the length
 _CHUNK_ELEMS = 1 << 22
+# the query-aware ranking sorts only the causal nb(nb+1)/2 scores of a head (False: all nb^2;
+# same selection, kept for timing the two on a GPU: benchmarks/profile_search_parts.py)
+_QA_CAUSAL_ONLY = True
 
 
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -220,7 +223,8 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
     not_causal = ~causal
     eye = ar[None, :] == ar[:, None]
     off = (ar[:, None] - ar[None, :]).clamp_min(0)
-    if use_qa:
+    causal_only = use_qa and _QA_CAUSAL_ONLY
+    if causal_only:
         # flat positions of the causal (row, col) pairs, row-major: the query-aware ranking
         # sorts these nb(nb+1)/2 entries, not all nb^2 (the others are 0 and never reached:
         # the gamma count stops at the last positive entry, whose running sum is the total)
@@ -241,10 +245,16 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
             if live_c is not None:
                 # only the chunk's rows take part; the flat mass is divided by their number
                 s = torch.where(live_c, s, 0.0)
-            flat = s.flatten(1).index_select(1, tri_flat) / (rows_h[sl, None] if rows_h is not None else nb)
+            flat = s.flatten(1)
+            if causal_only:
+                flat = flat.index_select(1, tri_flat)
+            flat = flat / (rows_h[sl, None] if rows_h is not None else nb)
             srt = torch.sort(flat, dim=-1, descending=True, stable=True)
             kept = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices)
-            sel = torch.zeros(s.shape[0], nb * nb, dtype=torch.bool, device=dev).index_copy_(1, tri_flat, kept).view_as(s)
+            if causal_only:
+                sel = torch.zeros(s.shape[0], nb * nb, dtype=torch.bool, device=dev).index_copy_(1, tri_flat, kept).view_as(s)
+            else:
+                sel = kept.view_as(s)
             del srt, flat, kept
             # the floor sets carry the sink column, so every row keeps it
             qa_mask = sel | sets[2][sl, None, :] | sets[3][sl][:, off] | eye

@@ -1,0 +1,92 @@
+"""Timing of variants of the pattern search's parts at one length (run on a CUDA machine).
+
+Llama-3.1-8B layer shape (32/8/128, bf16, structured synthetic inputs), tau 0.1 (query-aware
+heads on): the whole search with the query-aware ranking over the causal scores only or over
+all nb^2, with the split combine as one Triton launch or as torch ops; for each, the median
+device time (do_bench), the host time to enqueue one search (no sync) and whether the
+selections are equal.  Then the sorts alone at the shapes the ranking uses.  JSON to
+$OUT/search_parts.json.
+
+    python benchmarks/profile_search_parts.py [N]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+import flexprefill as fp
+from flexprefill.benchmarking import env_stamp, structured_qkv_device
+from flexprefill.ops import selection as S
+
+HQ, HKV, D = 32, 8, 128
+
+
+def _host_ms(fn, reps: int = 10) -> float:
+    """Median host milliseconds to enqueue ``fn`` (GPU drained before each call)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+    q, k, v = structured_qkv_device(1, N, HQ, HKV, D, seed=N)
+    scale = D**-0.5
+    cfg = fp.FlexPrefillConfig(tau=0.1)
+    search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731
+    rows = []
+    ref = None
+    combine = S._combine
+    for causal_only in (True, False):
+        for triton_combine in (True, False):
+            S._QA_CAUSAL_ONLY = causal_only
+            S._combine = combine if triton_combine else S._combine_splits
+            sel = search()
+            if ref is None:
+                ref = sel
+            row = dict(N=N, causal_only=causal_only, triton_combine=triton_combine,
+                       device_ms=do_bench(search, warmup=3, rep=100), host_ms=_host_ms(search),
+                       equal=bool(torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)),
+                       qa_heads=int(sel.query_aware.sum()))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    S._QA_CAUSAL_ONLY, S._combine = True, combine
+    nb = (N + 127) // 128
+    tri = nb * (nb + 1) // 2
+    sorts = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in ((4, tri), (4, nb * nb), (1, 4 * tri), (1, tri), (32, tri)):
+        x = torch.rand(shape, device="cuda", generator=g)
+        f = lambda x=x: torch.sort(x, dim=-1, descending=True, stable=True)  # noqa: E731
+        r = dict(shape=list(shape), device_ms=do_bench(f, warmup=3, rep=50), host_ms=_host_ms(f))
+        sorts.append(r)
+        print(json.dumps(r), flush=True)
+    tri_flat = torch.tril_indices(nb, nb, device="cuda")
+    tri_flat = tri_flat[0] * nb + tri_flat[1]
+    x = torch.rand(4, nb * nb, device="cuda", generator=g)
+    kept = torch.rand(4, tri, device="cuda", generator=g) < 0.1
+    parts = dict(
+        index_select_ms=do_bench(lambda: x.index_select(1, tri_flat), warmup=3, rep=50),
+        index_copy_ms=do_bench(lambda: torch.zeros(4, nb * nb, dtype=torch.bool, device="cuda").index_copy_(1, tri_flat, kept), warmup=3, rep=50),
+        tril_indices_ms=do_bench(lambda: torch.tril_indices(nb, nb, device="cuda"), warmup=3, rep=50),
+    )
+    print(json.dumps(parts), flush=True)
+    out = os.environ.get("OUT", "./out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "search_parts.json"), "w") as fh:
+        json.dump(dict(env=env_stamp(), rows=rows, sorts=sorts, parts=parts), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
