@@ -34,6 +34,7 @@ case "$phase" in
     ;;
   selection)
     run gpu_tests 100 python -m pytest tests -q -m gpu -p no:cacheprovider
+    run search_parts 120 bash -c "OUT='$out' python benchmarks/profile_search_parts.py 131072 && OUT='$out' python benchmarks/profile_search_parts.py 32768"
     run profile_selection 120 env OUT="$out" python benchmarks/profile_selection.py 8192,32768,131072
     ;;
   layer)

@@ -1,10 +1,10 @@
 """Timing of variants of the pattern search's parts at one length (run on a CUDA machine).
 
 Llama-3.1-8B layer shape (32/8/128, bf16, structured synthetic inputs), tau 0.1 (query-aware
-heads on): the whole search with the query-aware ranking over the causal scores only or over
-all nb^2, with the split combine as one Triton launch or as torch ops; for each, the median
-device time (do_bench), the host time to enqueue one search (no sync) and whether the
-selections are equal.  Then the sorts alone at the shapes the ranking uses.  JSON to
+heads on) and 0: the whole search with the set assembly as one Triton pass per row or as the
+PyTorch ops it replaced, with the split combine as one Triton launch or as torch ops; for
+each, the median time (do_bench), the host time to enqueue one search (GPU drained first;
+a host-bound search shows host ~ device) and whether the selections are equal.  Then the sorts alone at the shapes the ranking uses.  JSON to
 $OUT/search_parts.json.
 
     python benchmarks/profile_search_parts.py [N]
@@ -43,25 +43,26 @@ def main():
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
     q, k, v = structured_qkv_device(1, N, HQ, HKV, D, seed=N)
     scale = D**-0.5
-    cfg = fp.FlexPrefillConfig(tau=0.1)
-    search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731
     rows = []
-    ref = None
     combine = S._combine
-    for causal_only in (True, False):
-        for triton_combine in (True, False):
-            S._QA_CAUSAL_ONLY = causal_only
-            S._combine = combine if triton_combine else S._combine_splits
-            sel = search()
-            if ref is None:
-                ref = sel
-            row = dict(N=N, causal_only=causal_only, triton_combine=triton_combine,
-                       device_ms=do_bench(search, warmup=3, rep=100), host_ms=_host_ms(search),
-                       equal=bool(torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)),
-                       qa_heads=int(sel.query_aware.sum()))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    S._QA_CAUSAL_ONLY, S._combine = True, combine
+    for tau in (0.1, 0.0):
+        cfg = fp.FlexPrefillConfig(tau=tau)
+        search = lambda cfg=cfg: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731
+        ref = None
+        for fused in (True, False):
+            for triton_combine in (True, False):
+                S._FUSED_ASSEMBLY = fused
+                S._combine = combine if triton_combine else S._combine_splits
+                sel = search()
+                if ref is None:
+                    ref = sel
+                row = dict(N=N, tau=tau, fused_assembly=fused, triton_combine=triton_combine,
+                           ms=do_bench(search, warmup=3, rep=100), host_ms=_host_ms(search),
+                           equal=bool(torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)),
+                           qa_heads=int(sel.query_aware.sum()))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    S._FUSED_ASSEMBLY, S._combine = True, combine
     nb = (N + 127) // 128
     tri = nb * (nb + 1) // 2
     sorts = []
@@ -84,7 +85,7 @@ def main():
     print(json.dumps(parts), flush=True)
     out = os.environ.get("OUT", "./out")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "search_parts.json"), "w") as fh:
+    with open(os.path.join(out, f"search_parts_{N}.json"), "w") as fh:
         json.dump(dict(env=env_stamp(), rows=rows, sorts=sorts, parts=parts), fh, indent=1)
 
 

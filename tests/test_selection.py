@@ -224,17 +224,44 @@ def test_head_chunking_does_not_change_the_selection(monkeypatch):
     assert torch.equal(whole.counts, chunked.counts) and torch.equal(whole.indices, chunked.indices)
 
 
-def test_causal_only_ranking_equals_full_ranking(monkeypatch):
-    """The query-aware ranking over the nb(nb+1)/2 causal scores picks what the nb^2 one picks."""
+@pytest.mark.parametrize("tau", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fused_assembly_equals_torch_assembly(tau, varlen, monkeypatch):
+    """The one-pass Triton assembly of the block sets picks exactly what the PyTorch ops pick
+    (vertical-slash and query-aware heads, ties in the ranking, packed rows, short sequences)."""
     from flexprefill.ops import selection as S
 
-    q, k, _ = structured_qkv(1, 1500, 4, 2, 64, seed=9, dtype=torch.float16)
-    cfg = fp.FlexPrefillConfig(block_size=32, min_budget=64, gamma=0.9, tau=1.0)  # every head query-aware
-    causal = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-    assert bool(causal.query_aware.all())
-    monkeypatch.setattr(S, "_QA_CAUSAL_ONLY", False)
-    full = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-    assert torch.equal(causal.counts, full.counts) and torch.equal(causal.indices, full.indices)
+    cfg = fp.FlexPrefillConfig(block_size=32, min_budget=64, gamma=0.9, tau=tau)
+    if varlen:
+        lens = [900, 200, 1300]
+        cu = torch.tensor([0, 900, 1100, 2400], dtype=torch.int32)
+        q, k, _ = (t[0] for t in structured_qkv(1, sum(lens), 4, 2, 64, seed=11, dtype=torch.float16))
+        run = lambda: S.select_blocks_varlen_fast(q, k, cu[:-1], cu[1:], cu[:-1], cu[1:], max(lens), config=cfg,  # noqa: E731
+                                                  softmax_scale=0.125, dense_below=300)[:2]
+    else:
+        q, k, _ = structured_qkv(2, 1500, 4, 2, 64, seed=9, dtype=torch.float16)
+        run = lambda: (lambda s: (s.counts, s.indices))(S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125))  # noqa: E731
+    fused = run()
+    monkeypatch.setattr(S, "_FUSED_ASSEMBLY", False)
+    torch_ops = run()
+    assert torch.equal(fused[0], torch_ops[0]) and torch.equal(fused[1], torch_ops[1])
+
+
+def test_fused_assembly_breaks_ranking_ties_like_a_stable_sort():
+    """Equal query-aware scores: the entries at lower flat positions are kept first."""
+    from flexprefill.ops import selection as S
+
+    nb, D = 12, 16
+    cfg = fp.FlexPrefillConfig(block_size=32, min_budget=32, gamma=0.5, tau=10.0)
+    # identical block means: every row's softmax is uniform, so most scores tie
+    q_bar = torch.ones(3, nb, D)
+    k_bar = torch.ones(3, nb, D)
+    vert = torch.rand(3, nb, generator=torch.Generator().manual_seed(0))
+    slash = torch.rand(3, nb, generator=torch.Generator().manual_seed(1))
+    qa = torch.tensor([True, True, False])
+    got = S._assemble(vert, slash, qa, q_bar, k_bar, cfg=cfg, scale=0.25)
+    want = S._assemble_torch(vert, slash, qa, q_bar, k_bar, cfg=cfg, scale=0.25)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("br", [32, 128])

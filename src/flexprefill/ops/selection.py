@@ -16,7 +16,9 @@ import triton
 from ..config import FlexPrefillConfig
 from ..reference import js_distance
 from ..selection import BlockSelection, chunk_rows, compact_block_mask
-from .kernels.selection import block_mean_varlen_kernel, combine_splits_kernel, rep_block_mass_kernel, rep_row_stats_kernel
+from .kernels.selection import (
+    assemble_rows_kernel, block_mean_varlen_kernel, combine_splits_kernel, rep_block_mass_kernel, rep_row_stats_kernel,
+)
 
 __all__ = [
     "select_blocks_fast",
@@ -33,9 +35,9 @@ _LOG2E = 1.4426950408889634
 # elements of one [heads, nb, nb] working set of the query-aware search; bounds its
 # temporaries (sort keys and indices) to roughly 100 MB whatever the length
 _CHUNK_ELEMS = 1 << 22
-# the query-aware ranking sorts only the causal nb(nb+1)/2 scores of a head (False: all nb^2;
-# same selection, kept for timing the two on a GPU: benchmarks/profile_search_parts.py)
-_QA_CAUSAL_ONLY = True
+# the set assembly as one Triton pass per row (False: the PyTorch ops it replaced, kept for
+# max_budget, which caps rows by score, and for timing the two: benchmarks/profile_search_parts.py)
+_FUSED_ASSEMBLY = True
 
 
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -202,8 +204,70 @@ def _cap_rows(mask, score, max_blocks: int, eye, causal):
     return _top_n(prio, keep) & mask
 
 
+def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c):
+    """The query-aware ranking's scores of a head chunk: block-mean attention softmax per row,
+    the causal entries flattened row-major (c <= r), divided by the number of rows."""
+    ar = torch.arange(nb, device=q_bar.device)
+    logits = torch.baddbmm(q_bar.new_empty(()), q_bar, k_bar.transpose(1, 2), beta=0.0, alpha=scale)
+    s = torch.softmax(logits.masked_fill_(ar[None, :] > ar[:, None], float("-inf")), dim=-1)
+    if live_c is not None:
+        # only the chunk's rows take part; the flat mass is divided by their number
+        s = torch.where(live_c, s, 0.0)
+    tri = torch.tril_indices(nb, nb, device=q_bar.device)
+    return s.flatten(1).index_select(1, tri[0] * nb + tri[1]) / (rows_c[:, None] if rows_c is not None else nb)
+
+
 def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
               nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS):
+    """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
+
+    Arguments as :func:`_assemble_torch`.  The sets are built and compacted row by row in
+    one Triton pass (``assemble_rows_kernel``): per head chunk of the query-aware ranking
+    only its scores, their sort and the threshold entry run as PyTorch ops; without it,
+    one launch for every head.  ``max_budget`` takes the PyTorch path.
+    """
+    if cfg.max_budget_blocks is not None or not _FUSED_ASSEMBLY:
+        return _assemble_torch(vert, slash, query_aware, q_bar, k_bar, cfg=cfg, scale=scale, nb_h=nb_h, live_h=live_h,
+                               rows_h=rows_h, short_h=short_h, chunk_elems=chunk_elems)
+    BH, nb = vert.shape
+    dev = vert.device
+    use_qa = cfg.tau > 0
+    sets = _vs_sets(vert, slash, gamma=cfg.gamma, min_b=cfg.min_budget_blocks, max_b=None, nb_h=nb_h, floor=use_qa)
+    u8 = [t.contiguous().view(torch.uint8) for t in sets]
+    counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
+    indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
+    live = live_h.contiguous().view(torch.uint8) if live_h is not None else u8[0]
+    short = short_h.contiguous().view(torch.uint8) if short_h is not None else u8[0]
+    qa = query_aware.contiguous().view(torch.uint8)
+    bc = min(256, max(16, triton.next_power_of_2(nb)))
+    flags = dict(LIVE=live_h is not None, SHORT=short_h is not None, BC=bc, num_warps=4)
+    if not use_qa:
+        assemble_rows_kernel[(BH, nb)](
+            u8[0], u8[1], u8[0], u8[1], vert, vert, counts, qa, live, short, counts, indices, nb, 0, 0, QA=False, **flags
+        )
+        return counts, indices
+    chunk = max(1, chunk_elems // (nb * nb))
+    for h0 in range(0, BH, chunk):
+        h1 = min(BH, h0 + chunk)
+        flat = _qa_scores(q_bar[h0:h1], k_bar[h0:h1], scale=scale, nb=nb,
+                          live_c=live_h[h0:h1, :, None] if live_h is not None else None,
+                          rows_c=rows_h[h0:h1] if rows_h is not None else None)
+        srt = torch.sort(flat, dim=-1, descending=True, stable=True)
+        # the n-th entry of the ranking: every entry before it in (value desc, position asc) is kept
+        last = (_count_to_mass(flat, cfg.gamma, srt.values) - 1)[:, None]
+        thr = srt.values.gather(1, last).squeeze(1)
+        thr_pos = srt.indices.gather(1, last).squeeze(1)
+        del srt
+        assemble_rows_kernel[(h1 - h0, nb)](
+            u8[0], u8[1], u8[2], u8[3], flat, thr, thr_pos, qa, live, short, counts, indices, nb, h0, flat.stride(0),
+            QA=True, **flags
+        )
+        del flat
+    return counts, indices
+
+
+def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
+                    nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS):
     """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
 
     ``vert, slash`` fp32 [BH, nb]; ``query_aware`` bool [BH]; ``q_bar, k_bar`` fp32 block
@@ -223,8 +287,7 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
     not_causal = ~causal
     eye = ar[None, :] == ar[:, None]
     off = (ar[:, None] - ar[None, :]).clamp_min(0)
-    causal_only = use_qa and _QA_CAUSAL_ONLY
-    if causal_only:
+    if use_qa:
         # flat positions of the causal (row, col) pairs, row-major: the query-aware ranking
         # sorts these nb(nb+1)/2 entries, not all nb^2 (the others are 0 and never reached:
         # the gamma count stops at the last positive entry, whose running sum is the total)
@@ -245,16 +308,10 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
             if live_c is not None:
                 # only the chunk's rows take part; the flat mass is divided by their number
                 s = torch.where(live_c, s, 0.0)
-            flat = s.flatten(1)
-            if causal_only:
-                flat = flat.index_select(1, tri_flat)
-            flat = flat / (rows_h[sl, None] if rows_h is not None else nb)
+            flat = s.flatten(1).index_select(1, tri_flat) / (rows_h[sl, None] if rows_h is not None else nb)
             srt = torch.sort(flat, dim=-1, descending=True, stable=True)
             kept = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices)
-            if causal_only:
-                sel = torch.zeros(s.shape[0], nb * nb, dtype=torch.bool, device=dev).index_copy_(1, tri_flat, kept).view_as(s)
-            else:
-                sel = kept.view_as(s)
+            sel = torch.zeros(s.shape[0], nb * nb, dtype=torch.bool, device=dev).index_copy_(1, tri_flat, kept).view_as(s)
             del srt, flat, kept
             # the floor sets carry the sink column, so every row keeps it
             qa_mask = sel | sets[2][sl, None, :] | sets[3][sl][:, off] | eye

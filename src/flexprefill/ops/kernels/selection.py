@@ -198,3 +198,68 @@ def combine_splits_kernel(m, l, out, NUM_SPLITS, BR: tl.constexpr):
     for s in range(0, NUM_SPLITS):
         b_l += tl.load(l + base + s * BR + o_r) * tl.exp2(tl.load(m + base + s * BR + o_r) - b_safe)
     tl.store(out + i_row * BR + o_r, b_safe + tl.log2(b_l))
+
+
+@triton.jit
+def assemble_rows_kernel(
+    vsel, ssel, fvsel, fssel, flat, thr, thr_pos, query_aware, live, short, counts, indices,
+    NB, H0, stride_flat,
+    QA: tl.constexpr, LIVE: tl.constexpr, SHORT: tl.constexpr, BC: tl.constexpr,
+):
+    """One row (head ``H0 + program_id(0)``, query block ``program_id(1)``) of the block sets,
+    built and compacted in one pass: the kept key blocks in ascending order, -1 after them.
+
+    A vertical-slash head keeps column ``c`` when ``vsel[c]`` (its kept columns) or
+    ``ssel[r - c]`` (its kept diagonals).  A query-aware head (``QA``) keeps the entries of
+    its flat causal score list ``flat`` (row-major over c <= r) that rank before the
+    threshold entry (value ``thr``, list position ``thr_pos``; ties go to the lower
+    position, as a stable descending sort orders them) plus its floor sets and the
+    diagonal.  ``LIVE`` rows outside the chunk keep nothing; ``SHORT`` heads keep every
+    causal block of their live rows.  Sets are uint8 [BH, NB]; ``flat``, ``thr``,
+    ``thr_pos`` are indexed by the head's position in the chunk.
+    """
+    i_l = tl.program_id(0).to(tl.int64)
+    i_h = H0 + i_l
+    r = tl.program_id(1).to(tl.int64)
+    keep_row = True
+    if LIVE:
+        keep_row = tl.load(live + i_h * NB + r) != 0
+    all_causal = False
+    if SHORT:
+        all_causal = tl.load(short + i_h) != 0
+    is_qa = False
+    t = 0.0
+    p_t = 0
+    if QA:
+        is_qa = tl.load(query_aware + i_h) != 0
+        t = tl.load(thr + i_l)
+        p_t = tl.load(thr_pos + i_l)
+    tri0 = r * (r + 1) // 2
+    p_row = indices + (i_h * NB + r) * NB
+    n_kept = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, r + 1, BC):
+        c = c0 + tl.arange(0, BC)
+        m_c = c <= r
+        keep = (tl.load(vsel + i_h * NB + c, mask=m_c, other=0) != 0) | (
+            tl.load(ssel + i_h * NB + (r - c), mask=m_c, other=0) != 0
+        )
+        if QA:
+            if is_qa:
+                x = tl.load(flat + i_l * stride_flat + tri0 + c, mask=m_c, other=0.0)
+                pos = tri0 + c
+                ranked = (x > t) | ((x == t) & (pos <= p_t))
+                floor = (tl.load(fvsel + i_h * NB + c, mask=m_c, other=0) != 0) | (
+                    tl.load(fssel + i_h * NB + (r - c), mask=m_c, other=0) != 0
+                )
+                keep = ranked | floor | (c == r)
+        if SHORT:
+            keep = keep | all_causal
+        keep = keep & m_c & keep_row
+        k32 = keep.to(tl.int32)
+        slot = n_kept + tl.cumsum(k32, 0) - 1
+        tl.store(p_row + slot, c.to(tl.int32), mask=keep)
+        n_kept += tl.sum(k32, 0)
+    tl.store(counts + i_h * NB + r, n_kept)
+    for c0 in range((n_kept // BC) * BC, NB, BC):
+        c = c0 + tl.arange(0, BC)
+        tl.store(p_row + c, tl.full([BC], -1, tl.int32), mask=(c >= n_kept) & (c < NB))
