@@ -211,7 +211,6 @@ def test_graphed_assembly_equals_eager(tau, monkeypatch):
 
 def test_head_chunking_does_not_change_the_selection(monkeypatch):
     """The assembly processes heads a chunk at a time (smaller chunks inside a CUDA graph): same result."""
-    import functools
 
     from flexprefill.ops import selection as S
 
@@ -219,9 +218,20 @@ def test_head_chunking_does_not_change_the_selection(monkeypatch):
     cfg = fp.FlexPrefillConfig(block_size=32, min_budget=64, gamma=0.9, tau=0.2)
     whole = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
     nb = whole.counts.shape[-1]
-    monkeypatch.setattr(S, "_assemble", functools.partial(S._assemble, chunk_elems=nb * nb * 5))
+    monkeypatch.setattr(S, "_chunk_elems_for", lambda q, k: nb * nb * 5)
     chunked = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
     assert torch.equal(whole.counts, chunked.counts) and torch.equal(whole.indices, chunked.indices)
+
+
+def test_chunk_size_follows_the_qkv_bytes():
+    """Eager head chunks: 15% of the q+k+v bytes at ~27 B per element, within [2^20, 2^23]."""
+    from flexprefill.ops.selection import _chunk_elems_for
+
+    meta = lambda n, h: torch.empty(1, n, h, 128, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    assert _chunk_elems_for(meta(1024, 32), meta(1024, 8)) == 1 << 20
+    assert _chunk_elems_for(meta(1 << 17, 32), meta(1 << 17, 8)) == 1 << 23
+    mid = _chunk_elems_for(meta(1 << 15, 32), meta(1 << 15, 8))  # 384 MiB of q+k+v
+    assert mid == int(0.15 * 384 * 2**20 / 27)
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.3, 1.0])

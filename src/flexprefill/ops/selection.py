@@ -32,9 +32,20 @@ __all__ = [
 ]
 
 _LOG2E = 1.4426950408889634
-# elements of one [heads, nb, nb] working set of the query-aware search; bounds its
-# temporaries (sort keys and indices) to roughly 100 MB whatever the length
+# elements of one [heads, nb, nb] working set of the query-aware search (its scores, their
+# sort, ~27 bytes per element at the peak: an H200 profile at 128k, 32 heads, 4M elements,
+# held 112 MB over the same search without it).  Eagerly the working set is sized from the
+# bytes of q + k + v (15% of them, within [2^20, 2^23] elements): fewer, larger chunks cost
+# less host time (the 128k search is host-bound), small-head models keep their memory
 _CHUNK_ELEMS = 1 << 22
+_CHUNK_FRACTION = 0.15
+_CHUNK_BYTES_PER_ELEM = 27
+
+
+def _chunk_elems_for(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Working-set elements of an eager query-aware search over these q and k (v as k)."""
+    qkv = q.numel() * q.element_size() + 2 * k.numel() * k.element_size()
+    return int(min(1 << 23, max(1 << 20, _CHUNK_FRACTION * qkv / _CHUNK_BYTES_PER_ELEM)))
 # the set assembly as one Triton pass per row (False: the PyTorch ops it replaced, kept for
 # max_budget, which caps rows by score, and for timing the two: benchmarks/profile_search_parts.py)
 _FUSED_ASSEMBLY = True
@@ -367,9 +378,10 @@ def _graphs_enabled() -> bool:
 _ungraphable: set = set()
 
 
-def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=None):
+def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=None, chunk_elems: int = _CHUNK_ELEMS):
     """``fn(**tensors)`` (default :func:`_assemble`), replayed from a cached CUDA graph when
-    that pays (see above).  ``fn`` returns a tuple of tensors; the graph's are cloned out."""
+    that pays (see above).  ``fn`` returns a tuple of tensors; the graph's are cloned out.
+    ``chunk_elems`` sizes the eager path's head chunks (a graph uses its own)."""
     fn = _assemble if fn is None else fn
     vert = tensors["vert"]
     if (
@@ -378,11 +390,11 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
         or not _graphs_enabled()
         or torch.cuda.is_current_stream_capturing()
     ):
-        return fn(**tensors, cfg=cfg, scale=scale)
+        return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems)
     key = (fn.__name__, cfg, float(scale), vert.device,
            tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in tensors.items()))
     if key in _ungraphable:
-        return fn(**tensors, cfg=cfg, scale=scale)
+        return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems)
     entry = _graphs.get(key)
     if entry is None:
         static = {n: (None if t is None else t.clone()) for n, t in tensors.items()}
@@ -401,7 +413,7 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
             warnings.warn(f"flexprefill: the pattern search could not be captured in a CUDA graph ({str(e)[:200]}); "
                           "it runs eagerly for this shape", RuntimeWarning, stacklevel=3)
             _ungraphable.add(key)
-            return fn(**tensors, cfg=cfg, scale=scale)
+            return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems)
         entry = (graph, static, outs)
         _graphs[key] = entry
         while len(_graphs) > _GRAPH_CACHE:
@@ -459,7 +471,8 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
     q_hat = q[:, N - n_rep :].sum(1, dtype=torch.float32) / n_rep  # [B, Hq, D]
     q_bar = block_means(q, bs) if cfg.tau > 0 else None  # [B, nb, Hq, D]
     tensors = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
-    counts, indices, dist, query_aware = _assemble_any(tensors, cfg=cfg, scale=scale, fn=_dense_tail)
+    counts, indices, dist, query_aware = _assemble_any(tensors, cfg=cfg, scale=scale, fn=_dense_tail,
+                                                       chunk_elems=_chunk_elems_for(q, k))
     return BlockSelection(
         counts=counts.view(B, Hq, nb),
         indices=indices.view(B, Hq, nb, nb),
@@ -638,5 +651,5 @@ def select_blocks_varlen_fast(
         nb_h=nb_s.repeat_interleave(Hq), live_h=live.repeat_interleave(Hq, dim=0),
         rows_h=live.sum(-1).clamp_min(1).float().repeat_interleave(Hq), short_h=short.repeat_interleave(Hq),
     )
-    counts, indices = _assemble_any(tensors, cfg=cfg, scale=scale)
+    counts, indices = _assemble_any(tensors, cfg=cfg, scale=scale, chunk_elems=_chunk_elems_for(q, k))
     return counts.view(S, Hq, nb), indices.view(S, Hq, nb, nb), query_aware, dist
