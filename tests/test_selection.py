@@ -224,14 +224,14 @@ def test_head_chunking_does_not_change_the_selection(monkeypatch):
 
 
 def test_chunk_size_follows_the_qkv_bytes():
-    """Eager head chunks: 15% of the q+k+v bytes at ~27 B per element, within [2^20, 2^23]."""
+    """Eager head chunks: 15% of the q+k+v bytes at ~27 B per element, within [2^22, 2^23]."""
     from flexprefill.ops.selection import _chunk_elems_for
 
     meta = lambda n, h: torch.empty(1, n, h, 128, dtype=torch.bfloat16, device="meta")  # noqa: E731
-    assert _chunk_elems_for(meta(1024, 32), meta(1024, 8)) == 1 << 20
+    assert _chunk_elems_for(meta(1024, 32), meta(1024, 8)) == 1 << 22
     assert _chunk_elems_for(meta(1 << 17, 32), meta(1 << 17, 8)) == 1 << 23
-    mid = _chunk_elems_for(meta(1 << 15, 32), meta(1 << 15, 8))  # 384 MiB of q+k+v
-    assert mid == int(0.15 * 384 * 2**20 / 27)
+    mid = _chunk_elems_for(meta(3 << 15, 32), meta(3 << 15, 8))  # 1152 MiB of q+k+v
+    assert mid == int(0.15 * 1152 * 2**20 / 27)
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.3, 1.0])

@@ -34,9 +34,11 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 # elements of one [heads, nb, nb] working set of the query-aware search (its scores, their
 # sort, ~27 bytes per element at the peak: an H200 profile at 128k, 32 heads, 4M elements,
-# held 112 MB over the same search without it).  Eagerly the working set is sized from the
-# bytes of q + k + v (15% of them, within [2^20, 2^23] elements): fewer, larger chunks cost
-# less host time (the 128k search is host-bound), small-head models keep their memory
+# held 112 MB over the same search without it).  Eagerly the working set grows with the
+# bytes of q + k + v (15% of them) from 2^22 up to 2^23 elements: fewer, larger chunks cost
+# less host time (the 128k search is host-bound).  Not below 2^22: sized down to 15% for
+# SmolLM2's small heads (one head per chunk at 128k) the search took 32% of the operator
+# instead of 19.5% (H200 suite, 9200aa8 against c8d7dfd), for 15% instead of 28.5% memory
 _CHUNK_ELEMS = 1 << 22
 _CHUNK_FRACTION = 0.15
 _CHUNK_BYTES_PER_ELEM = 27
@@ -45,7 +47,7 @@ _CHUNK_BYTES_PER_ELEM = 27
 def _chunk_elems_for(q: torch.Tensor, k: torch.Tensor) -> int:
     """Working-set elements of an eager query-aware search over these q and k (v as k)."""
     qkv = q.numel() * q.element_size() + 2 * k.numel() * k.element_size()
-    return int(min(1 << 23, max(1 << 20, _CHUNK_FRACTION * qkv / _CHUNK_BYTES_PER_ELEM)))
+    return int(min(1 << 23, max(_CHUNK_ELEMS, _CHUNK_FRACTION * qkv / _CHUNK_BYTES_PER_ELEM)))
 # the set assembly as one Triton pass per row (False: the PyTorch ops it replaced, kept for
 # max_budget, which caps rows by score, and for timing the two: benchmarks/profile_search_parts.py)
 _FUSED_ASSEMBLY = True
@@ -215,17 +217,15 @@ def _cap_rows(mask, score, max_blocks: int, eye, causal):
     return _top_n(prio, keep) & mask
 
 
-def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c):
+def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causal, tri_flat):
     """The query-aware ranking's scores of a head chunk: block-mean attention softmax per row,
-    the causal entries flattened row-major (c <= r), divided by the number of rows."""
-    ar = torch.arange(nb, device=q_bar.device)
+    the causal entries (flat positions ``tri_flat``, row-major c <= r) divided by the number of rows."""
     logits = torch.baddbmm(q_bar.new_empty(()), q_bar, k_bar.transpose(1, 2), beta=0.0, alpha=scale)
-    s = torch.softmax(logits.masked_fill_(ar[None, :] > ar[:, None], float("-inf")), dim=-1)
+    s = torch.softmax(logits.masked_fill_(not_causal, float("-inf")), dim=-1)
     if live_c is not None:
         # only the chunk's rows take part; the flat mass is divided by their number
         s = torch.where(live_c, s, 0.0)
-    tri = torch.tril_indices(nb, nb, device=q_bar.device)
-    return s.flatten(1).index_select(1, tri[0] * nb + tri[1]) / (rows_c[:, None] if rows_c is not None else nb)
+    return s.flatten(1).index_select(1, tri_flat) / (rows_c[:, None] if rows_c is not None else nb)
 
 
 def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
@@ -257,12 +257,16 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
             u8[0], u8[1], u8[0], u8[1], vert, vert, counts, qa, live, short, counts, indices, nb, 0, 0, QA=False, **flags
         )
         return counts, indices
+    ar = torch.arange(nb, device=dev)
+    not_causal = ar[None, :] > ar[:, None]
+    tri = torch.tril_indices(nb, nb, device=dev)
+    tri_flat = tri[0] * nb + tri[1]
     chunk = max(1, chunk_elems // (nb * nb))
     for h0 in range(0, BH, chunk):
         h1 = min(BH, h0 + chunk)
         flat = _qa_scores(q_bar[h0:h1], k_bar[h0:h1], scale=scale, nb=nb,
                           live_c=live_h[h0:h1, :, None] if live_h is not None else None,
-                          rows_c=rows_h[h0:h1] if rows_h is not None else None)
+                          rows_c=rows_h[h0:h1] if rows_h is not None else None, not_causal=not_causal, tri_flat=tri_flat)
         srt = torch.sort(flat, dim=-1, descending=True, stable=True)
         # the n-th entry of the ranking: every entry before it in (value desc, position asc) is kept
         last = (_count_to_mass(flat, cfg.gamma, srt.values) - 1)[:, None]
