@@ -10,6 +10,7 @@ mask does O(N^2).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -62,14 +63,39 @@ def _check_window(window) -> None:
         raise ValueError(f"window={window!r} must be an int >= 1 (tokens)")
 
 
+# band tables of recent (nb, block size, window, device) calls: a model's sliding layers
+# all ask for the same one, and building it is ~10 small launches of host time per call
+_BAND_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+_BAND_CACHE_SIZE = 8
+
+
 def window_selection(B: int, Hq: int, N: int, block_size: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The key blocks a causal sliding window reaches: row block ``r`` lists blocks
     ``c <= r`` holding a key ``j > r * block_size - window`` (visible from the block's first row).
 
     Returns counts int32 [B, Hq, nb] and indices int32 [B, Hq, nb, w], ``w`` = the largest
-    count (broadcast views of one [nb, w] table; -1 past each count).
+    count (broadcast views of one [nb, w] table; -1 past each count).  The table is cached
+    (a few recent shapes; it is read-only); one first built inside a CUDA graph capture is not.
     """
     nb = math.ceil(N / block_size)
+    device = torch.device(device)
+    key = (nb, block_size, window, device)
+    hit = _BAND_CACHE.get(key)
+    if hit is None:
+        hit = _band_table(nb, block_size, window, device)
+        # a table built inside a graph capture lives in the graph's pool: not kept
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _BAND_CACHE[key] = hit
+            while len(_BAND_CACHE) > _BAND_CACHE_SIZE:
+                _BAND_CACHE.popitem(last=False)
+    else:
+        _BAND_CACHE.move_to_end(key)
+    counts, indices = hit
+    return counts.expand(B, Hq, nb), indices.expand(B, Hq, *indices.shape)
+
+
+def _band_table(nb: int, block_size: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts int32 [nb] and indices int32 [nb, w] of :func:`window_selection`."""
     r = torch.arange(nb, device=device)
     # first block whose last key c*bs + bs - 1 is > r*bs - window
     lo = torch.div(r * block_size - window - block_size + 1, block_size, rounding_mode="floor") + 1
@@ -78,7 +104,7 @@ def window_selection(B: int, Hq: int, N: int, block_size: int, window: int, devi
     width = min(nb, (window + block_size - 2) // block_size + 2)
     t = torch.arange(width, device=device)
     indices = torch.where(t[None, :] < counts[:, None], lo[:, None] + t[None, :], -1).to(torch.int32)
-    return counts.expand(B, Hq, nb), indices.expand(B, Hq, nb, width)
+    return counts, indices
 
 
 def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float, return_lse: bool = False,
