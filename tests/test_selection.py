@@ -290,3 +290,29 @@ def test_combine_kernel_matches_torch(br):
     got, want = _combine(m, l), _combine_splits(m, l)
     assert torch.isneginf(got[1]).all() and torch.isneginf(want[1]).all()
     assert torch.allclose(got[2:], want[2:], rtol=1e-5, atol=1e-5) and torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_int16_block_ids_equal_int32(fused, monkeypatch):
+    """The operator's int16 selections hold the same block ids as the public int32 ones."""
+    from flexprefill.ops import selection as S
+
+    monkeypatch.setattr(S, "_FUSED_ASSEMBLY", fused)
+    cfg = fp.FlexPrefillConfig(block_size=32, min_budget=64, gamma=0.9, tau=0.3)
+    q, k, _ = structured_qkv(1, 900, 4, 2, 64, seed=5, dtype=torch.float16)
+    wide = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+    narrow = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125, index_dtype=torch.int16)
+    assert narrow.indices.dtype == torch.int16 and wide.indices.dtype == torch.int32
+    assert torch.equal(narrow.counts, wide.counts) and torch.equal(narrow.indices.int(), wide.indices)
+    cu = torch.tensor([0, 500, 900], dtype=torch.int32)
+    args = (q[0], k[0], cu[:-1], cu[1:], cu[:-1], cu[1:], 500)
+    w = S.select_blocks_varlen_fast(*args, config=cfg, softmax_scale=0.125)
+    n = S.select_blocks_varlen_fast(*args, config=cfg, softmax_scale=0.125, index_dtype=torch.int16)
+    assert n[1].dtype == torch.int16 and torch.equal(n[0], w[0]) and torch.equal(n[1].int(), w[1])
+
+
+def test_compact_index_dtype():
+    from flexprefill.ops.selection import compact_index_dtype
+
+    assert compact_index_dtype(2048) == torch.int16 and compact_index_dtype(32767) == torch.int16
+    assert compact_index_dtype(32768) == torch.int32

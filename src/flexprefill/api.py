@@ -244,10 +244,12 @@ def flex_prefill_attention(
         res = dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=return_lse)
         stats = reference.dense_stats(B, Hq, N, cfg.block_size, q.device)
     else:
-        from .ops.selection import select_blocks_fast
+        from .ops.selection import compact_index_dtype, select_blocks_fast
         from .ops.sparse_attention import sparse_attention
 
-        sel = select_blocks_fast(q, k, config=cfg, softmax_scale=scale)
+        # the operator's own selection never leaves it: int16 block ids where they fit
+        sel = select_blocks_fast(q, k, config=cfg, softmax_scale=scale,
+                                 index_dtype=compact_index_dtype(math.ceil(N / cfg.block_size)))
         res = sparse_attention(
             q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse
         )
@@ -373,7 +375,8 @@ def select_blocks_varlen(
     return _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale, 0)
 
 
-def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below) -> VarlenBlockSelection:
+def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
+                   index_dtype: torch.dtype = torch.int32) -> VarlenBlockSelection:
     if _backend(cfg, q.device) == "reference":
         return reference.select_blocks_varlen(
             q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
@@ -388,7 +391,7 @@ def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below) -> V
         dist = torch.full((S, Hq), float("nan"), device=q.device)
     else:
         counts, indices, qa, dist = select_blocks_varlen_fast(
-            q, k, *bounds, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
+            q, k, *bounds, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below, index_dtype=index_dtype
         )
     return VarlenBlockSelection(
         counts=counts, indices=indices, block_size=cfg.block_size, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
@@ -490,9 +493,11 @@ def flex_prefill_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats,
         )
+    from .ops.selection import compact_index_dtype
     from .ops.sparse_attention import sparse_attention_varlen
 
-    sel = _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale, cfg.min_seq_len)
+    sel = _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale, cfg.min_seq_len,
+                         index_dtype=compact_index_dtype(math.ceil(max_seqlen_k / cfg.block_size)))
     res = sparse_attention_varlen(
         q, k, v, sel.counts, sel.indices,
         cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:],
@@ -527,7 +532,7 @@ def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
         starts = torch.arange(B, dtype=torch.int32, device=q.device) * N
         ends = starts + seq_lens
         qf, kf, vf = (t.reshape(B * N, *t.shape[2:]) for t in (q, k, v))
-        from .ops.selection import full_causal_selection_varlen, select_blocks_varlen_fast
+        from .ops.selection import compact_index_dtype, full_causal_selection_varlen, select_blocks_varlen_fast
 
         if N < cfg.min_seq_len:
             counts, indices = full_causal_selection_varlen(starts, ends, starts, ends, Hq, N, cfg.block_size)
@@ -535,7 +540,8 @@ def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
             dist = torch.full((B, Hq), float("nan"), device=q.device)
         else:
             counts, indices, qa, dist = select_blocks_varlen_fast(
-                qf, kf, starts, ends, starts, ends, N, config=cfg, softmax_scale=scale, dense_below=cfg.min_seq_len
+                qf, kf, starts, ends, starts, ends, N, config=cfg, softmax_scale=scale, dense_below=cfg.min_seq_len,
+                index_dtype=compact_index_dtype(math.ceil(N / cfg.block_size)),
             )
         out = torch.zeros(B * N, Hq, D, dtype=q.dtype, device=q.device)
         lse = torch.full((Hq, B * N), float("-inf"), device=q.device) if return_lse else None

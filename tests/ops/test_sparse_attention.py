@@ -228,6 +228,17 @@ def test_rejects_bad_block_size_and_selection_shape():
         sparse_attention(q, k, v, sel.counts, sel.indices, block_size=64, softmax_scale=0.1)
     with pytest.raises(ValueError, match="counts"):
         sparse_attention(q, k, v, sel.counts.long(), sel.indices, block_size=32, softmax_scale=0.1)
+    with pytest.raises(ValueError, match=r"indices must be int32 \(or int16\)"):
+        sparse_attention(q, k, v, sel.counts, sel.indices.long(), block_size=32, softmax_scale=0.1)
+
+
+def test_int16_indices_give_the_same_output():
+    q, k, v = _qkv(1, 300, 4, 2, 64, F16, seed=3)
+    sel = _random_selection(1, 4, 300, 32, 0.4, seed=3)
+    kw = dict(block_size=32, softmax_scale=0.125, return_lse=True)
+    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
+    out16, lse16 = sparse_attention(q, k, v, sel.counts, sel.indices.to(torch.int16), **kw)
+    assert torch.equal(out, out16) and torch.equal(lse, lse16)
 
 
 @pytest.mark.gpu

@@ -21,6 +21,7 @@ from .kernels.selection import (
 )
 
 __all__ = [
+    "compact_index_dtype",
     "select_blocks_fast",
     "clear_graph_cache",
     "representative_block_scores",
@@ -229,7 +230,8 @@ def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causa
 
 
 def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
-              nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS):
+              nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS,
+              index_dtype: torch.dtype = torch.int32):
     """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
 
     Arguments as :func:`_assemble_torch`.  The sets are built and compacted row by row in
@@ -239,14 +241,14 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
     """
     if cfg.max_budget_blocks is not None or not _FUSED_ASSEMBLY:
         return _assemble_torch(vert, slash, query_aware, q_bar, k_bar, cfg=cfg, scale=scale, nb_h=nb_h, live_h=live_h,
-                               rows_h=rows_h, short_h=short_h, chunk_elems=chunk_elems)
+                               rows_h=rows_h, short_h=short_h, chunk_elems=chunk_elems, index_dtype=index_dtype)
     BH, nb = vert.shape
     dev = vert.device
     use_qa = cfg.tau > 0
     sets = _vs_sets(vert, slash, gamma=cfg.gamma, min_b=cfg.min_budget_blocks, max_b=None, nb_h=nb_h, floor=use_qa)
     u8 = [t.contiguous().view(torch.uint8) for t in sets]
     counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
-    indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
+    indices = torch.empty(BH, nb, nb, dtype=index_dtype, device=dev)
     live = live_h.contiguous().view(torch.uint8) if live_h is not None else u8[0]
     short = short_h.contiguous().view(torch.uint8) if short_h is not None else u8[0]
     qa = query_aware.contiguous().view(torch.uint8)
@@ -282,7 +284,8 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
 
 
 def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
-                    nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS):
+                    nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS,
+                    index_dtype: torch.dtype = torch.int32):
     """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
 
     ``vert, slash`` fp32 [BH, nb]; ``query_aware`` bool [BH]; ``q_bar, k_bar`` fp32 block
@@ -309,7 +312,7 @@ def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillC
         tri = torch.tril_indices(nb, nb, device=dev)
         tri_flat = tri[0] * nb + tri[1]
     counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
-    indices = torch.empty(BH, nb, nb, dtype=torch.int32, device=dev)
+    indices = torch.empty(BH, nb, nb, dtype=index_dtype, device=dev)
     chunk = max(1, chunk_elems // (nb * nb))
     for h0 in range(0, BH, chunk):
         sl = slice(h0, min(BH, h0 + chunk))
@@ -382,7 +385,8 @@ def _graphs_enabled() -> bool:
 _ungraphable: set = set()
 
 
-def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=None, chunk_elems: int = _CHUNK_ELEMS):
+def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=None, chunk_elems: int = _CHUNK_ELEMS,
+                  index_dtype: torch.dtype = torch.int32):
     """``fn(**tensors)`` (default :func:`_assemble`), replayed from a cached CUDA graph when
     that pays (see above).  ``fn`` returns a tuple of tensors; the graph's are cloned out.
     ``chunk_elems`` sizes the eager path's head chunks (a graph uses its own)."""
@@ -394,30 +398,30 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
         or not _graphs_enabled()
         or torch.cuda.is_current_stream_capturing()
     ):
-        return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems)
-    key = (fn.__name__, cfg, float(scale), vert.device,
+        return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
+    key = (fn.__name__, cfg, float(scale), vert.device, index_dtype,
            tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in tensors.items()))
     if key in _ungraphable:
-        return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems)
+        return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
     entry = _graphs.get(key)
     if entry is None:
         static = {n: (None if t is None else t.clone()) for n, t in tensors.items()}
         side = torch.cuda.Stream(device=vert.device)
         side.wait_stream(torch.cuda.current_stream(vert.device))
         with torch.cuda.stream(side):
-            fn(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS)  # warm-up outside the capture
+            fn(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS, index_dtype=index_dtype)  # warm-up outside the capture
         torch.cuda.current_stream(vert.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                outs = fn(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS)
+                outs = fn(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS, index_dtype=index_dtype)
         except RuntimeError as e:  # a capture this torch/driver refuses: stay correct, only slower
             import warnings
 
             warnings.warn(f"flexprefill: the pattern search could not be captured in a CUDA graph ({str(e)[:200]}); "
                           "it runs eagerly for this shape", RuntimeWarning, stacklevel=3)
             _ungraphable.add(key)
-            return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems)
+            return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
         entry = (graph, static, outs)
         _graphs[key] = entry
         while len(_graphs) > _GRAPH_CACHE:
@@ -432,7 +436,8 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
     return tuple(o.clone() for o in outs)
 
 
-def _dense_tail(vert, slash, q_hat, k_bar, q_bar, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int = _CHUNK_ELEMS):
+def _dense_tail(vert, slash, q_hat, k_bar, q_bar, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int = _CHUNK_ELEMS,
+                index_dtype: torch.dtype = torch.int32):
     """Everything of the dense search after the passes over q and k: the estimate, the JS
     distance and pattern of each head, the block sets (one graph replays it all).
 
@@ -450,7 +455,7 @@ def _dense_tail(vert, slash, q_hat, k_bar, q_bar, *, cfg: FlexPrefillConfig, sca
     if cfg.tau > 0:
         qb, kb = _per_head(q_bar), _per_head(k_bar_q)
     counts, indices = _assemble(vert.reshape(-1, nb), slash.reshape(-1, nb), query_aware.reshape(-1), qb, kb,
-                                cfg=cfg, scale=scale, chunk_elems=chunk_elems)
+                                cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
     return counts, indices, dist, query_aware
 
 
@@ -460,8 +465,18 @@ def _per_head(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3).reshape(B * H, nb, D)
 
 
-def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float) -> BlockSelection:
-    """Device version of :func:`flexprefill.reference.select_blocks` (inputs already checked)."""
+def compact_index_dtype(nb: int) -> torch.dtype:
+    """The narrowest index dtype the kernel takes for ``nb`` blocks: int16 below 2^15 blocks
+    (halves the [.., nb, nb] table: 151 MB instead of 302 MB for 9 heads at 256k), else int32."""
+    return torch.int16 if nb < (1 << 15) else torch.int32
+
+
+def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float,
+                       index_dtype: torch.dtype = torch.int32) -> BlockSelection:
+    """Device version of :func:`flexprefill.reference.select_blocks` (inputs already checked).
+
+    ``index_dtype``: int32 (the public :class:`BlockSelection` contract) or int16 (the
+    operator's own selections, see :func:`compact_index_dtype`)."""
     cfg = config
     B, N, Hq, D = q.shape
     bs = cfg.block_size
@@ -476,7 +491,7 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float)
     q_bar = block_means(q, bs) if cfg.tau > 0 else None  # [B, nb, Hq, D]
     tensors = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
     counts, indices, dist, query_aware = _assemble_any(tensors, cfg=cfg, scale=scale, fn=_dense_tail,
-                                                       chunk_elems=_chunk_elems_for(q, k))
+                                                       chunk_elems=_chunk_elems_for(q, k), index_dtype=index_dtype)
     return BlockSelection(
         counts=counts.view(B, Hq, nb),
         indices=indices.view(B, Hq, nb, nb),
@@ -607,11 +622,12 @@ def _js_distance_masked(p: torch.Tensor, q: torch.Tensor, valid: torch.Tensor) -
 
 def select_blocks_varlen_fast(
     q, k, q_starts, q_ends, k_starts, k_ends, max_seqlen_k: int, *,
-    config: FlexPrefillConfig, softmax_scale: float, dense_below: int = 0,
+    config: FlexPrefillConfig, softmax_scale: float, dense_below: int = 0, index_dtype: torch.dtype = torch.int32,
 ):
     """Device version of :func:`flexprefill.reference.select_blocks_varlen` (inputs already checked).
 
-    Returns ``counts`` int32 [S, Hq, max_nb], ``indices`` int32 [S, Hq, max_nb, max_nb],
+    Returns ``counts`` int32 [S, Hq, max_nb], ``indices`` [S, Hq, max_nb, max_nb] of ``index_dtype``
+    (int32, or int16 for the operator's own use),
     ``query_aware`` bool [S, Hq], ``js_distance`` fp32 [S, Hq].  No host sync.
     """
     cfg = config
@@ -655,5 +671,6 @@ def select_blocks_varlen_fast(
         nb_h=nb_s.repeat_interleave(Hq), live_h=live.repeat_interleave(Hq, dim=0),
         rows_h=live.sum(-1).clamp_min(1).float().repeat_interleave(Hq), short_h=short.repeat_interleave(Hq),
     )
-    counts, indices = _assemble_any(tensors, cfg=cfg, scale=scale, chunk_elems=_chunk_elems_for(q, k))
+    counts, indices = _assemble_any(tensors, cfg=cfg, scale=scale, chunk_elems=_chunk_elems_for(q, k),
+                                    index_dtype=index_dtype)
     return counts.view(S, Hq, nb), indices.view(S, Hq, nb, nb), query_aware, dist

@@ -67,7 +67,8 @@ def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale
             contiguous if it is not.  fp16/bf16 (fp32 under the interpreter).
         counts: int32 [B, Hq, nb], ``nb = ceil(N / block_size)``: blocks per query block.
         indices: int32 [B, Hq, nb, nb]: ascending key-block ids, -1 past the count.
-            Broadcast (stride 0) batch and head dims are fine.
+            Broadcast (stride 0) batch and head dims are fine; int16 is taken too (the
+            operator's own selections, half the memory, while ``nb < 2**15``).
         block_size: 32, 64 or 128.
         softmax_scale: scale of the scores.
         return_lse: also return the log-sum-exp.
@@ -98,8 +99,8 @@ def _check(q, k, v, counts, indices, block_size, narrow_indices=False):
         shape_ok = indices.dim() == 4 and tuple(indices.shape[:3]) == (B, Hq, nb) and indices.shape[3] >= 1
     else:
         shape_ok = tuple(indices.shape) == (B, Hq, nb, nb)
-    if indices.dtype != torch.int32 or not shape_ok:
-        raise ValueError(f"indices must be int32 [{B}, {Hq}, {nb}, {nb}], got {indices.dtype} {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int32, torch.int16) or not shape_ok:
+        raise ValueError(f"indices must be int32 (or int16) [{B}, {Hq}, {nb}, {nb}], got {indices.dtype} {tuple(indices.shape)}")
     for name, t in (("k", k), ("v", v), ("counts", counts), ("indices", indices)):
         if t.device != q.device:
             raise ValueError(f"q is on {q.device} but {name} is on {t.device}")

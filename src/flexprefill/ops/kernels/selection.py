@@ -257,9 +257,9 @@ def assemble_rows_kernel(
         keep = keep & m_c & keep_row
         k32 = keep.to(tl.int32)
         slot = n_kept + tl.cumsum(k32, 0) - 1
-        tl.store(p_row + slot, c.to(tl.int32), mask=keep)
+        tl.store(p_row + slot, c.to(indices.dtype.element_ty), mask=keep)
         n_kept += tl.sum(k32, 0)
     tl.store(counts + i_h * NB + r, n_kept)
     for c0 in range((n_kept // BC) * BC, NB, BC):
         c = c0 + tl.arange(0, BC)
-        tl.store(p_row + c, tl.full([BC], -1, tl.int32), mask=(c >= n_kept) & (c < NB))
+        tl.store(p_row + c, tl.full([BC], -1, indices.dtype.element_ty), mask=(c >= n_kept) & (c < NB))
