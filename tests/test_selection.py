@@ -311,8 +311,10 @@ def test_int16_block_ids_equal_int32(fused, monkeypatch):
     assert n[1].dtype == torch.int16 and torch.equal(n[0], w[0]) and torch.equal(n[1].int(), w[1])
 
 
-def test_compact_index_dtype():
+def test_compact_index_dtype(monkeypatch):
     from flexprefill.ops.selection import compact_index_dtype
 
     assert compact_index_dtype(2048) == torch.int16 and compact_index_dtype(32767) == torch.int16
     assert compact_index_dtype(32768) == torch.int32
+    monkeypatch.setenv("FLEXPREFILL_INT16_BLOCK_IDS", "0")
+    assert compact_index_dtype(2048) == torch.int32

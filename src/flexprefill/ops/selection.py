@@ -467,7 +467,10 @@ def _per_head(x: torch.Tensor) -> torch.Tensor:
 
 def compact_index_dtype(nb: int) -> torch.dtype:
     """The narrowest index dtype the kernel takes for ``nb`` blocks: int16 below 2^15 blocks
-    (halves the [.., nb, nb] table: 151 MB instead of 302 MB for 9 heads at 256k), else int32."""
+    (halves the [.., nb, nb] table: 151 MB instead of 302 MB for 9 heads at 256k), else int32.
+    ``FLEXPREFILL_INT16_BLOCK_IDS=0`` keeps int32."""
+    if os.environ.get("FLEXPREFILL_INT16_BLOCK_IDS", "1") == "0":
+        return torch.int32
     return torch.int16 if nb < (1 << 15) else torch.int32
 
 
