@@ -35,6 +35,9 @@ def _qkv(B=1, N=200, Hq=4, Hkv=2, D=64, dtype=torch.float32, seed=0):
         (dict(max_budget=1.5), TypeError, "max_budget"),
         (dict(min_seq_len=-5), ValueError, "min_seq_len"),
         (dict(backend="cuda"), ValueError, "backend"),
+        (dict(dense_above=0.0), ValueError, "dense_above"),
+        (dict(dense_above=1.5), ValueError, "dense_above"),
+        (dict(dense_above="0.8"), TypeError, "dense_above"),
     ],
 )
 def test_config_rejects_bad_values(kw, exc, word):
@@ -143,6 +146,29 @@ def test_operator_equals_its_two_halves(backend):
     err = (out.float() - dense).norm() / dense.norm()
     assert err < 0.5, err
     assert bool((stats.density < 1).any())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dense_above_runs_dense_attention_on_a_near_dense_selection(backend):
+    """Random inputs keep most blocks: with dense_above under their density the call is exact
+    dense attention (stats say dense); at 1.0, or with an LSE asked, it stays sparse."""
+    dtype = torch.float16 if backend == "triton" else torch.float32
+    q, k, v = _qkv(N=640, dtype=dtype, seed=4)
+    cfg = fp.FlexPrefillConfig(block_size=32, min_seq_len=0, min_budget=64, backend=backend)
+    sparse, st = fp.flex_prefill_attention(q, k, v, config=cfg, return_stats=True)
+    density = float(st.density.mean())
+    assert 0.5 < density < 1 and not st.dense
+    out, st2 = fp.flex_prefill_attention(q, k, v, config=cfg.replace(dense_above=0.5), return_stats=True)
+    assert st2.dense and st2.patterns()[0][0] == "dense"
+    assert torch.equal(st2.num_blocks, st.num_blocks)  # the selection that was not used
+    dense = R.dense_attention(q.float(), k.float(), v.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert (out.float() - dense).abs().max().item() < tol
+    assert (sparse.float() - dense).abs().max().item() > 10 * tol  # the fallback changed the answer
+    same = fp.flex_prefill_attention(q, k, v, config=cfg.replace(dense_above=1.0))
+    assert torch.equal(same, sparse)
+    with_lse, _ = fp.flex_prefill_attention(q, k, v, config=cfg.replace(dense_above=0.5), return_lse=True)
+    assert torch.equal(with_lse, sparse)
 
 
 def test_return_signature_combinations():

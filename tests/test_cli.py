@@ -131,6 +131,21 @@ def test_demo_end_to_end_on_tiny_model(tmp_path, capsys, chat_tokenizer):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_demo_dense_above_runs_dense_layers(tmp_path, capsys, chat_tokenizer):
+    """--dense-above under every layer's density: each layer runs dense, and the report says so."""
+    model = _tiny_llama(len(chat_tokenizer))
+    args = cli.build_parser().parse_args(
+        ["demo", "--length", "320", "--block-size", "32", "--device", "cpu", "--max-new-tokens", "2",
+         "--out", str(tmp_path / "demo"), "--no-progress", "--dense-above", "0.01"]
+    )
+    report = cli.run_demo(args, model=model, tokenizer=chat_tokenizer, haystack=HAYSTACK)
+    text = capsys.readouterr().out
+    assert report["config"]["dense_above"] == 0.01
+    assert report["density_per_layer"] == {}
+    assert report["dense_layers"] == {0: "dense_above", 1: "dense_above"}
+    assert "dense_above" in text
+
+
 def test_plot_block_masks_from_selection(tmp_path):
     import flexprefill
     from flexprefill.plotting import plot_block_masks

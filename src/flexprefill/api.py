@@ -223,7 +223,10 @@ def flex_prefill_attention(
 
     Returns:
         ``out`` [B, N, Hq, D] in the input dtype; then ``lse`` and/or ``stats`` when asked,
-        in that order.  Sequences with ``N < config.min_seq_len`` run dense attention.
+        in that order.  Sequences with ``N < config.min_seq_len`` run dense attention, and
+        so does a call whose selection is denser than ``config.dense_above`` when that is
+        set (one host sync; not with ``return_lse`` or ``seq_lens``; ``stats.dense`` is then
+        True and ``stats`` describe the selection that was not used).
     """
     cfg = _check_config(config)
     _check_qkv(q, k, v)
@@ -250,10 +253,16 @@ def flex_prefill_attention(
         # the operator's own selection never leaves it: int16 block ids where they fit
         sel = select_blocks_fast(q, k, config=cfg, softmax_scale=scale,
                                  index_dtype=compact_index_dtype(math.ceil(N / cfg.block_size)))
-        res = sparse_attention(
-            q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse
-        )
         stats = sel.stats()
+        if not return_lse and reference.too_dense(sel.counts, cfg):
+            from .ops.dense import dense_causal_attention
+
+            res = dense_causal_attention(q, k, v, softmax_scale=scale)
+            stats.dense = True
+        else:
+            res = sparse_attention(
+                q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse
+            )
     res = res if isinstance(res, tuple) else (res,)
     if return_stats:
         res = res + (stats,)

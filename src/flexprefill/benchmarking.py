@@ -1704,6 +1704,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="input dtype (fp32 only on the CPU)")
     p.add_argument("--batch", type=int, default=1, help="batch size of synthetic and random inputs")
     p.add_argument("--gamma", type=float, default=0.9)
+    p.add_argument("--dense-above", type=float, default=None,
+                   help="FlexPrefillConfig.dense_above of the flexprefill method and the model mode (one host sync per call)")
     p.add_argument("--tau", type=float, default=0.1)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -1758,7 +1760,8 @@ def main(argv=None) -> int:
     if device.type != "cuda" and args.dtype == "bf16":
         # the CPU path is the fp32 reference; bf16 matmuls there are only slower
         args.dtype = "fp32"
-    cfg = FlexPrefillConfig(block_size=args.block_size, gamma=args.gamma, tau=args.tau, min_seq_len=0)
+    cfg = FlexPrefillConfig(block_size=args.block_size, gamma=args.gamma, tau=args.tau, min_seq_len=0,
+                            dense_above=args.dense_above)
     stamp = env_stamp()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

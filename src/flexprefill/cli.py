@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prompts shorter than this run dense (default: half the prompt length, so FlexPrefill runs)",
     )
+    demo.add_argument(
+        "--dense-above",
+        type=float,
+        default=None,
+        help="run a layer dense when its selection keeps more than this share of the causal blocks (one host sync per layer)",
+    )
     demo.add_argument("--depth", type=float, default=0.5, help="needle depth in the essays, 0 (start) to 1 (end)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the magic number and of its key")
     demo.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
@@ -363,7 +369,8 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
     min_budget = default_min_budget(args, length)
     min_seq_len = args.min_seq_len if args.min_seq_len is not None else min(DEFAULT_MIN_SEQ_LEN, n_tokens // 2)
     cfg = FlexPrefillConfig(
-        block_size=args.block_size, gamma=args.gamma, tau=args.tau, min_budget=min_budget, min_seq_len=min_seq_len
+        block_size=args.block_size, gamma=args.gamma, tau=args.tau, min_budget=min_budget, min_seq_len=min_seq_len,
+        dense_above=args.dense_above,
     )
     steps.update(1)
 
@@ -394,6 +401,9 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
     steps.update(1)
 
     steps.set_postfix_str("report")
+    # a layer whose selection was denser than --dense-above ran dense: listed apart
+    too_dense = sorted(i for i, s in stats.items() if s.dense)
+    stats = {i: s for i, s in stats.items() if not s.dense}
     density = {i: float(s.density.float().mean()) for i, s in sorted(stats.items())}
     qa_heads = {i: int(s.query_aware.sum()) for i, s in sorted(stats.items())}
     heads = next(iter(stats.values())).density.shape[1] if stats else 0
@@ -410,7 +420,7 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
         "magic_number": number,
         "needle_key": needle_key(args.seed)[1],
         "config": {"block_size": cfg.block_size, "gamma": cfg.gamma, "tau": cfg.tau, "min_budget": cfg.min_budget,
-                   "min_seq_len": cfg.min_seq_len},
+                   "min_seq_len": cfg.min_seq_len, "dense_above": cfg.dense_above},
         "dense": {"answer": dense_answer, "found": number in dense_answer, "prefill_s": round(dense_s, 4)},
         "flexprefill": {"answer": flex_answer, "found": number in flex_answer, "prefill_s": round(flex_s, 4)},
         "speedup": round(dense_s / flex_s, 3) if flex_s > 0 else None,
@@ -419,6 +429,7 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
         "mean_density": None if mean_density is None else round(mean_density, 4),
         "dense_layers": dense_layers,
         "window_layers": window_layers,
+        "dense_above_layers": too_dense,
         "plot": None,
     }
     steps.update(1)
@@ -469,6 +480,9 @@ def _print_report(r: dict, heads: int, device: torch.device) -> None:
         print("density      no layer ran FlexPrefill")
     if r.get("window_layers"):
         print(f"window       layers {r['window_layers']}: exact sliding-window kernel (no pattern search)")
+    if r.get("dense_above_layers"):
+        print(f"dense        layers {r['dense_above_layers']}: selection denser than --dense-above "
+              f"{c['dense_above']}, ran dense attention")
     if r["dense_layers"]:
         reasons = sorted(set(r["dense_layers"].values()))
         print(f"dense layers {sorted(r['dense_layers'])} ({', '.join(reasons)})")

@@ -35,6 +35,12 @@ class FlexPrefillConfig:
             blocks per query block (the sink and the diagonal are always kept).
         min_seq_len: sequences shorter than this run dense causal attention in
             :func:`flexprefill.flex_prefill_attention`.
+        dense_above: None (default) or a density in (0, 1]: when the selection of a call
+            keeps more than this share of the causal blocks (mean over batch and heads),
+            :func:`flexprefill.flex_prefill_attention` runs dense attention instead (SDPA on
+            CUDA), so a near-dense input is not slower than dense.  Reading the density costs
+            one host sync per call; it is skipped while a CUDA graph is being captured, with
+            ``return_lse=True``, and for packed or padded inputs.
         backend: "auto" (triton on CUDA tensors, reference on CPU), "triton" or
             "reference" (plain PyTorch in fp32, slow, the test oracle).
     """
@@ -46,6 +52,7 @@ class FlexPrefillConfig:
     max_budget: int | None = None
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN
     backend: str = "auto"
+    dense_above: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size not in BLOCK_SIZES:
@@ -68,6 +75,10 @@ class FlexPrefillConfig:
             raise ValueError(f"min_seq_len={self.min_seq_len!r} must be >= 0")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not supported; accepted: {BACKENDS}")
+        if self.dense_above is not None:
+            _check_real("dense_above", self.dense_above)
+            if not (0.0 < self.dense_above <= 1.0):
+                raise ValueError(f"dense_above={self.dense_above!r} must be None or in (0, 1] (a share of the causal blocks)")
 
     @property
     def min_budget_blocks(self) -> int:

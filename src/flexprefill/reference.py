@@ -312,6 +312,19 @@ def dense_stats(B: int, Hq: int, N: int, block_size: int, device) -> PatternStat
     )
 
 
+def too_dense(counts: torch.Tensor, cfg: FlexPrefillConfig) -> bool:
+    """True when ``cfg.dense_above`` is set and the selection (counts [B, Hq, nb]) keeps more
+    than that share of the causal blocks; reads one number on the host.  False while a CUDA
+    graph is being captured (no host read is possible there)."""
+    if cfg.dense_above is None:
+        return False
+    if counts.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    nb = counts.shape[-1]
+    kept = counts.sum(dtype=torch.int64).item()
+    return kept > cfg.dense_above * (counts.numel() // nb) * (nb * (nb + 1) // 2)
+
+
 def flex_prefill_attention(q, k, v, *, config=None, softmax_scale=None, return_lse=False, return_stats=False):
     """The whole operator in plain PyTorch (no input checks: see flexprefill.flex_prefill_attention)."""
     cfg = config or FlexPrefillConfig()
@@ -321,8 +334,12 @@ def flex_prefill_attention(q, k, v, *, config=None, softmax_scale=None, return_l
         stats = dense_stats(B, Hq, N, cfg.block_size, q.device)
     else:
         sel = select_blocks(q, k, config=cfg, softmax_scale=softmax_scale)
-        res = block_sparse_attention(q, k, v, sel, softmax_scale=softmax_scale, return_lse=return_lse)
         stats = sel.stats()
+        if not return_lse and too_dense(sel.counts, cfg):
+            res = dense_attention(q, k, v, softmax_scale=softmax_scale)
+            stats.dense = True
+        else:
+            res = block_sparse_attention(q, k, v, sel, softmax_scale=softmax_scale, return_lse=return_lse)
     res = res if isinstance(res, tuple) else (res,)
     if return_stats:
         res = res + (stats,)

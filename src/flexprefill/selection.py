@@ -67,7 +67,8 @@ class PatternStats:
     block distribution of the last queries (NaN where no search ran).
     ``num_blocks``: int64 [B, Hq], selected key blocks summed over query blocks.
     ``density``: fp32 [B, Hq], ``num_blocks`` over the causal grid ``nb*(nb+1)/2``.
-    ``dense``: True when the operator ran dense attention (short sequence).
+    ``dense``: True when the operator ran dense attention (a short sequence, or a selection
+    denser than ``FlexPrefillConfig.dense_above``).
     """
 
     query_aware: torch.Tensor

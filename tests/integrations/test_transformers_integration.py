@@ -285,6 +285,27 @@ def test_sparse_settings_differ_a_little_and_report_density():
 
 
 @torch.no_grad()
+def test_dense_above_makes_near_dense_layers_exact():
+    """dense_above under the layers' densities: the sparse settings of the test above give SDPA's
+    logits again, and the stats say each layer ran dense; with a custom selector too."""
+    model = _model("llama", qk_scale=16.0)
+    ids = _ids(seed=5)
+    ref = model(ids).logits
+    cfg = FlexPrefillConfig(block_size=32, min_seq_len=0, gamma=0.9, min_budget=32, dense_above=0.05)
+    flexprefill.patch(model, cfg, collect_stats=True)
+    try:
+        out = model(ids).logits
+        stats = tf.last_stats(model)
+        assert set(stats) == {0, 1} and all(s.dense for s in stats.values())
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        flexprefill.patch(model, cfg, selector=flexprefill.select_blocks)
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+        assert _paths(model) == {0: ("dense", "dense_above"), 1: ("dense", "dense_above")}
+    finally:
+        flexprefill.unpatch(model)
+
+
+@torch.no_grad()
 def test_selector_hook_and_layers(llama):
     ids = _ids(seed=6)
     ref = llama(ids).logits

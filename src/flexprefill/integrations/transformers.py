@@ -75,6 +75,7 @@ from ..api import (
     sliding_window_attention_varlen,
 )
 from ..config import FlexPrefillConfig
+from ..reference import too_dense
 from ..ops.autotune import interpreting
 from ..selection import PatternStats
 
@@ -118,7 +119,9 @@ class LayerRecord:
     causal + padding), "sliding_window" (a sliding layer the windowed kernel does not take:
     the CPU, a mask that is not causal window + padding, or no mask because the window does
     not bind), "layer_not_selected", "not_causal", "dropout",
-    "position_bias", "selector_varlen" (a custom selector, which takes a plain batch only,
+    "position_bias", "dense_above" (a custom selector's blocks were denser than
+    ``config.dense_above``; without a selector the operator decides and ``stats.dense`` says
+    so), "selector_varlen" (a custom selector, which takes a plain batch only,
     on a padded or cached-prefix call), "unsupported_head_dim", "unsupported_dtype", "softcap".
     ``varlen``: the call ran :func:`flex_prefill_attention_varlen` on the packed valid rows
     (padding and/or a cached prefix); ``lengths``: then the ``(n_q, n_k)`` of each packed
@@ -535,6 +538,9 @@ def attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if selector is not None:
         sel = selector(q, k, config=cfg, softmax_scale=scale)
+        if too_dense(sel.counts, cfg):
+            # as the operator does with dense_above: this selection would not pay
+            return dense("dense_above")
         out = block_sparse_attention(q, k, v, sel, softmax_scale=scale, backend=cfg.backend)
         if collect:
             stats = sel.stats()
