@@ -7,7 +7,8 @@
 #   kvloads OUT (kernel tests, pointer vs descriptor K/V loads at 128k, GQA sharing),
 #   window OUT (sliding-window kernel against masked SDPA and FlexAttention),
 #   ncu OUT (Nsight Compute sections of the sparse kernel at 5% density and of cuDNN),
-#   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models)
+#   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models),
+#   verify OUT (all GPU tests, operator memory with int16/int32 tables, dense_above on random inputs)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
 set -u
@@ -61,6 +62,17 @@ case "$phase" in
     else
       echo "no ncu on this machine"; ls /usr/local/cuda*/bin 2>/dev/null | head
     fi
+    ;;
+  verify)
+    # what the last CPU-only changes need on a GPU: all GPU tests (int16 block tables, fused
+    # assembly, windowed kernel), the operator's memory with int16 and int32 tables, and
+    # dense_above on the near-dense random inputs (with and without it, same run)
+    run gpu_tests 200 python -m pytest tests -q -m gpu -p no:cacheprovider
+    run operator_memory 90 env OUT="$out" python benchmarks/operator_memory.py 9/3/64:262144,32/8/128:131072
+    run dense_above_off 100 python benchmarks/bench_attention.py --mode suite --shapes llama3.1-8b,smollm2-135m \
+      --inputs random --lengths 32k,128k --methods cudnn,flexprefill --out "$out/dense_above_off" --max-minutes 1.3
+    run dense_above_on 100 python benchmarks/bench_attention.py --mode suite --shapes llama3.1-8b,smollm2-135m \
+      --inputs random --lengths 32k,128k --methods cudnn,flexprefill --dense-above 0.75 --out "$out/dense_above_on" --max-minutes 1.3
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py
