@@ -257,6 +257,20 @@ def test_fused_assembly_equals_torch_assembly(tau, varlen, monkeypatch):
     assert torch.equal(fused[0], torch_ops[0]) and torch.equal(fused[1], torch_ops[1])
 
 
+@pytest.mark.parametrize("N", [20, 33, 64, 65])
+def test_fused_assembly_on_one_and_two_blocks(N, monkeypatch):
+    """Tiny inputs (one or two blocks, a partial last block): the fused pass equals the PyTorch one."""
+    from flexprefill.ops import selection as S
+
+    cfg = fp.FlexPrefillConfig(block_size=32, min_budget=0, gamma=0.9, tau=1.0)
+    q, k, _ = structured_qkv(1, N, 2, 1, 64, seed=N, dtype=torch.float16)
+    fused = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+    monkeypatch.setattr(S, "_FUSED_ASSEMBLY", False)
+    ref = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+    assert torch.equal(fused.counts, ref.counts) and torch.equal(fused.indices, ref.indices)
+    assert int(fused.counts[0, 0, -1]) >= 1  # the diagonal block at least
+
+
 def test_fused_assembly_breaks_ranking_ties_like_a_stable_sort():
     """Equal query-aware scores: the entries at lower flat positions are kept first."""
     from flexprefill.ops import selection as S
