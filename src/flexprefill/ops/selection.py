@@ -350,18 +350,19 @@ def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillC
 
 # --- the assembly as a CUDA graph where launches, not the GPU, bound its time -----------
 #
-# The dense search graphs everything after its passes over q and k (the estimate, JS
-# distance and pattern of each head too: ~25 more launches, not yet timed on a GPU).
-# At nb <= 256 blocks (N <= 32k at block 128) the assembly is ~70 small launches whose
-# host cost (~2-3 ms on an H200 host) exceeds their GPU time; one graph replay per shape
-# replaces them (32k, 32 heads: 1.62 ms against 2.15 ms eager).  At 512 blocks the graph's
-# small head chunks made it slower than the eager assembly (64k: 5.1 ms against 3.4 ms;
-# benchmarks/results/h200/selection_profile_35240a9.json), so the limit is 256.  Its inputs are small (scores and block means, [BH, nb(, D)]) and are
-# copied into the graph's own buffers, so the caller's q, k, v are never copied.  The
-# graph's memory pool (the assembly's temporaries of one head chunk, ~70 MB) stays
-# reserved while the graph is cached: at most _GRAPH_CACHE shapes, LRU, and
-# ``clear_graph_cache()`` frees them.  Off with FLEXPREFILL_SELECTION_GRAPHS=0; never
-# used while the caller is itself capturing a graph.
+# The dense search graphs everything after its passes over q and k: the estimate, the JS
+# distance and pattern of each head, the query-aware ranking and the fused set assembly.
+# At nb <= 256 blocks (N <= 32k at block 128) their host cost exceeds their GPU time, and
+# one graph replay per shape replaces them (H200, 32k, 32 heads, tau 0.1: 1.31 ms against
+# 3.31 ms eager with the fused assembly, selection_profile_4721308.json; 1.62 against 2.15
+# ms before it).  With the PyTorch assembly, at 512 blocks the graph's small head chunks
+# made it slower than eager (64k: 5.1 ms against 3.4 ms, selection_profile_35240a9.json), so
+# the limit is 256; not re-measured with the fused assembly.  Its inputs are small (scores
+# and block means, [BH, nb(, D)]) and are copied into the graph's own buffers, so the
+# caller's q, k, v are never copied.  The graph's memory pool (the temporaries of one head
+# chunk of the ranking, 92 MB at 32k) stays reserved while the graph is cached: at most
+# _GRAPH_CACHE shapes, LRU, and ``clear_graph_cache()`` frees them.  Off with
+# FLEXPREFILL_SELECTION_GRAPHS=0; never used while the caller is itself capturing a graph.
 
 _GRAPH_MAX_NB = 256
 _GRAPH_CACHE = 4
