@@ -7,7 +7,9 @@ recomputes each key block's probabilities and reduces them to the block's vertic
 mass and to its share of the two block diagonals the rows can sit on.  ``VARLEN``
 switches to packed sequences (per-sequence row bounds loaded in the kernel, queries
 = the last positions of a chunk over a cached prefix); programs past a sequence's
-keys do no work.  Also the per-block means of packed sequences.
+keys do no work.  Also the per-block means of packed sequences, the split combine of the
+first pass, and the set assembly: each row's kept blocks built from the head's column,
+diagonal and ranked sets and compacted in one pass (``assemble_rows_kernel``).
 Tested against flexprefill.reference on CPU (interpreter, fp16/fp32); bf16 on GPU.
 Limits: head dim <= 256 (padded to a power of two), n_rep <= 128.
 """
