@@ -218,15 +218,24 @@ def _cap_rows(mask, score, max_blocks: int, eye, causal):
     return _top_n(prio, keep) & mask
 
 
+def _tri_flat(nb: int, device) -> torch.Tensor:
+    """Flat positions ``r * nb + c`` of the causal (row, col) pairs, row-major: the query-aware
+    ranking sorts these nb(nb+1)/2 entries, not all nb^2 (the others are 0 and never reached:
+    the gamma count stops at the last positive entry, whose running sum is the total)."""
+    tri = torch.tril_indices(nb, nb, device=device)
+    return tri[0] * nb + tri[1]
+
+
 def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causal, tri_flat):
-    """The query-aware ranking's scores of a head chunk: block-mean attention softmax per row,
-    the causal entries (flat positions ``tri_flat``, row-major c <= r) divided by the number of rows."""
+    """The query-aware ranking's scores of a head chunk: ``s``, the block-mean attention
+    softmax per row [heads, nb, nb], and ``flat``, its causal entries (positions ``tri_flat``)
+    divided by the number of rows."""
     logits = torch.baddbmm(q_bar.new_empty(()), q_bar, k_bar.transpose(1, 2), beta=0.0, alpha=scale)
     s = torch.softmax(logits.masked_fill_(not_causal, float("-inf")), dim=-1)
     if live_c is not None:
         # only the chunk's rows take part; the flat mass is divided by their number
         s = torch.where(live_c, s, 0.0)
-    return s.flatten(1).index_select(1, tri_flat) / (rows_c[:, None] if rows_c is not None else nb)
+    return s, s.flatten(1).index_select(1, tri_flat) / (rows_c[:, None] if rows_c is not None else nb)
 
 
 def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
@@ -261,12 +270,11 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
         return counts, indices
     ar = torch.arange(nb, device=dev)
     not_causal = ar[None, :] > ar[:, None]
-    tri = torch.tril_indices(nb, nb, device=dev)
-    tri_flat = tri[0] * nb + tri[1]
+    tri_flat = _tri_flat(nb, dev)
     chunk = max(1, chunk_elems // (nb * nb))
     for h0 in range(0, BH, chunk):
         h1 = min(BH, h0 + chunk)
-        flat = _qa_scores(q_bar[h0:h1], k_bar[h0:h1], scale=scale, nb=nb,
+        _, flat = _qa_scores(q_bar[h0:h1], k_bar[h0:h1], scale=scale, nb=nb,
                           live_c=live_h[h0:h1, :, None] if live_h is not None else None,
                           rows_c=rows_h[h0:h1] if rows_h is not None else None, not_causal=not_causal, tri_flat=tri_flat)
         srt = torch.sort(flat, dim=-1, descending=True, stable=True)
@@ -306,11 +314,7 @@ def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillC
     eye = ar[None, :] == ar[:, None]
     off = (ar[:, None] - ar[None, :]).clamp_min(0)
     if use_qa:
-        # flat positions of the causal (row, col) pairs, row-major: the query-aware ranking
-        # sorts these nb(nb+1)/2 entries, not all nb^2 (the others are 0 and never reached:
-        # the gamma count stops at the last positive entry, whose running sum is the total)
-        tri = torch.tril_indices(nb, nb, device=dev)
-        tri_flat = tri[0] * nb + tri[1]
+        tri_flat = _tri_flat(nb, dev)
     counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
     indices = torch.empty(BH, nb, nb, dtype=index_dtype, device=dev)
     chunk = max(1, chunk_elems // (nb * nb))
@@ -321,12 +325,8 @@ def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillC
             score = torch.maximum(vert[sl, None, :], slash[sl][:, off])
         live_c = live_h[sl][:, :, None] if live_h is not None else None
         if use_qa:
-            logits = torch.baddbmm(q_bar.new_empty(()), q_bar[sl], k_bar[sl].transpose(1, 2), beta=0.0, alpha=scale)
-            s = torch.softmax(logits.masked_fill_(not_causal, float("-inf")), dim=-1)
-            if live_c is not None:
-                # only the chunk's rows take part; the flat mass is divided by their number
-                s = torch.where(live_c, s, 0.0)
-            flat = s.flatten(1).index_select(1, tri_flat) / (rows_h[sl, None] if rows_h is not None else nb)
+            s, flat = _qa_scores(q_bar[sl], k_bar[sl], scale=scale, nb=nb, live_c=live_c,
+                                 rows_c=rows_h[sl] if rows_h is not None else None, not_causal=not_causal, tri_flat=tri_flat)
             srt = torch.sort(flat, dim=-1, descending=True, stable=True)
             kept = _top_n(flat, _count_to_mass(flat, cfg.gamma, srt.values), srt.indices)
             sel = torch.zeros(s.shape[0], nb * nb, dtype=torch.bool, device=dev).index_copy_(1, tri_flat, kept).view_as(s)
