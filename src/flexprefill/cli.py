@@ -119,6 +119,21 @@ def default_min_budget(args, length: int) -> int:
     return args.min_budget if args.min_budget is not None else (1024 if length >= 8192 else max(length // 8, 1))
 
 
+def start_run(args, desc: str, total: int, model=None, tokenizer=None):
+    """The opening ``demo`` and ``inspect`` share: device and dtype from the options, the step
+    bar (``total`` steps, its first one loading the model), the model.  Returns
+    ``(progress, device, dtype, steps, model, tokenizer, name)``."""
+    from tqdm.auto import tqdm
+
+    progress = not args.no_progress
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    steps = tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr)
+    steps.set_postfix_str("loading model")
+    model, tokenizer, name = load_model_for(args, device, dtype, model, tokenizer)
+    return progress, device, dtype, steps, model, tokenizer, name
+
+
 def load_model_for(args, device, dtype, model=None, tokenizer=None):
     """The model of ``--model`` (SDPA attention), or an injected one moved to ``device``/``dtype``:
     returns (model, tokenizer, name)."""
@@ -333,20 +348,12 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -> dict:
     """Run the demo with parsed ``args``; ``model``/``tokenizer``/``haystack`` may be injected
     (tests use a tiny random model).  Prints the report and returns it as a dict."""
-    from tqdm.auto import tqdm
-
     import flexprefill
     from .config import DEFAULT_MIN_SEQ_LEN, FlexPrefillConfig
     from .integrations import transformers as tf
     from .plotting import plot_block_masks
 
-    progress = not args.no_progress
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    steps = tqdm(total=6, desc="demo", disable=not progress, file=sys.stderr)
-
-    steps.set_postfix_str("loading model")
-    model, tokenizer, model_name = load_model_for(args, device, dtype, model, tokenizer)
+    progress, device, dtype, steps, model, tokenizer, model_name = start_run(args, "demo", 6, model, tokenizer)
     if haystack is None:
         from .models import haystack_text
 

@@ -128,24 +128,16 @@ def plot_pattern_map(density, js, query_aware, layers, tau: float, path: str, *,
 def run_inspect(args, *, model=None, tokenizer=None, text: str | None = None) -> dict:
     """Run ``flexprefill inspect`` with parsed ``args`` (``model``/``tokenizer``/``text`` may be
     injected: tests use a tiny random model).  Prints one line per layer; returns the report."""
-    from tqdm.auto import tqdm
-
     import flexprefill
 
     from .cli import (
-        CPU_DEFAULT_LENGTH, GPU_MAX_LENGTH, _context_length, _LayerProgress, _resolve_device, _resolve_dtype,
-        default_min_budget, load_model_for,
+        CPU_DEFAULT_LENGTH, GPU_MAX_LENGTH, _context_length, _LayerProgress, default_min_budget, start_run,
     )
     from .config import FlexPrefillConfig
     from .integrations import transformers as tf
     from .plotting import plot_block_masks
 
-    progress = not args.no_progress
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    steps = tqdm(total=4, desc="inspect", disable=not progress, file=sys.stderr)
-    steps.set_postfix_str("loading model")
-    model, tokenizer, model_name = load_model_for(args, device, dtype, model, tokenizer)
+    progress, device, dtype, steps, model, tokenizer, model_name = start_run(args, "inspect", 4, model, tokenizer)
     if text is None:
         if args.text is not None:
             try:
