@@ -119,6 +119,12 @@ def default_min_budget(args, length: int) -> int:
     return args.min_budget if args.min_budget is not None else (1024 if length >= 8192 else max(length // 8, 1))
 
 
+def default_length(ctx: int | None, device: torch.device) -> int:
+    """Prompt tokens when ``--length`` is not given: the model's context (at most
+    ``GPU_MAX_LENGTH``) on a GPU, ``CPU_DEFAULT_LENGTH`` on the CPU."""
+    return min(GPU_MAX_LENGTH, ctx or GPU_MAX_LENGTH) if device.type == "cuda" else CPU_DEFAULT_LENGTH
+
+
 def start_run(args, desc: str, total: int, model=None, tokenizer=None):
     """The opening ``demo`` and ``inspect`` share: device and dtype from the options, the step
     bar (``total`` steps, its first one loading the model), the model.  Returns
@@ -363,8 +369,7 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
     ctx = _context_length(model)
     length = args.length
     if length is None:
-        length = min(GPU_MAX_LENGTH, ctx or GPU_MAX_LENGTH) if device.type == "cuda" else CPU_DEFAULT_LENGTH
-        length -= args.max_new_tokens
+        length = default_length(ctx, device) - args.max_new_tokens
         if ctx is not None:
             length = min(length, ctx - args.max_new_tokens)
     elif ctx is not None and length + args.max_new_tokens > ctx:

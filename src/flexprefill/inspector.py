@@ -131,7 +131,7 @@ def run_inspect(args, *, model=None, tokenizer=None, text: str | None = None) ->
     import flexprefill
 
     from .cli import (
-        CPU_DEFAULT_LENGTH, GPU_MAX_LENGTH, _context_length, _LayerProgress, default_min_budget, start_run,
+        _context_length, _LayerProgress, default_length, default_min_budget, start_run,
     )
     from .config import FlexPrefillConfig
     from .integrations import transformers as tf
@@ -154,7 +154,7 @@ def run_inspect(args, *, model=None, tokenizer=None, text: str | None = None) ->
     ctx = _context_length(model)
     length = args.length
     if length is None:
-        length = min(GPU_MAX_LENGTH, ctx or GPU_MAX_LENGTH) if device.type == "cuda" else CPU_DEFAULT_LENGTH
+        length = default_length(ctx, device)
     if length < 2 * args.block_size:
         raise SystemExit(f"--length {length}: at least two blocks of {args.block_size} tokens are needed")
     steps.set_postfix_str("tokenizing")
