@@ -195,6 +195,9 @@ def test_rows_without_diagonal_and_empty_rows():
         pytest.param(1, 1000, 4, 2, 64, F16, id="N1000-H4/2-D64-fp16"),
         pytest.param(2, 63, 2, 1, 128, F32, id="B2-N63-H2/1-D128-fp32"),
         pytest.param(1, 4097, 8, 2, 128, BF16, id="N4097-H8/2-D128-bf16", marks=pytest.mark.gpu),
+        # the shapes of the packaged models, where the SDPA path asks cuDNN first
+        pytest.param(2, 3001, 4, 1, 256, BF16, id="B2-N3001-H4/1-D256-bf16", marks=pytest.mark.gpu),
+        pytest.param(1, 8192, 9, 3, 64, F16, id="N8192-H9/3-D64-fp16", marks=pytest.mark.gpu),
     ],
 )
 def test_dense_causal_attention(B, N, Hq, Hkv, D, dtype):
@@ -325,3 +328,44 @@ def test_tma_refuses_layouts_it_cannot_view():
     assert _tma_descriptors(odd, odd, 64, 64) is None  # rows of 130 bytes: not 16-byte aligned
     if DEV == "cpu":
         assert _tma_descriptors(k[..., :64], k[..., :64], 64, 64) is not None
+
+
+# sequences a whole number of blocks long run the diagonal block inside the main loop
+# (MERGED); the tile shapes include BLOCK_M < block size (a tile whose rows see only the
+# first key tile of the diagonal) and BLOCK_N < block size (the diagonal in several key tiles)
+@pytest.mark.parametrize(
+    "N,D,bs,bm,bn,dtype,diagonal",
+    [
+        pytest.param(512, 64, 128, 128, 64, F16, True, id="N512-D64-bs128-BM128-BN64-fp16"),
+        pytest.param(512, 128, 128, 64, 32, F32, True, id="N512-D128-bs128-BM64-BN32-fp32"),
+        pytest.param(256, 256, 64, 32, 64, F16, True, id="N256-D256-bs64-BM32-BN64-fp16"),
+        pytest.param(384, 64, 32, 32, 32, F32, False, id="N384-D64-bs32-no-diagonal-fp32"),
+        pytest.param(4096, 128, 128, 128, 128, BF16, True, id="N4096-D128-bs128-bf16", marks=pytest.mark.gpu),
+        pytest.param(4096, 64, 128, 128, 64, BF16, False, id="N4096-D64-bs128-no-diagonal-bf16", marks=pytest.mark.gpu),
+    ],
+)
+def test_merged_diagonal_matches_reference(monkeypatch, N, D, bs, bm, bn, dtype, diagonal):
+    from flexprefill.ops.sparse_attention import _merged
+
+    assert _merged(N, bs, None) and not _merged(N + 1, bs, None) and not _merged(N, bs, 64)
+    B, Hq, Hkv = 1, 4, 2
+    q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + bm)
+    sel = _random_selection(B, Hq, N, bs, 0.3, seed=bn, diagonal=diagonal)
+    sel.counts[0, 0, 1] = 0  # an empty row: zeros and lse -inf
+    sel.indices[0, 0, 1] = -1
+    scale = D**-0.5
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, Hq, N), float("nan"), device=DEV)
+    _launch(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=scale, return_lse=True, config=cfg, out=out, lse=lse)
+    has_key = sel.counts[:, :, torch.arange(N, device=DEV) // bs] > 0
+    assert (~has_key).any()
+    assert (out.transpose(1, 2)[~has_key] == 0).all() and torch.isneginf(lse[~has_key]).all()
+    _assert_matches(out, torch.where(has_key, lse, 0.0), q, k, v, sel, scale, rows=has_key)
+    # the separate diagonal pass gives the same attention
+    monkeypatch.setenv("FLEXPREFILL_MERGED_DIAG", "0")
+    assert not _merged(N, bs, None)
+    out2, lse2 = _launch(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=scale, return_lse=True, config=cfg)
+    tol = 1e-5 if dtype == F32 else 2e-2
+    assert (out2.float() - out.float()).abs().max().item() <= tol
+    assert (lse2[has_key] - lse[has_key]).abs().max().item() <= 1e-3

@@ -1,6 +1,7 @@
 """Dense causal attention: the short-sequence path of the operator; exact sliding-window attention.
 
-Without an LSE, PyTorch SDPA (cuDNN / FlashAttention on the GPU).  With an LSE, the
+Without an LSE, PyTorch SDPA, on CUDA with cuDNN asked first (the fastest dense kernel on
+Hopper; torch's own order puts FlashAttention first), then flash, memory-efficient, math.  With an LSE, the
 block-sparse kernel on the full causal selection, built on the device without a sync.
 Sliding-window layers (Gemma 3, Mistral) run the same kernel on the band of blocks the
 window reaches, with the window applied per token: O(N * window) work where SDPA with a
@@ -9,7 +10,9 @@ mask does O(N^2).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections import OrderedDict
 
 import torch
@@ -35,6 +38,21 @@ def full_causal_selection(B: int, Hq: int, N: int, block_size: int, device) -> t
     return counts, indices
 
 
+def _sdpa_order(device: torch.device):
+    """The SDPA backends of the dense path: on CUDA cuDNN first, then torch's own choices
+    (FlashAttention, memory-efficient, math) for what cuDNN refuses.  ``FLEXPREFILL_DENSE_CUDNN=0``
+    keeps torch's default order (a no-op context)."""
+    if device.type != "cuda" or os.environ.get("FLEXPREFILL_DENSE_CUDNN", "1") == "0":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without set_priority: the list is a set, torch picks in its own order
+        return sdpa_kernel(order)
+
+
 def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = False):
     """Causal attention over every key ``j <= i``.
 
@@ -49,9 +67,10 @@ def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = 
     if not return_lse:
         Hq, Hkv = q.shape[2], k.shape[2]
         gqa = dict(enable_gqa=True) if Hq != Hkv else {}
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=softmax_scale, **gqa
-        )
+        with _sdpa_order(q.device):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=softmax_scale, **gqa
+            )
         return out.transpose(1, 2)
     B, N, Hq, _ = q.shape
     counts, indices = full_causal_selection(B, Hq, N, _BLOCK, q.device)
