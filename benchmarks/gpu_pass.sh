@@ -8,7 +8,6 @@
 #   window OUT (sliding-window kernel against masked SDPA and FlexAttention),
 #   ncu OUT (Nsight Compute sections of the sparse kernel at 5% density and of cuDNN),
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models),
-#   merged OUT (GPU tests, kernel with the diagonal in its main loop vs separate, dense path backends)
 #   verify OUT (all GPU tests, operator memory with int16/int32 tables, dense_above on random inputs)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
@@ -74,14 +73,6 @@ case "$phase" in
       --inputs random --lengths 32k,128k --methods cudnn,flexprefill --out "$out/dense_above_off" --max-minutes 1.3
     run dense_above_on 100 python benchmarks/bench_attention.py --mode suite --shapes llama3.1-8b,smollm2-135m \
       --inputs random --lengths 32k,128k --methods cudnn,flexprefill --dense-above 0.75 --out "$out/dense_above_on" --max-minutes 1.3
-    ;;
-  merged)
-    # the diagonal block inside the kernel's main loop against its separate pass (kernel
-    # efficiency at 128k), the dense path's cuDNN-first SDPA, dense_above with that fallback
-    run gpu_tests 150 python -m pytest tests -q -m gpu -p no:cacheprovider
-    run merged_diag 330 env OUT="$out" python benchmarks/compare_merged_diag.py 131072
-    run dense_above_on 90 python benchmarks/bench_attention.py --mode suite --shapes llama3.1-8b,smollm2-135m \
-      --inputs random --lengths 32k,128k --methods cudnn,flexprefill --dense-above 0.75 --out "$out/dense_above_on" --max-minutes 1.1
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py

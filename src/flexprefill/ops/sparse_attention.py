@@ -148,19 +148,9 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         counts, counts, counts, counts, 0, length_bucket(N), 0 if window is None else int(window),
         # constexprs positionally too: every triton version hands these to the config prune
         group, D, BD, block_size, return_lse, False, descs is not None, window is not None,
-        _merged(N, block_size, window),
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out
-
-
-def _merged(N: int, block_size: int, window) -> bool:
-    """Whether the kernel runs the diagonal block in its main loop (``MERGED``): sequences a
-    whole number of blocks long (no key past N to mask), no window.  ``FLEXPREFILL_MERGED_DIAG=0``
-    keeps the separate diagonal pass."""
-    if os.environ.get("FLEXPREFILL_MERGED_DIAG", "1") == "0":
-        return False
-    return window is None and N % block_size == 0
 
 
 def _run(args, grid, BD, block_size, config, descs):
@@ -229,7 +219,7 @@ def sparse_attention_varlen(
         max_seqlen_k, Hkv, softmax_scale * _LOG2E,
         q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k),
         0 if window is None else int(window),
-        group, D, BD, block_size, return_lse, True, descs is not None, window is not None, False,
+        group, D, BD, block_size, return_lse, True, descs is not None, window is not None,
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out

@@ -6,8 +6,6 @@ the dense path on an H200 (bf16), the varlen path on CPU only so far.
 Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
 ``WINDOWED`` adds a sliding window (key j visible from query i when ``i - j < window``, the
 transformers convention) on top of whichever blocks the selection lists.
-``MERGED`` (sequences a whole number of blocks long, no window) runs the diagonal block in the
-main loop under the causal mask, so it is prefetched like the others.
 ``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
 copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
 """
@@ -85,7 +83,7 @@ def sparse_attention_fwd_kernel(
     q_starts, q_ends, k_starts, k_ends, stride_lh, N_BUCKET, window,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, WINDOWED: tl.constexpr,
-    MERGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
     # run together and share their k/v blocks through l2; last tiles (longest rows) first
@@ -143,17 +141,10 @@ def sparse_attention_fwd_kernel(
         n_sel = tl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r, mask=live, other=0)
     else:
         n_sel = tl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r)
-    if MERGED:
-        # one loop over every listed block, the causal mask applied to each: no load of the
-        # last entry before the loop starts, and the diagonal block is prefetched with the
-        # others (needs N % BS == 0: no key past N, no partial tile)
-        n_loop = n_sel * (BS // BLOCK_N)
-        has_diag = n_sel < 0  # (always false: no separate diagonal pass)
-    else:
-        # ascending and causal, so a selected diagonal block is the last entry
-        last = tl.load(p_idx + tl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
-        has_diag = last == i_r
-        n_loop = (n_sel - has_diag.to(tl.int32)) * (BS // BLOCK_N)
+    # ascending and causal, so a selected diagonal block is the last entry
+    last = tl.load(p_idx + tl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
+    has_diag = last == i_r
+    n_full = n_sel - has_diag.to(tl.int32)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -162,8 +153,7 @@ def sparse_attention_fwd_kernel(
 
     # off-diagonal blocks c < r: fully visible and fully inside the sequence (only the
     # last block can be partial, and only its own row sees it), so no masks at all
-    # (MERGED: the diagonal block too, under the causal mask)
-    for t in range(0, n_loop):
+    for t in range(0, n_full * (BS // BLOCK_N)):
         i_kb = tl.load(p_idx + t // (BS // BLOCK_N)).to(tl.int64)
         n0 = i_kb * BS + (t % (BS // BLOCK_N)) * BLOCK_N
         o_n = n0 + tl.arange(0, BLOCK_N)
@@ -178,10 +168,6 @@ def sparse_attention_fwd_kernel(
             b_k = tl.load(p_k, mask=m_d[None, :], other=0.0)
         # [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k))
-        if MERGED:
-            # every row has seen a key by its first tile (the lowest listed block is visible
-            # to all rows of the tile), so the running max stays finite
-            b_s = tl.where(o_n[None, :] <= o_m[:, None], b_s, float("-inf"))
         if WINDOWED:
             # sliding window: key j visible from query i when i - j < window; a row may see
             # none of this tile's keys, so keep exp2 away from -inf - -inf as below
@@ -267,7 +253,7 @@ def length_bucket(n: int) -> int:
 sparse_attention_fwd_tuned = {
     bd: triton.autotune(
         configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
-        key=["BD", "BS", "VARLEN", "WINDOWED", "MERGED", "N_BUCKET"],
+        key=["BD", "BS", "VARLEN", "WINDOWED", "N_BUCKET"],
         prune_configs_by={"early_config_prune": _prune},
     )(sparse_attention_fwd_kernel)
     for bd, space in _SPACE.items()
