@@ -8,6 +8,7 @@
 #   window OUT (sliding-window kernel against masked SDPA and FlexAttention),
 #   ncu OUT (Nsight Compute sections of the sparse kernel at 5% density and of cuDNN),
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models),
+#   diagfirst OUT (kernel efficiency with the diagonal block first vs last, GPU tests)
 #   verify OUT (all GPU tests, operator memory with int16/int32 tables, dense_above on random inputs)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
@@ -73,6 +74,12 @@ case "$phase" in
       --inputs random --lengths 32k,128k --methods cudnn,flexprefill --out "$out/dense_above_off" --max-minutes 1.3
     run dense_above_on 100 python benchmarks/bench_attention.py --mode suite --shapes llama3.1-8b,smollm2-135m \
       --inputs random --lengths 32k,128k --methods cudnn,flexprefill --dense-above 0.75 --out "$out/dense_above_on" --max-minutes 1.3
+    ;;
+  diagfirst)
+    # the diagonal block before the others (default) against after them: kernel efficiency
+    # at 128k, same run; then every GPU test
+    run switch_diag_first 300 env OUT="$out" python benchmarks/compare_kernel_switch.py FLEXPREFILL_DIAG_FIRST 131072
+    run gpu_tests 200 python -m pytest tests -q -m gpu -p no:cacheprovider
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py

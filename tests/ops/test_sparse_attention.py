@@ -329,3 +329,37 @@ def test_tma_refuses_layouts_it_cannot_view():
     if DEV == "cpu":
         assert _tma_descriptors(k[..., :64], k[..., :64], 64, 64) is not None
 
+
+
+# the diagonal block runs before the others (DIAG_FIRST, default) or after them; both
+# orders against the oracle, on tile shapes with BLOCK_M < block size (a query tile sees one
+# key tile of its diagonal) and BLOCK_N < block size, with and without selected diagonals
+@pytest.mark.parametrize("diag_first", ["1", "0"])
+@pytest.mark.parametrize(
+    "N,D,bs,bm,bn,dtype,diagonal",
+    [
+        pytest.param(500, 64, 128, 128, 64, F16, True, id="N500-D64-bs128-BM128-BN64-fp16"),
+        pytest.param(512, 128, 128, 64, 32, F32, False, id="N512-D128-bs128-BM64-BN32-no-diagonal-fp32"),
+        pytest.param(250, 256, 64, 32, 64, F16, True, id="N250-D256-bs64-BM32-BN64-fp16"),
+        pytest.param(4097, 128, 128, 128, 128, BF16, False, id="N4097-D128-no-diagonal-bf16", marks=pytest.mark.gpu),
+    ],
+)
+def test_diagonal_order_matches_reference(monkeypatch, diag_first, N, D, bs, bm, bn, dtype, diagonal):
+    from flexprefill.ops.sparse_attention import _diag_first
+
+    monkeypatch.setenv("FLEXPREFILL_DIAG_FIRST", diag_first)
+    assert _diag_first() == (diag_first == "1")
+    B, Hq, Hkv = 1, 4, 2
+    q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + bm)
+    sel = _random_selection(B, Hq, N, bs, 0.3, seed=bn, diagonal=diagonal)
+    sel.counts[0, 0, 1] = 0  # an empty row: zeros and lse -inf
+    sel.indices[0, 0, 1] = -1
+    scale = D**-0.5
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, Hq, N), float("nan"), device=DEV)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+    _launch(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=scale, return_lse=True, config=cfg, out=out, lse=lse)
+    has_key = sel.counts[:, :, torch.arange(N, device=DEV) // bs] > 0
+    assert (~has_key).any()
+    assert (out.transpose(1, 2)[~has_key] == 0).all() and torch.isneginf(lse[~has_key]).all()
+    _assert_matches(out, torch.where(has_key, lse, 0.0), q, k, v, sel, scale, rows=has_key)

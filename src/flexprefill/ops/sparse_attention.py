@@ -147,10 +147,16 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         # sequence bounds and the lse head stride are unused by the dense path
         counts, counts, counts, counts, 0, length_bucket(N), 0 if window is None else int(window),
         # constexprs positionally too: every triton version hands these to the config prune
-        group, D, BD, block_size, return_lse, False, descs is not None, window is not None,
+        group, D, BD, block_size, return_lse, False, descs is not None, window is not None, _diag_first(),
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out
+
+
+def _diag_first() -> bool:
+    """Whether the kernel runs the diagonal block before the others (``DIAG_FIRST``; its loads
+    then overlap the selection's).  ``FLEXPREFILL_DIAG_FIRST=0`` runs it after them."""
+    return os.environ.get("FLEXPREFILL_DIAG_FIRST", "1") != "0"
 
 
 def _run(args, grid, BD, block_size, config, descs):
@@ -219,7 +225,7 @@ def sparse_attention_varlen(
         max_seqlen_k, Hkv, softmax_scale * _LOG2E,
         q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k),
         0 if window is None else int(window),
-        group, D, BD, block_size, return_lse, True, descs is not None, window is not None,
+        group, D, BD, block_size, return_lse, True, descs is not None, window is not None, _diag_first(),
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out

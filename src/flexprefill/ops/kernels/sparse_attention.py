@@ -70,6 +70,40 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
+@triton.jit
+def _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag, n_diag, n_k,
+                   stride_kn, stride_vn, scale_log2, window,
+                   BS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The first ``n_diag`` key tiles of diagonal block r: token causal mask and keys past n_k.
+    Keys count only where ``has_diag`` (the block is selected): the tiles' loads do not wait
+    for the selection's last entry."""
+    for t in range(0, n_diag):
+        o_n = i_r * BS + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < n_k
+        p_k = p_kh + o_n[:, None] * stride_kn + o_d[None, :]
+        p_v = p_vh + o_n[:, None] * stride_vn + o_d[None, :]
+        # [BN, BD]
+        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        # [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_vis = (o_n[None, :] <= o_m[:, None]) & m_n[None, :] & has_diag
+        if WINDOWED:
+            b_vis = b_vis & (o_n[None, :] > o_m[:, None] - window)
+        b_s = tl.where(b_vis, b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        # a row that has seen no key yet stays at -inf: keep exp2 away from -inf - -inf
+        b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_p = tl.exp2(b_s - b_safe[:, None])
+        b_alpha = tl.exp2(b_m - b_safe)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None]
+        # [BN, BD]
+        b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc)
+        b_m = b_mn
+    return b_m, b_l, b_acc
+
+
 @triton.jit(do_not_specialize=["N_BUCKET", "window"])
 def sparse_attention_fwd_kernel(
     q, k, v, o, lse, counts, indices, k_desc, v_desc,
@@ -83,7 +117,7 @@ def sparse_attention_fwd_kernel(
     q_starts, q_ends, k_starts, k_ends, stride_lh, N_BUCKET, window,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, WINDOWED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIAG_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
     # run together and share their k/v blocks through l2; last tiles (longest rows) first
@@ -150,6 +184,16 @@ def sparse_attention_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     # [BM, BD]
     b_acc = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
+    # the diagonal block's key tiles up to this query tile's last row (the others are invisible)
+    q_hi = tl.minimum((i_mt + 1) * BLOCK_M, n_k)
+    n_diag_tiles = (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N
+    if DIAG_FIRST:
+        # the diagonal block first: its loads need no selection entry, so their latency
+        # overlaps the loads of the count and the last entry instead of following the loop
+        if VARLEN:
+            n_diag_tiles = tl.where(live, n_diag_tiles, 0)
+        b_m, b_l, b_acc = _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag, n_diag_tiles,
+                                         n_k, stride_kn, stride_vn, scale_log2, window, BS, WINDOWED, BLOCK_N)
 
     # off-diagonal blocks c < r: fully visible and fully inside the sequence (only the
     # last block can be partial, and only its own row sees it), so no masks at all
@@ -192,34 +236,10 @@ def sparse_attention_fwd_kernel(
         b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc)
         b_m = b_mn
 
-    # the diagonal block: token causal mask and keys past n_k; only key tiles up to this
-    # query tile's last row can be visible
-    q_hi = tl.minimum((i_mt + 1) * BLOCK_M, n_k)
-    n_diag = tl.where(has_diag, (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N, 0)
-    for t in range(0, n_diag):
-        o_n = i_r * BS + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = o_n < n_k
-        p_k = p_kh + o_n[:, None] * stride_kn + o_d[None, :]
-        p_v = p_vh + o_n[:, None] * stride_vn + o_d[None, :]
-        # [BN, BD]
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        # [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        b_vis = (o_n[None, :] <= o_m[:, None]) & m_n[None, :]
-        if WINDOWED:
-            b_vis = b_vis & (o_n[None, :] > o_m[:, None] - window)
-        b_s = tl.where(b_vis, b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        # a row that has seen no key yet stays at -inf: keep exp2 away from -inf - -inf
-        b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_p = tl.exp2(b_s - b_safe[:, None])
-        b_alpha = tl.exp2(b_m - b_safe)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None]
-        # [BN, BD]
-        b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc)
-        b_m = b_mn
+    if not DIAG_FIRST:
+        b_m, b_l, b_acc = _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag,
+                                         tl.where(has_diag, n_diag_tiles, 0), n_k, stride_kn, stride_vn, scale_log2,
+                                         window, BS, WINDOWED, BLOCK_N)
 
     # a row with no selected key gives 0 (and lse -inf), as FlashAttention does
     # (the accumulator of such a row is still 0; dividing by 1 keeps it there)
@@ -253,7 +273,7 @@ def length_bucket(n: int) -> int:
 sparse_attention_fwd_tuned = {
     bd: triton.autotune(
         configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
-        key=["BD", "BS", "VARLEN", "WINDOWED", "N_BUCKET"],
+        key=["BD", "BS", "VARLEN", "WINDOWED", "DIAG_FIRST", "N_BUCKET"],
         prune_configs_by={"early_config_prune": _prune},
     )(sparse_attention_fwd_kernel)
     for bd, space in _SPACE.items()
