@@ -347,8 +347,10 @@ def test_tma_refuses_layouts_it_cannot_view():
 def test_diagonal_order_matches_reference(monkeypatch, diag_first, N, D, bs, bm, bn, dtype, diagonal):
     from flexprefill.ops.sparse_attention import _diag_first
 
+    monkeypatch.delenv("FLEXPREFILL_DIAG_FIRST", raising=False)
+    assert _diag_first(64) and not _diag_first(128) and not _diag_first(256)  # the default
     monkeypatch.setenv("FLEXPREFILL_DIAG_FIRST", diag_first)
-    assert _diag_first() == (diag_first == "1")
+    assert _diag_first(D) == (diag_first == "1")
     B, Hq, Hkv = 1, 4, 2
     q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + bm)
     sel = _random_selection(B, Hq, N, bs, 0.3, seed=bn, diagonal=diagonal)

@@ -147,16 +147,22 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         # sequence bounds and the lse head stride are unused by the dense path
         counts, counts, counts, counts, 0, length_bucket(N), 0 if window is None else int(window),
         # constexprs positionally too: every triton version hands these to the config prune
-        group, D, BD, block_size, return_lse, False, descs is not None, window is not None, _diag_first(),
+        group, D, BD, block_size, return_lse, False, descs is not None, window is not None, _diag_first(BD),
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out
 
 
-def _diag_first() -> bool:
+def _diag_first(BD: int) -> bool:
     """Whether the kernel runs the diagonal block before the others (``DIAG_FIRST``; its loads
-    then overlap the selection's).  ``FLEXPREFILL_DIAG_FIRST=0`` runs it after them."""
-    return os.environ.get("FLEXPREFILL_DIAG_FIRST", "1") != "0"
+    then overlap the selection's).  Default: for padded head dim 64 only.  On the H200 at 128k
+    (results/h200/diag_first_16771a4) first was +0.7 to +3.0 points of cuDNN's TFLOP/s at head
+    dim 64 (5-60% density), -2.7 to +1.3 at 128 and 10-17 points worse at 256 (a second
+    pipelined loop's buffers).  ``FLEXPREFILL_DIAG_FIRST=1`` / ``=0`` forces it on / off."""
+    flag = os.environ.get("FLEXPREFILL_DIAG_FIRST")
+    if flag in ("0", "1"):
+        return flag == "1"
+    return BD == 64
 
 
 def _run(args, grid, BD, block_size, config, descs):
@@ -225,7 +231,7 @@ def sparse_attention_varlen(
         max_seqlen_k, Hkv, softmax_scale * _LOG2E,
         q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k),
         0 if window is None else int(window),
-        group, D, BD, block_size, return_lse, True, descs is not None, window is not None, _diag_first(),
+        group, D, BD, block_size, return_lse, True, descs is not None, window is not None, _diag_first(BD),
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out

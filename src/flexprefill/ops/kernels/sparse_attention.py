@@ -6,6 +6,8 @@ the dense path on an H200 (bf16), the varlen path on CPU only so far.
 Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
 ``WINDOWED`` adds a sliding window (key j visible from query i when ``i - j < window``, the
 transformers convention) on top of whichever blocks the selection lists.
+``DIAG_FIRST`` runs the diagonal block before the listed off-diagonal ones (its loads need
+no selection entry; the launcher turns it on for head dim 64, where it measured faster).
 ``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
 copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
 """
