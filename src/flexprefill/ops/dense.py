@@ -1,8 +1,8 @@
 """Dense causal attention: the short-sequence path of the operator; exact sliding-window attention.
 
 Without an LSE, PyTorch SDPA, on CUDA with cuDNN asked first (the fastest dense kernel on
-Hopper; torch's own order puts FlashAttention first), then flash, memory-efficient, math.  With an LSE, the
-block-sparse kernel on the full causal selection, built on the device without a sync.
+Hopper; torch's default order differs between versions), then flash, memory-efficient, math.
+With an LSE, the block-sparse kernel on the full causal selection, built on the device without a sync.
 Sliding-window layers (Gemma 3, Mistral) run the same kernel on the band of blocks the
 window reaches, with the window applied per token: O(N * window) work where SDPA with a
 mask does O(N^2).
