@@ -354,7 +354,6 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -> dict:
     """Run the demo with parsed ``args``; ``model``/``tokenizer``/``haystack`` may be injected
     (tests use a tiny random model).  Prints the report and returns it as a dict."""
-    import flexprefill
     from .config import DEFAULT_MIN_SEQ_LEN, FlexPrefillConfig
     from .integrations import transformers as tf
     from .plotting import plot_block_masks
@@ -395,12 +394,10 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
     steps.update(1)
 
     steps.set_postfix_str("FlexPrefill")
-    layer_ids = [m.layer_idx for m in tf._attention_modules(model)]
-    full_layers = [i for i, m in zip(layer_ids, tf._attention_modules(model)) if not tf._is_sliding(m, i, {})]
+    full_layers = tf._full_attention_layers(model)
     recorder = _SelectionRecorder(lambda call: full_layers[call % len(full_layers)] if full_layers else None)
     plot_layer = args.plot_layer if args.plot_layer is not None else (full_layers[len(full_layers) // 2] if full_layers else None)
-    flexprefill.patch(model, cfg, selector=recorder, collect_stats=True)
-    try:
+    with tf.patched(model, cfg, selector=recorder, collect_stats=True):
         # on CPU a full FlexPrefill warm-up would double the slow reference run: warm up on a prefix
         warm = sample["input_ids"] if device.type == "cuda" else sample["input_ids"][: max(min_seq_len, 2 * cfg.block_size)]
         _answer(model, tokenizer, warm, 1, "warm-up FlexPrefill", progress)
@@ -408,8 +405,6 @@ def run_demo(args, *, model=None, tokenizer=None, haystack: str | None = None) -
         flex_answer, flex_s = _answer(model, tokenizer, sample["input_ids"], args.max_new_tokens, "FlexPrefill", progress, repeats)
         stats = tf.last_stats(model)
         record = tf.last_record(model, prefill=True)
-    finally:
-        flexprefill.unpatch(model)
     steps.update(1)
 
     steps.set_postfix_str("report")

@@ -128,8 +128,6 @@ def plot_pattern_map(density, js, query_aware, layers, tau: float, path: str, *,
 def run_inspect(args, *, model=None, tokenizer=None, text: str | None = None) -> dict:
     """Run ``flexprefill inspect`` with parsed ``args`` (``model``/``tokenizer``/``text`` may be
     injected: tests use a tiny random model).  Prints one line per layer; returns the report."""
-    import flexprefill
-
     from .cli import (
         _context_length, _LayerProgress, default_length, default_min_budget, start_run,
     )
@@ -167,21 +165,17 @@ def run_inspect(args, *, model=None, tokenizer=None, text: str | None = None) ->
     cfg = FlexPrefillConfig(block_size=args.block_size, gamma=args.gamma, tau=args.tau, min_budget=min_budget, min_seq_len=0)
     steps.update(1)
 
-    modules = tf._attention_modules(model)
-    full_layers = [m.layer_idx for m in modules if not tf._is_sliding(m, m.layer_idx, {})]
+    full_layers = tf._full_attention_layers(model)
     if not full_layers:
         raise SystemExit("this model has no full-attention layer: FlexPrefill does not run on sliding-window layers")
     draw = _parse_layers(args.layers, full_layers)
     recorder = _Recorder(full_layers, draw, args.heads)
     steps.set_postfix_str("prefill")
-    flexprefill.patch(model, cfg, selector=recorder, collect_stats=True)
-    try:
+    with tf.patched(model, cfg, selector=recorder, collect_stats=True):
         with torch.inference_mode(), _LayerProgress(model, "FlexPrefill prefill", disable=not progress):
             model(input_ids=torch.tensor([ids], device=device), logits_to_keep=1)
         stats = tf.last_stats(model)
         record = tf.last_record(model, prefill=True)
-    finally:
-        flexprefill.unpatch(model)
     steps.update(1)
 
     steps.set_postfix_str("pictures")

@@ -4,7 +4,6 @@ With gamma=1 FlexPrefill selects every causal block, so its logits must equal SD
 per-layer record says which path each layer took.
 """
 
-import contextlib
 import subprocess
 import sys
 import types
@@ -68,14 +67,8 @@ def _ids(n=N, batch=1, seed=1):
     return torch.randint(0, COMMON["vocab_size"], (batch, n), generator=g)
 
 
-@contextlib.contextmanager
-def _patched(model, config, **kw):
-    """The model with FlexPrefill for the block, given back as it came afterwards."""
-    flexprefill.patch(model, config, **kw)
-    try:
-        yield model
-    finally:
-        flexprefill.unpatch(model)
+# the model with FlexPrefill for the block, given back as it came afterwards
+_patched = tf.patched
 
 
 def _paths(model, prefill=False):
@@ -468,3 +461,13 @@ def test_gemma3_generate_with_windowed_prefill_matches_sdpa():
         assert _paths(model, prefill=True) == {0: ("window", ""), 1: ("flexprefill", "")}
         assert _paths(model) == {0: ("dense", "decode"), 1: ("dense", "decode")}
     assert torch.equal(sparse, dense)
+
+
+def test_patched_unpatches_on_error_and_lists_full_layers():
+    model = _model("gemma3")
+    assert tf._full_attention_layers(model) == [1]  # layer 0 is the sliding one
+    with pytest.raises(RuntimeError, match="inside"):
+        with tf.patched(model, EXACT, collect_stats=True):
+            assert tf.is_patched(model)
+            raise RuntimeError("inside")
+    assert not tf.is_patched(model)

@@ -55,6 +55,7 @@ or packed ``[total, H, D]``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -639,6 +640,11 @@ def _attention_modules(model) -> list:
     ]
 
 
+def _full_attention_layers(model) -> list[int]:
+    """Indices of the model's full-attention layers (not sliding-window): where FlexPrefill runs."""
+    return [m.layer_idx for m in _attention_modules(model) if not _is_sliding(m, m.layer_idx, {})]
+
+
 def _configs(model) -> list:
     """Every config object whose ``_attn_implementation`` may change with ``set_attn_implementation``."""
     from transformers import PreTrainedModel
@@ -733,6 +739,17 @@ def unpatch(model) -> bool:
             if attr in m.__dict__:
                 delattr(m, attr)
     return True
+
+
+@contextlib.contextmanager
+def patched(model, config: FlexPrefillConfig | None = None, **kwargs):
+    """:func:`patch` for the body of a ``with`` block (keyword arguments as there),
+    :func:`unpatch` when it ends, also on an error."""
+    patch(model, config, **kwargs)
+    try:
+        yield model
+    finally:
+        unpatch(model)
 
 
 def last_record(model, *, prefill: bool = False) -> dict[int, LayerRecord]:
