@@ -1,6 +1,7 @@
 """Where the pattern search spends its time (run on a CUDA machine; JSON to $OUT or ./out).
 
-For the Llama-3.1-8B layer shape (32/8/128, bf16, structured synthetic inputs) at each N:
+For the Llama-3.1-8B layer shape (32/8/128, bf16, structured synthetic inputs; or the heads
+given as ``Hq/Hkv/D`` in the second argument) at each N:
 the median time of the whole search and of its two stages (representative scores; the
 set building and compaction), against cuDNN dense attention on the same inputs, and the
 CUDA kernels that take the most time in one search (torch.profiler).
@@ -29,13 +30,14 @@ def _cudnn(q, k, v, scale):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True)
 
 
-def profile(N: int, tau: float) -> dict:
-    q, k, v = structured_qkv_device(1, N, HQ, HKV, D, seed=N)
+def profile(N: int, tau: float, heads=(HQ, HKV, D)) -> dict:
+    Hq, Hkv, D = heads
+    q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
     cfg = fp.FlexPrefillConfig(tau=tau)
     scale = D**-0.5
     search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731
     scores = lambda: S.representative_block_scores(q, k, block_size=cfg.block_size, scale=scale)  # noqa: E731
-    row = dict(N=N, tau=tau, heads=f"{HQ}/{HKV}/{D}")
+    row = dict(N=N, tau=tau, heads=f"{Hq}/{Hkv}/{D}")
     row["search_ms"] = do_bench(search, warmup=5, rep=50)
     # the same search without the cached CUDA graph of the set assembly
     os.environ["FLEXPREFILL_SELECTION_GRAPHS"] = "0"
@@ -108,16 +110,20 @@ def main():
     out = os.environ.get("OUT", "./out")
     os.makedirs(out, exist_ok=True)
     lens = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768,131072").split(",")]
+    shapes = [tuple(int(x) for x in h.split("/")) for h in (sys.argv[2] if len(sys.argv) > 2 else f"{HQ}/{HKV}/{D}").split(",")]
+    taus = [float(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0.1,0").split(",")]
     rows = []
-    for N in lens:
-        for tau in (0.1, 0.0):
-            try:
-                rows.append(profile(N, tau))
-            except Exception as e:  # keep the other lengths
-                rows.append(dict(N=N, tau=tau, error=f"{type(e).__name__}: {e}"))
-                print(rows[-1], flush=True)
-            torch.cuda.empty_cache()
-    with open(os.path.join(out, "selection_profile.json"), "w") as f:
+    for heads in shapes:
+        for N in lens:
+            for tau in taus:
+                try:
+                    rows.append(profile(N, tau, heads))
+                except Exception as e:  # keep the other lengths
+                    rows.append(dict(N=N, tau=tau, heads="/".join(map(str, heads)), error=f"{type(e).__name__}: {e}"))
+                    print(rows[-1], flush=True)
+                torch.cuda.empty_cache()
+    name = "selection_profile.json" if len(sys.argv) <= 2 else f"selection_profile_{sys.argv[2].replace('/', '-').replace(',', '_')}.json"
+    with open(os.path.join(out, name), "w") as f:
         json.dump(dict(env=env_stamp(), rows=rows), f, indent=1)
 
 
