@@ -10,6 +10,7 @@
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models),
 #   diagfirst OUT (kernel efficiency with the diagonal block first vs last, GPU tests)
 #   probe OUT (per-tile kernel cost by config, LAST_TAIL; search profile of the small-head shapes)
+#   search OUT (radix vs sort threshold of the query-aware ranking, graphs to 1024 blocks)
 #   verify OUT (all GPU tests, operator memory with int16/int32 tables, dense_above on random inputs)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
@@ -88,6 +89,13 @@ case "$phase" in
     run gpu_tests_tail 120 python -m pytest tests/ops -q -m gpu -p no:cacheprovider -k "diagonal_order or tail or sliding or varlen_attention"
     run probe_tiles 330 env OUT="$out" python benchmarks/probe_tiles.py 131072
     run profile_selection_small 120 env OUT="$out" python benchmarks/profile_selection.py 32768,131072 9/3/64,4/1/256 0.1
+    ;;
+  search)
+    # the query-aware threshold by radix selection against the sort, graphed to 1024 blocks
+    # or not (search and operator against cuDNN, three shapes, 32k-128k), HBM bandwidth
+    run gpu_tests_search 150 python -m pytest tests/test_selection.py tests/test_varlen.py tests/ops/test_varlen_kernels.py -q -p no:cacheprovider -m gpu
+    run gpu_tests_radix 100 python -m pytest tests/test_selection.py -q -p no:cacheprovider -k radix
+    run compare_search 330 env OUT="$out" python benchmarks/compare_search.py 32768,65536,131072
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py

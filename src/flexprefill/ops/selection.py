@@ -17,7 +17,8 @@ from ..config import FlexPrefillConfig
 from ..reference import js_distance
 from ..selection import BlockSelection, chunk_rows, compact_block_mask
 from .kernels.selection import (
-    assemble_rows_kernel, block_mean_varlen_kernel, combine_splits_kernel, rep_block_mass_kernel, rep_row_stats_kernel,
+    assemble_rows_kernel, block_mean_varlen_kernel, combine_splits_kernel, radix_final_kernel, radix_hist_kernel,
+    rep_block_mass_kernel, rep_row_stats_kernel,
 )
 
 __all__ = [
@@ -167,6 +168,57 @@ def _count_to_mass(scores: torch.Tensor, gamma: float, sorted_desc: torch.Tensor
     return ((cum < gamma * cum[..., -1:]).sum(-1) + 1).clamp_max(n)
 
 
+def _radix_enabled() -> bool:
+    return os.environ.get("FLEXPREFILL_RADIX_SELECT", "1") != "0"
+
+
+# list entries per program of a radix pass, and per loop step
+_RADIX_PER_SPLIT = 4096
+_RADIX_BT = 1024
+
+
+def _threshold_entry(flat: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flat`` (fp32 [H, T], entries >= 0), the value (fp32 [H]) and position (int64
+    [H]) of its ``_count_to_mass`` -th entry in (value desc, position asc) order: where the
+    running sum of the largest entries first reaches ``gamma`` of the row total.
+
+    By radix selection on the fp32 bit patterns (10 launches, no sort, no [H, T] temporaries)
+    for ``gamma < 1`` when ``FLEXPREFILL_RADIX_SELECT`` is not ``0``; else by a stable sort.
+    The running sums are grouped differently from a sorted cumsum, so where a partial sum
+    lies within fp32 rounding of the goal the two may pick neighbouring entries.
+    """
+    H, T = flat.shape
+    if gamma >= 1.0 or not _radix_enabled():
+        srt = torch.sort(flat, dim=-1, descending=True, stable=True)
+        last = (_count_to_mass(flat, gamma, srt.values) - 1)[:, None]
+        return srt.values.gather(1, last).squeeze(1), srt.indices.gather(1, last).squeeze(1)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    dev = flat.device
+    per_split = min(_RADIX_PER_SPLIT, triton.cdiv(T, _RADIX_BT) * _RADIX_BT)
+    splits = triton.cdiv(T, per_split)
+    bsplit = triton.next_power_of_2(splits)
+    part_cnt = torch.empty(9, H, splits, 16, dtype=torch.int32, device=dev)
+    part_sum = torch.empty(9, H, splits, 16, dtype=torch.float32, device=dev)
+    st_bits = torch.empty(8, H, dtype=torch.int32, device=dev)
+    st_above = torch.empty(8, H, dtype=torch.float32, device=dev)
+    st_n_above = torch.empty(8, H, dtype=torch.int32, device=dev)
+    st_goal = torch.empty(H, dtype=torch.float32, device=dev)
+    state = (st_bits, st_above, st_n_above, st_goal)
+    for p in range(9):
+        radix_hist_kernel[(H, splits)](
+            flat, part_cnt, part_sum, *state, T, flat.stride(0), H, splits, per_split, float(gamma),
+            P=p, BSPLIT=bsplit, BT=_RADIX_BT, num_warps=4,
+        )
+    thr = torch.empty(H, dtype=torch.float32, device=dev)
+    thr_pos = torch.empty(H, dtype=torch.int64, device=dev)
+    radix_final_kernel[(H,)](
+        flat, part_cnt, thr, thr_pos, *state, T, flat.stride(0), H, splits, per_split,
+        BSPLIT=bsplit, BT=_RADIX_BT, num_warps=4,
+    )
+    return thr, thr_pos
+
+
 def _top_n(scores: torch.Tensor, n: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of the ``n[...]`` largest entries per row (ties: lower index first)."""
     if order is None:
@@ -277,12 +329,8 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
         _, flat = _qa_scores(q_bar[h0:h1], k_bar[h0:h1], scale=scale, nb=nb,
                           live_c=live_h[h0:h1, :, None] if live_h is not None else None,
                           rows_c=rows_h[h0:h1] if rows_h is not None else None, not_causal=not_causal, tri_flat=tri_flat)
-        srt = torch.sort(flat, dim=-1, descending=True, stable=True)
         # the n-th entry of the ranking: every entry before it in (value desc, position asc) is kept
-        last = (_count_to_mass(flat, cfg.gamma, srt.values) - 1)[:, None]
-        thr = srt.values.gather(1, last).squeeze(1)
-        thr_pos = srt.indices.gather(1, last).squeeze(1)
-        del srt
+        thr, thr_pos = _threshold_entry(flat, cfg.gamma)
         assemble_rows_kernel[(h1 - h0, nb)](
             u8[0], u8[1], u8[2], u8[3], flat, thr, thr_pos, qa, live, short, counts, indices, nb, h0, flat.stride(0),
             QA=True, **flags
@@ -370,6 +418,15 @@ _GRAPH_CACHE = 4
 # one chunk's temporaries (~140 B per element): 2^19 elements keep it near 70 MB (an H200
 # measurement with 2^22 elements held 276 MB at 32k, 32 heads)
 _GRAPH_CHUNK_ELEMS = 1 << 19
+# above _GRAPH_MAX_NB (when FLEXPREFILL_SELECTION_GRAPH_MAX_NB raises it; being measured)
+# graphs take larger head chunks: without the sort's temporaries (radix threshold) a chunk's
+# pool is ~12 bytes per element, 2^21 elements ~25 MB
+_GRAPH_CHUNK_ELEMS_LARGE = 1 << 21
+
+
+def _graph_max_nb() -> int:
+    flag = os.environ.get("FLEXPREFILL_SELECTION_GRAPH_MAX_NB")
+    return int(flag) if flag else _GRAPH_MAX_NB
 _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
@@ -395,7 +452,7 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
     vert = tensors["vert"]
     if (
         not vert.is_cuda
-        or vert.shape[-1] > _GRAPH_MAX_NB
+        or vert.shape[-1] > _graph_max_nb()
         or not _graphs_enabled()
         or torch.cuda.is_current_stream_capturing()
     ):
@@ -404,18 +461,19 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
            tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in tensors.items()))
     if key in _ungraphable:
         return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
+    graph_chunk = _GRAPH_CHUNK_ELEMS if vert.shape[-1] <= _GRAPH_MAX_NB else _GRAPH_CHUNK_ELEMS_LARGE
     entry = _graphs.get(key)
     if entry is None:
         static = {n: (None if t is None else t.clone()) for n, t in tensors.items()}
         side = torch.cuda.Stream(device=vert.device)
         side.wait_stream(torch.cuda.current_stream(vert.device))
         with torch.cuda.stream(side):
-            fn(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS, index_dtype=index_dtype)  # warm-up outside the capture
+            fn(**static, cfg=cfg, scale=scale, chunk_elems=graph_chunk, index_dtype=index_dtype)  # warm-up outside the capture
         torch.cuda.current_stream(vert.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                outs = fn(**static, cfg=cfg, scale=scale, chunk_elems=_GRAPH_CHUNK_ELEMS, index_dtype=index_dtype)
+                outs = fn(**static, cfg=cfg, scale=scale, chunk_elems=graph_chunk, index_dtype=index_dtype)
         except RuntimeError as e:  # a capture this torch/driver refuses: stay correct, only slower
             import warnings
 

@@ -265,3 +265,143 @@ def assemble_rows_kernel(
     for c0 in range((n_kept // BC) * BC, NB, BC):
         c = c0 + tl.arange(0, BC)
         tl.store(p_row + c, tl.full([BC], -1, indices.dtype.element_ty), mask=(c >= n_kept) & (c < NB))
+
+
+# --- the query-aware ranking's threshold entry, by radix selection --------------------
+#
+# Per head, the entry of the flat score list at which the running sum in (value desc,
+# position asc) order first reaches G = gamma * total, without sorting: scores are >= 0,
+# so their fp32 bit patterns order like their values.  Eight passes of 4 bits (MSB first)
+# each histogram the entries that match the bits chosen so far (count and sum per digit,
+# per split of the list) and pick the digit where the running sum reaches G; a ninth pass
+# counts the entries equal to the chosen value per split; the last kernel finds which of
+# those ties is the threshold (the running sum of the ties reaches G) and its position.
+
+
+@triton.jit
+def _radix_digit(p, i_h, H, gamma, part_cnt, part_sum, st_bits, st_above, st_n_above, st_goal,
+                 SPLITS, BSPLIT: tl.constexpr):
+    """The digit of pass ``p`` (from its per-split histograms) and the state after it:
+    (bits so far, sum and count of the entries ranked above them, goal G)."""
+    o_s = tl.arange(0, BSPLIT)
+    o_g = tl.arange(0, 16)
+    m_s = o_s < SPLITS
+    p_part = ((p * H + i_h) * SPLITS + o_s[:, None]) * 16 + o_g[None, :]
+    cnt = tl.sum(tl.load(part_cnt + p_part, mask=m_s[:, None], other=0), 0)
+    sm = tl.sum(tl.load(part_sum + p_part, mask=m_s[:, None], other=0.0), 0)
+    if p == 0:
+        bits = tl.zeros([], dtype=tl.int32)
+        above = tl.zeros([], dtype=tl.float32)
+        n_above = tl.zeros([], dtype=tl.int32)
+        goal = gamma * tl.sum(sm, 0)
+    else:
+        bits = tl.load(st_bits + (p - 1) * H + i_h)
+        above = tl.load(st_above + (p - 1) * H + i_h)
+        n_above = tl.load(st_n_above + (p - 1) * H + i_h)
+        goal = tl.load(st_goal + i_h)
+    # running sums from the top digit down: suffix[d] = sum of digits >= d
+    ge = o_g[None, :] >= o_g[:, None]
+    suffix = tl.sum(tl.where(ge, sm[None, :], 0.0), 1)
+    n_suffix = tl.sum(tl.where(ge, cnt[None, :], 0), 1)
+    nonempty = cnt > 0
+    reach = ((above + suffix) >= goal) & nonempty
+    # the highest digit where the running sum reaches the goal; if rounding keeps every
+    # digit short of it, the lowest non-empty one (the last entries of the order)
+    d_reach = tl.max(tl.where(reach, o_g, -1), 0)
+    d_low = tl.min(tl.where(nonempty, o_g, 16), 0)
+    d = tl.where(d_reach >= 0, d_reach, d_low)
+    pick = o_g == d
+    above = above + tl.sum(tl.where(pick, suffix - sm, 0.0), 0)
+    n_above = n_above + tl.sum(tl.where(pick, n_suffix - cnt, 0), 0)
+    bits = bits | (d << (28 - 4 * p))
+    return bits, above, n_above, goal
+
+
+@triton.jit
+def radix_hist_kernel(
+    flat, part_cnt, part_sum, st_bits, st_above, st_n_above, st_goal,
+    T, stride_flat, H, SPLITS, PER_SPLIT, gamma,
+    P: tl.constexpr, BSPLIT: tl.constexpr, BT: tl.constexpr,
+):
+    """Pass ``P`` (0-7) over split ``program_id(1)`` of head ``program_id(0)``'s list: per
+    digit ``(bits >> (28 - 4P)) & 15``, the count and sum of the entries whose higher bits
+    are the ones chosen by the passes before (chosen here from their histograms; split 0
+    stores that state for the next pass).  ``P == 8``: the count of entries equal to the
+    chosen value, in digit 0."""
+    i_h = tl.program_id(0)
+    i_s = tl.program_id(1)
+    if P > 0:
+        bits, above, n_above, goal = _radix_digit(P - 1, i_h, H, gamma, part_cnt, part_sum, st_bits, st_above,
+                                                  st_n_above, st_goal, SPLITS, BSPLIT)
+        if i_s == 0:
+            tl.store(st_bits + (P - 1) * H + i_h, bits)
+            tl.store(st_above + (P - 1) * H + i_h, above)
+            tl.store(st_n_above + (P - 1) * H + i_h, n_above)
+            if P == 1:
+                tl.store(st_goal + i_h, goal)
+    else:
+        bits = tl.zeros([], dtype=tl.int32)
+    o_g = tl.arange(0, 16)
+    cnt = tl.zeros([16], dtype=tl.int32)
+    sm = tl.zeros([16], dtype=tl.float32)
+    lo = i_s * PER_SPLIT
+    for t0 in range(0, PER_SPLIT, BT):
+        o_t = lo + t0 + tl.arange(0, BT)
+        m_t = o_t < T
+        # + 0.0 turns a -0.0 into +0.0 (scores are >= 0: their bit patterns order like them)
+        x = tl.load(flat + i_h.to(tl.int64) * stride_flat + o_t, mask=m_t, other=0.0) + 0.0
+        xb = x.to(tl.int32, bitcast=True)
+        if P == 8:
+            cnt += tl.where(o_g == 0, tl.sum((m_t & (xb == bits)).to(tl.int32), 0), 0)
+        else:
+            if P == 0:
+                match = m_t
+            else:
+                match = m_t & ((xb >> (32 - 4 * P)) == (bits >> (32 - 4 * P)))
+            dig = (xb >> (28 - 4 * P)) & 15
+            hit = match[:, None] & (dig[:, None] == o_g[None, :])
+            cnt += tl.sum(hit.to(tl.int32), 0)
+            sm += tl.sum(tl.where(hit, x[:, None], 0.0), 0)
+    p_out = ((P * H + i_h) * SPLITS + i_s) * 16 + o_g
+    tl.store(part_cnt + p_out, cnt)
+    tl.store(part_sum + p_out, sm)
+
+
+@triton.jit
+def radix_final_kernel(
+    flat, part_cnt, thr, thr_pos, st_bits, st_above, st_n_above, st_goal,
+    T, stride_flat, H, SPLITS, PER_SPLIT,
+    BSPLIT: tl.constexpr, BT: tl.constexpr,
+):
+    """Head ``program_id(0)``: the threshold value (bits of pass 7) and the list position of
+    the tie at which the running sum reaches the goal (ties in position order)."""
+    i_h = tl.program_id(0)
+    bits = tl.load(st_bits + 7 * H + i_h)
+    above = tl.load(st_above + 7 * H + i_h)
+    goal = tl.load(st_goal + i_h)
+    v = bits.to(tl.float32, bitcast=True)
+    o_s = tl.arange(0, BSPLIT)
+    m_s = o_s < SPLITS
+    eq = tl.load(part_cnt + ((8 * H + i_h) * SPLITS + o_s) * 16, mask=m_s, other=0)
+    n_eq = tl.sum(eq, 0)
+    # ties needed: the fewest m >= 1 with above + m * v >= goal, at most all of them
+    need = tl.where(v > 0, tl.ceil((goal - above) / tl.where(v > 0, v, 1.0)), 1.0)
+    m = tl.minimum(tl.maximum(need, 1.0), n_eq.to(tl.float32)).to(tl.int32)
+    # the split holding the m-th tie, then its position there
+    cum = tl.cumsum(eq, 0)
+    i_s = tl.sum((cum < m).to(tl.int32), 0)
+    before = tl.sum(tl.where(o_s < i_s, eq, 0), 0)
+    seen = before
+    pos = -1
+    lo = i_s * PER_SPLIT
+    for t0 in range(0, PER_SPLIT, BT):
+        o_t = lo + t0 + tl.arange(0, BT)
+        m_t = o_t < T
+        x = tl.load(flat + i_h.to(tl.int64) * stride_flat + o_t, mask=m_t, other=0.0) + 0.0
+        hit = (m_t & (x.to(tl.int32, bitcast=True) == bits)).to(tl.int32)
+        rank = seen + tl.cumsum(hit, 0)
+        found = (hit > 0) & (rank == m)
+        pos = tl.maximum(pos, tl.max(tl.where(found, o_t, -1), 0))
+        seen += tl.sum(hit, 0)
+    tl.store(thr + i_h, v)
+    tl.store(thr_pos + i_h, pos.to(tl.int64))
