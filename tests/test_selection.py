@@ -188,11 +188,14 @@ def test_two_level_scan_equals_cumsum(n):
 
 @pytest.mark.gpu
 def test_graphed_assembly_above_256_blocks_equals_eager(monkeypatch):
-    """Graphs past 256 blocks (FLEXPREFILL_SELECTION_GRAPH_MAX_NB) take larger head chunks: same sets."""
+    """Past 256 blocks a small ranking (BH * nb^2 <= 2^24) is graphed with larger head chunks: same sets."""
     from flexprefill.ops import selection as S
 
+    assert S._graph_pays(32, 512) and not S._graph_pays(32, 1024) and S._graph_pays(9, 1024)
+    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS", "0")
+    assert S._graph_pays(9, 256) and not S._graph_pays(9, 257)
+    monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS")
     S.clear_graph_cache()
-    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPH_MAX_NB", "1024")
     cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
     for seed in (0, 1):
         q, k, _ = structured_qkv(1, 40000, 8, 2, 64, seed=seed, dtype=torch.bfloat16, device="cuda")

@@ -418,15 +418,25 @@ _GRAPH_CACHE = 4
 # one chunk's temporaries (~140 B per element): 2^19 elements keep it near 70 MB (an H200
 # measurement with 2^22 elements held 276 MB at 32k, 32 heads)
 _GRAPH_CHUNK_ELEMS = 1 << 19
-# above _GRAPH_MAX_NB (when FLEXPREFILL_SELECTION_GRAPH_MAX_NB raises it; being measured)
-# graphs take larger head chunks: without the sort's temporaries (radix threshold) a chunk's
-# pool is ~12 bytes per element, 2^21 elements ~25 MB
+# Past 256 blocks a graph pays when the whole ranking is small (BH * nb^2 <= 2^24 elements:
+# small-head models, or 64k with 32 heads), where the eager search is bound by its ~150
+# launches.  H200, radix threshold, compare_search_b8bf318: SmolLM2 9/3/64 at 128k 1.46 ms
+# graphed vs 4.19 eager, at 64k 0.69 vs 2.41; Gemma 3 4/1/256 at 64k 0.51 vs 1.78; Llama
+# 32/8/128 at 64k 1.77 vs 3.36, but at 128k (2^25 elements) 4.89 vs 4.39.  Those graphs take
+# head chunks of 2^21 elements: without the sort's temporaries (radix threshold) ~12 bytes
+# each, a ~25 MB pool.  FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS sets the limit (0: 256 blocks only)
+_GRAPH_MAX_ELEMS = 1 << 24
 _GRAPH_CHUNK_ELEMS_LARGE = 1 << 21
 
 
-def _graph_max_nb() -> int:
-    flag = os.environ.get("FLEXPREFILL_SELECTION_GRAPH_MAX_NB")
-    return int(flag) if flag else _GRAPH_MAX_NB
+def _graph_pays(bh: int, nb: int) -> bool:
+    if nb <= _GRAPH_MAX_NB:
+        return True
+    flag = os.environ.get("FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS")
+    limit = int(flag) if flag else _GRAPH_MAX_ELEMS
+    return bh * nb * nb <= limit
+
+
 _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
@@ -452,7 +462,7 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
     vert = tensors["vert"]
     if (
         not vert.is_cuda
-        or vert.shape[-1] > _graph_max_nb()
+        or not _graph_pays(vert.numel() // max(1, vert.shape[-1]), vert.shape[-1])
         or not _graphs_enabled()
         or torch.cuda.is_current_stream_capturing()
     ):
