@@ -405,3 +405,19 @@ def test_radix_threshold_entry_equals_sort(T, kind, monkeypatch):
         for h in range(H):
             assert _threshold_valid(x[h].cpu(), float(thr[h]), int(pos[h]), gamma), (kind, T, gamma, h)
         assert torch.equal(thr, thr_s) and torch.equal(pos, pos_s)
+
+
+def test_radix_threshold_entry_with_long_splits(monkeypatch):
+    # past _RADIX_MAX_SPLITS splits each program takes a longer stretch of the list (several
+    # loop steps); the same entries as the sort
+    from flexprefill.ops import selection as S
+
+    monkeypatch.setattr(S, "_RADIX_MAX_SPLITS", 2)
+    monkeypatch.setattr(S, "_RADIX_PER_SPLIT", 1024)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(3, 9000, generator=g) ** 4).to("cuda" if torch.cuda.is_available() else "cpu")
+    x[1, ::3] = 0.25  # many ties
+    thr, pos = S._threshold_entry(x, 0.9)
+    monkeypatch.setenv("FLEXPREFILL_RADIX_SELECT", "0")
+    thr_s, pos_s = S._threshold_entry(x, 0.9)
+    assert torch.equal(thr, thr_s) and torch.equal(pos, pos_s)

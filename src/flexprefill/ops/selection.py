@@ -172,8 +172,10 @@ def _radix_enabled() -> bool:
     return os.environ.get("FLEXPREFILL_RADIX_SELECT", "1") != "0"
 
 
-# list entries per program of a radix pass, and per loop step
+# list entries per program of a radix pass (at least; more past _RADIX_MAX_SPLITS splits:
+# every program reads all splits' histograms of the pass before), and per loop step
 _RADIX_PER_SPLIT = 4096
+_RADIX_MAX_SPLITS = 128
 _RADIX_BT = 1024
 
 
@@ -195,7 +197,8 @@ def _threshold_entry(flat: torch.Tensor, gamma: float) -> tuple[torch.Tensor, to
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     dev = flat.device
-    per_split = min(_RADIX_PER_SPLIT, triton.cdiv(T, _RADIX_BT) * _RADIX_BT)
+    per_split = max(_RADIX_PER_SPLIT, triton.cdiv(triton.cdiv(T, _RADIX_MAX_SPLITS), _RADIX_BT) * _RADIX_BT)
+    per_split = min(per_split, triton.cdiv(T, _RADIX_BT) * _RADIX_BT)
     splits = triton.cdiv(T, per_split)
     bsplit = triton.next_power_of_2(splits)
     part_cnt = torch.empty(9, H, splits, 16, dtype=torch.int32, device=dev)
