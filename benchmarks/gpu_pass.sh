@@ -9,7 +9,7 @@
 #   ncu OUT (Nsight Compute sections of the sparse kernel at 5% density and of cuDNN),
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models),
 #   diagfirst OUT (kernel efficiency with the diagonal block first vs last, GPU tests)
-#   probe OUT (per-tile kernel cost by config, LAST_TAIL; search profile of the small-head shapes)
+#   probe OUT (per-tile kernel cost by config and tile count; search profile of the small-head shapes)
 #   search OUT (radix vs sort threshold of the query-aware ranking, graphs to 1024 blocks)
 #   verify OUT (all GPU tests, operator memory with int16/int32 tables, dense_above on random inputs)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
@@ -84,9 +84,8 @@ case "$phase" in
     run gpu_tests 200 python -m pytest tests -q -m gpu -p no:cacheprovider
     ;;
   probe)
-    # per-tile cost of the sparse kernel (configs, registers, LAST_TAIL) and the pattern
+    # per-tile cost of the sparse kernel (configs, registers) and the pattern
     # search of the small-head shapes (SmolLM2 9/3/64, Gemma 3 4/1/256) at 32k and 128k
-    run gpu_tests_tail 120 python -m pytest tests/ops -q -m gpu -p no:cacheprovider -k "diagonal_order or tail or sliding or varlen_attention"
     run probe_tiles 330 env OUT="$out" python benchmarks/probe_tiles.py 131072
     run profile_selection_small 120 env OUT="$out" python benchmarks/profile_selection.py 32768,131072 9/3/64,4/1/256 0.1
     ;;

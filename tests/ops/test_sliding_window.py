@@ -43,18 +43,6 @@ def _masked(q, k, v, window, scale, dtype=torch.float32):
     ],
 )
 def test_sliding_window_matches_masked_attention(B, N, Hq, Hkv, D, window, bs, dtype):
-    _check_sliding_window(B, N, Hq, Hkv, D, window, bs, dtype)
-
-
-@pytest.mark.parametrize("diag_first", ["0", "1"])
-def test_sliding_window_with_last_block_as_tail(monkeypatch, diag_first):
-    # LAST_TAIL: the last listed block of each row through the masked pass (window mask too)
-    monkeypatch.setenv("FLEXPREFILL_LAST_TAIL", "1")
-    monkeypatch.setenv("FLEXPREFILL_DIAG_FIRST", diag_first)
-    _check_sliding_window(1, 700, 4, 1, 64, 200, 64, F16)
-
-
-def _check_sliding_window(B, N, Hq, Hkv, D, window, bs, dtype):
     q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + window)
     scale = 0.8 / math.sqrt(D)
     out, lse = sliding_window_attention(q, k, v, window=window, softmax_scale=scale, return_lse=True, block_size=bs)

@@ -331,11 +331,10 @@ def test_tma_refuses_layouts_it_cannot_view():
 
 
 
-# the diagonal block runs before the others (DIAG_FIRST, default for head dim 64) or after
-# them, or the last listed block (diagonal or not) through the masked pass (LAST_TAIL); each
-# order against the oracle, on tile shapes with BLOCK_M < block size (a query tile sees one
+# the diagonal block runs before the others (DIAG_FIRST, default) or after them; both
+# orders against the oracle, on tile shapes with BLOCK_M < block size (a query tile sees one
 # key tile of its diagonal) and BLOCK_N < block size, with and without selected diagonals
-@pytest.mark.parametrize("diag_first,last_tail", [("1", "0"), ("0", "0"), ("0", "1")], ids=["first", "last", "tail"])
+@pytest.mark.parametrize("diag_first", ["1", "0"])
 @pytest.mark.parametrize(
     "N,D,bs,bm,bn,dtype,diagonal",
     [
@@ -345,16 +344,13 @@ def test_tma_refuses_layouts_it_cannot_view():
         pytest.param(4097, 128, 128, 128, 128, BF16, False, id="N4097-D128-no-diagonal-bf16", marks=pytest.mark.gpu),
     ],
 )
-def test_diagonal_order_matches_reference(monkeypatch, diag_first, last_tail, N, D, bs, bm, bn, dtype, diagonal):
-    from flexprefill.ops.sparse_attention import _diag_first, _last_tail
+def test_diagonal_order_matches_reference(monkeypatch, diag_first, N, D, bs, bm, bn, dtype, diagonal):
+    from flexprefill.ops.sparse_attention import _diag_first
 
     monkeypatch.delenv("FLEXPREFILL_DIAG_FIRST", raising=False)
-    monkeypatch.delenv("FLEXPREFILL_LAST_TAIL", raising=False)
     assert _diag_first(64) and not _diag_first(128) and not _diag_first(256)  # the default
-    assert not _last_tail()
     monkeypatch.setenv("FLEXPREFILL_DIAG_FIRST", diag_first)
-    monkeypatch.setenv("FLEXPREFILL_LAST_TAIL", last_tail)
-    assert _diag_first(D) == (diag_first == "1") and _last_tail() == (last_tail == "1")
+    assert _diag_first(D) == (diag_first == "1")
     B, Hq, Hkv = 1, 4, 2
     q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + bm)
     sel = _random_selection(B, Hq, N, bs, 0.3, seed=bn, diagonal=diagonal)

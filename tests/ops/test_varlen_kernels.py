@@ -100,18 +100,6 @@ def _torch_in_dtype(q, k, v, cu_q, cu_k, sel, scale):
     ],
 )
 def test_varlen_attention_matches_reference(Hq, Hkv, D, bs, dtype, tiles):
-    _check_varlen_attention(Hq, Hkv, D, bs, dtype, tiles)
-
-
-def test_varlen_attention_with_last_block_as_tail(monkeypatch):
-    # LAST_TAIL: the last listed block of each row through the masked pass; rows outside a chunk
-    # (count 0) run no tail
-    monkeypatch.setenv("FLEXPREFILL_LAST_TAIL", "1")
-    monkeypatch.setenv("FLEXPREFILL_DIAG_FIRST", "0")
-    _check_varlen_attention(2, 2, 128, 64, F32, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))
-
-
-def _check_varlen_attention(Hq, Hkv, D, bs, dtype, tiles):
     q, k, v, cu_q, cu_k, max_q, max_k = _packed(SEQS, Hq, Hkv, D, dtype, seed=D + bs)
     sel = _random_selection(cu_q, cu_k, Hq, max_k, bs, 0.4, seed=bs)
     scale = 0.8 / math.sqrt(D)

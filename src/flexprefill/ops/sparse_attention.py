@@ -147,7 +147,7 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         # sequence bounds and the lse head stride are unused by the dense path
         counts, counts, counts, counts, 0, length_bucket(N), 0 if window is None else int(window),
         # constexprs positionally too: every triton version hands these to the config prune
-        group, D, BD, block_size, return_lse, False, descs is not None, window is not None, _diag_first(BD), _last_tail(),
+        group, D, BD, block_size, return_lse, False, descs is not None, window is not None, _diag_first(BD),
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out
@@ -163,13 +163,6 @@ def _diag_first(BD: int) -> bool:
     if flag in ("0", "1"):
         return flag == "1"
     return BD == 64
-
-
-def _last_tail() -> bool:
-    """Whether the last listed block goes through the masked pass whatever it is (``LAST_TAIL``:
-    the main loop's trip count then waits for the count only).  Off unless
-    ``FLEXPREFILL_LAST_TAIL=1`` (not yet measured faster); no effect with ``DIAG_FIRST``."""
-    return os.environ.get("FLEXPREFILL_LAST_TAIL", "0") == "1"
 
 
 def _run(args, grid, BD, block_size, config, descs):
@@ -238,7 +231,7 @@ def sparse_attention_varlen(
         max_seqlen_k, Hkv, softmax_scale * _LOG2E,
         q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k),
         0 if window is None else int(window),
-        group, D, BD, block_size, return_lse, True, descs is not None, window is not None, _diag_first(BD), _last_tail(),
+        group, D, BD, block_size, return_lse, True, descs is not None, window is not None, _diag_first(BD),
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out

@@ -8,8 +8,6 @@ Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a pow
 transformers convention) on top of whichever blocks the selection lists.
 ``DIAG_FIRST`` runs the diagonal block before the listed off-diagonal ones (its loads need
 no selection entry; the launcher turns it on for head dim 64, where it measured faster).
-``LAST_TAIL`` (when not ``DIAG_FIRST``) sends the last listed block through the masked pass
-whatever it is, so the main loop's trip count needs the count only, not the last entry too.
 ``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
 copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
 """
@@ -121,7 +119,7 @@ def sparse_attention_fwd_kernel(
     q_starts, q_ends, k_starts, k_ends, stride_lh, N_BUCKET, window,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, WINDOWED: tl.constexpr,
-    DIAG_FIRST: tl.constexpr, LAST_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIAG_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
     # run together and share their k/v blocks through l2; last tiles (longest rows) first
@@ -199,15 +197,9 @@ def sparse_attention_fwd_kernel(
         b_m, b_l, b_acc = _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag, n_diag_tiles,
                                          n_k, stride_kn, stride_vn, scale_log2, window, BS, WINDOWED, BLOCK_N)
 
-    if LAST_TAIL and not DIAG_FIRST:
-        # the loop takes every entry but the last, whatever it is: its trip count waits for
-        # the count only, not for the last entry as well
-        n_main = tl.maximum(n_sel - 1, 0)
-    else:
-        n_main = n_full
     # off-diagonal blocks c < r: fully visible and fully inside the sequence (only the
     # last block can be partial, and only its own row sees it), so no masks at all
-    for t in range(0, n_main * (BS // BLOCK_N)):
+    for t in range(0, n_full * (BS // BLOCK_N)):
         i_kb = tl.load(p_idx + t // (BS // BLOCK_N)).to(tl.int64)
         n0 = i_kb * BS + (t % (BS // BLOCK_N)) * BLOCK_N
         o_n = n0 + tl.arange(0, BLOCK_N)
@@ -246,14 +238,7 @@ def sparse_attention_fwd_kernel(
         b_acc = tl.dot(b_p.to(b_v.dtype), b_v, acc=b_acc)
         b_m = b_mn
 
-    if LAST_TAIL and not DIAG_FIRST:
-        # the last entry through the masked pass: the diagonal block up to this tile's last
-        # row, or an off-diagonal block whole (the causal mask is then true everywhere)
-        n_tail = tl.where(has_diag, n_diag_tiles, BS // BLOCK_N)
-        b_m, b_l, b_acc = _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, tl.maximum(last, 0).to(tl.int64), n_sel > 0,
-                                         tl.where(n_sel > 0, n_tail, 0), n_k, stride_kn, stride_vn, scale_log2,
-                                         window, BS, WINDOWED, BLOCK_N)
-    elif not DIAG_FIRST:
+    if not DIAG_FIRST:
         b_m, b_l, b_acc = _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag,
                                          tl.where(has_diag, n_diag_tiles, 0), n_k, stride_kn, stride_vn, scale_log2,
                                          window, BS, WINDOWED, BLOCK_N)
@@ -290,7 +275,7 @@ def length_bucket(n: int) -> int:
 sparse_attention_fwd_tuned = {
     bd: triton.autotune(
         configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
-        key=["BD", "BS", "VARLEN", "WINDOWED", "DIAG_FIRST", "LAST_TAIL", "N_BUCKET"],
+        key=["BD", "BS", "VARLEN", "WINDOWED", "DIAG_FIRST", "N_BUCKET"],
         prune_configs_by={"early_config_prune": _prune},
     )(sparse_attention_fwd_kernel)
     for bd, space in _SPACE.items()
