@@ -426,8 +426,10 @@ _GRAPH_CHUNK_ELEMS = 1 << 19
 # launches.  H200, radix threshold, compare_search_b8bf318: SmolLM2 9/3/64 at 128k 1.46 ms
 # graphed vs 4.19 eager, at 64k 0.69 vs 2.41; Gemma 3 4/1/256 at 64k 0.51 vs 1.78; Llama
 # 32/8/128 at 64k 1.77 vs 3.36, but at 128k (2^25 elements) 4.89 vs 4.39.  Those graphs take
-# head chunks of 2^21 elements: without the sort's temporaries (radix threshold) ~12 bytes
-# each, a ~25 MB pool.  FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS sets the limit (0: 256 blocks only)
+# head chunks of 2^21 elements (the radix threshold needs none of the sort's temporaries);
+# a cached graph then keeps ~90 MB at SmolLM2's 128k, its returned tables included (16-70 MB
+# at 32k; compare_search_c335050).  FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS sets the limit
+# (0: 256 blocks only)
 _GRAPH_MAX_ELEMS = 1 << 24
 _GRAPH_CHUNK_ELEMS_LARGE = 1 << 21
 
