@@ -27,7 +27,7 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cudnn_reference, env_stamp, structured_qkv_device
+from flexprefill.benchmarking import cached_graph_pool_mb, causal_density, cudnn_reference, env_stamp, structured_qkv_device
 from flexprefill.ops import selection as S
 
 VARIANTS = {
@@ -87,18 +87,12 @@ def main():
                     op = lambda: fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale)  # noqa: E731
                     op()
                     op_ms = do_bench(op, warmup=3, rep=200)
-                    # what the cached graph keeps: cached blocks released first, then the graph
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    r0 = torch.cuda.memory_reserved()
-                    S.clear_graph_cache()
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                    pool_mb = cached_graph_pool_mb()
                     row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, variant=name, search_ms=search_ms, operator_ms=op_ms,
                                cudnn_ms=dense_ms, search_share_of_cudnn=search_ms / dense_ms,
-                               speedup=dense_ms / op_ms, density=float(sel.counts.sum() / (sel.counts.shape[1] * sel.counts.shape[2] * (sel.counts.shape[2] + 1) / 2)),
+                               speedup=dense_ms / op_ms, density=causal_density(sel.counts),
                                heads_with_other_counts_than_sort=heads_differ,
-                               graph_pool_mb=(r0 - torch.cuda.memory_reserved()) / 2**20, **stamp)
+                               graph_pool_mb=pool_mb, **stamp)
                     row["share_of_ideal"] = row["speedup"] * row["density"]
                     res["rows"].append(row)
                     print(f"{row['shape']:9s} {N:7d} {name:12s} search {search_ms:7.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "

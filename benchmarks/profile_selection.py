@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import env_stamp, structured_qkv_device
+from flexprefill.benchmarking import cached_graph_pool_mb, env_stamp, structured_qkv_device
 from flexprefill.ops import selection as S
 
 HQ, HKV, D = 32, 8, 128
@@ -80,15 +80,7 @@ def profile(N: int, tau: float, heads=(HQ, HKV, D)) -> dict:
     row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     row["qkv_mb"] = (q.numel() + k.numel() + v.numel()) * 2 / 2**20
     # memory the cached graph keeps reserved (its private pool) between searches
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    r0 = torch.cuda.memory_reserved()
-    S.clear_graph_cache()
-    gc.collect()
-    torch.cuda.empty_cache()
-    row["graph_pool_mb"] = (r0 - torch.cuda.memory_reserved()) / 2**20
+    row["graph_pool_mb"] = cached_graph_pool_mb()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             search()

@@ -141,6 +141,20 @@ def causal_density(counts: torch.Tensor) -> float:
     return float(counts.sum(dtype=torch.int64).item()) / grid
 
 
+def cached_graph_pool_mb() -> float:
+    """MB of device memory the pattern search's cached CUDA graphs keep: other cached blocks
+    are released first, then the graphs dropped (the cache ends empty)."""
+    from .ops.selection import clear_graph_cache
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    r0 = torch.cuda.memory_reserved()
+    clear_graph_cache()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return (r0 - torch.cuda.memory_reserved()) / 2**20
+
+
 def break_even_length(lengths, flex_ms, dense_ms):
     """Smallest length from which FlexPrefill is faster at every longer measured length.
 
