@@ -49,6 +49,48 @@ def test_representative_scores_fp16():
     torch.testing.assert_close(s1, s0, atol=2e-3, rtol=2e-2)
 
 
+@pytest.mark.parametrize("N,bs", [(1000, 64), (256, 64), (63, 128), (700, 32)])
+@pytest.mark.parametrize("blocks", [True, False])
+def test_block_means_kernel(N, bs, blocks):
+    """One Triton pass: the block means (partial last block over its real rows) and, after
+    them, the mean of the last min(bs, N) rows; for a [B, H, N, D] tensor seen as [B, N, H, D]."""
+    from flexprefill.ops.selection import block_means
+
+    x = torch.randn(2, 3, N, 80, dtype=torch.float16).transpose(1, 2)  # strides of transformers' q
+    rep = min(bs, N)
+    got = block_means(x, bs, rep=rep, blocks=blocks)
+    last = x[:, N - rep :].float().mean(1)
+    if blocks:
+        nb = math.ceil(N / bs)
+        assert got.shape == (2, nb + 1, 3, 80)
+        torch.testing.assert_close(got[:, :nb], R.block_means(x, bs), atol=1e-5, rtol=1e-5)
+    else:
+        assert got.shape == (2, 1, 3, 80)
+    torch.testing.assert_close(got[:, -1], last, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block_means(x, bs), R.block_means(x, bs), atol=1e-5, rtol=1e-5)
+
+
+def test_indirect_inputs_read_the_addressed_tensors():
+    """The whole-search graph's kernels read q and k at the addresses two device words hold
+    (INDIRECT): given other tensors of the same layout, they compute on the addressed ones."""
+    from flexprefill.ops import selection as S
+
+    cfg = fp.FlexPrefillConfig(block_size=64, tau=0.2, gamma=0.9)
+    q, k, _ = structured_qkv(1, 700, 4, 2, 64, seed=5, dtype=torch.float16)
+    q2, k2, _ = structured_qkv(1, 700, 4, 2, 64, seed=6, dtype=torch.float16)
+    src = (torch.tensor([q2.data_ptr()]), torch.tensor([k2.data_ptr()]))
+    v0, s0 = representative_block_scores(q2, k2, block_size=64, scale=0.125)
+    v1, s1 = representative_block_scores(q, k, block_size=64, scale=0.125, src=src)
+    assert torch.equal(v0, v1) and torch.equal(s0, s1)
+    assert torch.equal(S.block_means(k2, 64), S.block_means(k, 64, src=src[1]))
+    kw = dict(cfg=cfg, scale=0.125, chunk_elems=1 << 22, index_dtype=torch.int16)
+    want = S._search(q2, k2, **kw)
+    got = S._search(q, k, **kw, src=src)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert not torch.equal(want[2], S._search(q, k, **kw)[2])  # the inputs do differ (js distance)
+
+
 CONFIGS = [
     pytest.param(dict(), id="default"),
     pytest.param(dict(tau=1.0), id="all-query-aware"),
@@ -237,6 +279,45 @@ def test_graphed_assembly_equals_eager(tau, monkeypatch):
     assert torch.equal(graphed[0], eager[0]) and torch.equal(graphed[1], eager[1])
     S.clear_graph_cache()
     assert not S._graphs
+
+
+@pytest.mark.gpu
+def test_whole_search_graph_follows_the_inputs(monkeypatch):
+    """The whole-search graph reads q and k wherever they are on each call: new tensors
+    (the captured ones freed), transformers' [B, H, N, D] layout, and equal to the eager
+    search and to the tail-only graph (FLEXPREFILL_SEARCH_GRAPH=0)."""
+    from flexprefill.ops import selection as S
+
+    S.clear_graph_cache()
+    cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
+    for layout in ("bnhd", "bhnd"):
+        for seed in (0, 1, 2):
+            q, k, _ = structured_qkv(1, 5000, 9, 3, 64, seed=seed, dtype=torch.bfloat16, device="cuda")
+            if layout == "bhnd":
+                q, k = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+            got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+            monkeypatch.setenv("FLEXPREFILL_SEARCH_GRAPH", "0")
+            tail = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+            monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+            eager = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+            monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+            monkeypatch.delenv("FLEXPREFILL_SEARCH_GRAPH")
+            for want in (eager, tail):
+                assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+                assert torch.equal(got.query_aware, want.query_aware) and torch.equal(got.js_distance, want.js_distance)
+            del q, k
+    # one whole-search graph per layout, one tail graph per layout; nothing refused
+    assert sum(key[0] == "search" for key in S._graphs) == 2 and not S._ungraphable
+    # a misaligned q (offset by one element) takes the eager passes, still correct
+    q, k, _ = structured_qkv(1, 5000, 9, 3, 64, seed=3, dtype=torch.bfloat16, device="cuda")
+    qs = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view_as(q).copy_(q)
+    ks = k
+    assert qs.data_ptr() % 16
+    got = S.select_blocks_fast(qs, ks, config=cfg, softmax_scale=0.125)
+    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+    eager = S.select_blocks_fast(qs, ks, config=cfg, softmax_scale=0.125)
+    assert torch.equal(got.counts, eager.counts) and torch.equal(got.indices, eager.indices)
+    S.clear_graph_cache()
 
 
 def test_head_chunking_does_not_change_the_selection(monkeypatch):

@@ -17,7 +17,7 @@ from ..config import FlexPrefillConfig
 from ..reference import js_distance
 from ..selection import BlockSelection, chunk_rows, compact_block_mask
 from .kernels.selection import (
-    assemble_rows_kernel, block_mean_varlen_kernel, combine_splits_kernel, radix_final_kernel, radix_hist_kernel,
+    assemble_rows_kernel, block_mean_kernel, block_mean_varlen_kernel, combine_splits_kernel, radix_final_kernel, radix_hist_kernel,
     rep_block_mass_kernel, rep_row_stats_kernel,
 )
 
@@ -55,17 +55,27 @@ def _chunk_elems_for(q: torch.Tensor, k: torch.Tensor) -> int:
 _FUSED_ASSEMBLY = True
 
 
-def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Per-block mean over real rows, [B, N, H, D] -> [B, nb, H, D] fp32, without an fp32 copy of x."""
+def block_means(x: torch.Tensor, block_size: int, *, rep: int = 0, blocks: bool = True,
+                src: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-block mean over real rows, [B, N, H, D] -> fp32 [B, nb, H, D], in one Triton pass.
+
+    With ``rep > 0`` one more entry after the blocks: the mean of the last ``rep`` rows
+    ([B, nb + 1, H, D]; only that one, [B, 1, H, D], when ``blocks`` is False).  ``src``
+    (int64 [1] on x's device): read the rows at the address it holds instead of x's (which
+    then only gives dtype and layout; see :func:`_search_graphed`)."""
     B, N, H, D = x.shape
-    nbf = N // block_size
-    parts = []
-    if nbf:
-        parts.append(x[:, : nbf * block_size].unflatten(1, (nbf, block_size)).sum(2, dtype=torch.float32) / block_size)
-    if N % block_size:
-        tail = x[:, nbf * block_size :]
-        parts.append(tail.sum(1, keepdim=True, dtype=torch.float32) / tail.shape[1])
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    nb = math.ceil(N / block_size)
+    c0 = 0 if blocks else nb
+    nb_out = (nb if blocks else 0) + (1 if rep > 0 else 0)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(B, nb_out, H, D, dtype=torch.float32, device=x.device)
+    if out.numel():
+        block_mean_kernel[(B * nb_out, H)](
+            x, out, x if src is None else src, x.stride(0), x.stride(1), x.stride(2), N, nb_out, c0, rep, H,
+            D=D, BD=max(16, triton.next_power_of_2(D)), BS=block_size, BT=32, INDIRECT=src is not None, num_warps=4,
+        )
+    return out
 
 
 def _combine(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -84,8 +94,11 @@ def _combine_splits(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     return (m_safe + torch.log2(l_all)).contiguous()
 
 
-def representative_block_scores(q, k, *, block_size: int, scale: float):
-    """Vertical and slash block mass of the last ``block_size`` queries, fp32 [B, Hq, nb] each."""
+def representative_block_scores(q, k, *, block_size: int, scale: float, src: tuple | None = None):
+    """Vertical and slash block mass of the last ``block_size`` queries, fp32 [B, Hq, nb] each.
+
+    ``src``: two int64 [1] tensors holding the addresses to read q and k from (q and k then
+    give dtype and layout only; see :func:`_search_graphed`)."""
     B, N, Hq, D = q.shape
     Hkv = k.shape[2]
     nb = math.ceil(N / block_size)
@@ -107,11 +120,12 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     l = torch.empty_like(m)
     scale_log2 = scale * _LOG2E
     common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    srcs = (m, m) if src is None else src
     rep_row_stats_kernel[(B * Hq, num_splits)](
         q, k, m, l, *common_strides,
         N, n_rep, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2,
-        m, m, m, m,
-        D=D, BD=BD, BR=BR, BK=BK, num_warps=4,
+        m, m, m, m, *srcs,
+        D=D, BD=BD, BR=BR, BK=BK, INDIRECT=src is not None, num_warps=4,
     )
     lse2 = _combine(m, l)
 
@@ -120,8 +134,8 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     rep_block_mass_kernel[(B * Hq, nb)](
         q, k, lse2, vert, part, *common_strides,
         N, n_rep, nb, Hq, Hq // Hkv, scale_log2,
-        vert, vert, vert, vert,
-        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), num_warps=4,
+        vert, vert, vert, vert, *srcs,
+        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), INDIRECT=src is not None, num_warps=4,
     )
     # key block c seen from the last query block sits at offset nb-1-c, from the one
     # before at nb-2-c: flip both parts and shift the second by one
@@ -548,6 +562,104 @@ def compact_index_dtype(nb: int) -> torch.dtype:
     return torch.int16 if nb < (1 << 15) else torch.int32
 
 
+def _search(q, k, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int, index_dtype: torch.dtype,
+            src: tuple | None = None):
+    """The whole dense search: the passes over q and k, then :func:`_dense_tail` (its
+    graph, where that pays, unless ``src`` says this runs inside the whole search's graph).
+
+    ``src``: two int64 [1] tensors holding the addresses of q and k (see :func:`_search_graphed`)."""
+    N = q.shape[1]
+    bs = cfg.block_size
+    nb = math.ceil(N / bs)
+    vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, src=src)
+    k_bar = block_means(k, bs, src=None if src is None else src[1])  # [B, nb, Hkv, D]
+    # the block means of q (when tau > 0) and, after them, the mean of the representative queries
+    qm = block_means(q, bs, rep=min(bs, N), blocks=cfg.tau > 0, src=None if src is None else src[0])
+    q_hat = qm[:, -1]  # [B, Hq, D]
+    q_bar = qm[:, :nb] if cfg.tau > 0 else None  # [B, nb, Hq, D]
+    tensors = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
+    if src is not None:
+        return _dense_tail(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
+    return _assemble_any(tensors, cfg=cfg, scale=scale, fn=_dense_tail, chunk_elems=chunk_elems, index_dtype=index_dtype)
+
+
+# --- the whole search as one CUDA graph ----------------------------------------------
+#
+# Where a graph pays (_graph_pays), the passes over q and k join it too: their kernels take
+# q's and k's addresses from two device words (INDIRECT), which each call sets with two
+# fills before the replay, so the graph reads the caller's tensors wherever they are, with
+# no copy of them.  One call is then two fills, a replay and four output clones, against
+# ~20 eager launches (3 Triton kernels at 20-40 us of host time each, the block means, the
+# graph's input copies) before.  Needs q and k with unit last stride at 16-byte aligned
+# addresses; the key holds their shapes, strides and dtypes.  Otherwise, and with
+# FLEXPREFILL_SEARCH_GRAPH=0, the passes run eagerly and only the tail is graphed.
+
+def _search_graph_enabled() -> bool:
+    return os.environ.get("FLEXPREFILL_SEARCH_GRAPH", "1") != "0"
+
+
+def _search_graphed(q, k, *, cfg: FlexPrefillConfig, scale: float, index_dtype: torch.dtype):
+    """:func:`_search` replayed from a cached CUDA graph, or None where that does not apply."""
+    B, N, Hq, _ = q.shape
+    nb = math.ceil(N / cfg.block_size)
+    if (
+        not q.is_cuda
+        or not _graphs_enabled()
+        or not _search_graph_enabled()
+        or torch.cuda.is_current_stream_capturing()
+        or not _graph_pays(B * Hq, nb)
+        or q.stride(-1) != 1
+        or k.stride(-1) != 1
+        or q.data_ptr() % 16
+        or k.data_ptr() % 16
+    ):
+        return None
+    key = ("search", cfg, float(scale), q.device, index_dtype,
+           tuple(q.shape), q.stride(), q.dtype, tuple(k.shape), k.stride(), k.dtype)
+    if key in _ungraphable:
+        return None
+    entry = _graphs.get(key)
+    if entry is None:
+        chunk = _GRAPH_CHUNK_ELEMS if nb <= _GRAPH_MAX_NB else _GRAPH_CHUNK_ELEMS_LARGE
+        src = (torch.empty(1, dtype=torch.int64, device=q.device), torch.empty(1, dtype=torch.int64, device=q.device))
+        src[0].fill_(q.data_ptr())
+        src[1].fill_(k.data_ptr())
+
+        def run():
+            return _search(q, k, cfg=cfg, scale=scale, chunk_elems=chunk, index_dtype=index_dtype, src=src)
+
+        stream = torch.cuda.current_stream(q.device)
+        side = torch.cuda.Stream(device=q.device)
+        side.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(side):
+                run()  # compiles, and warms up outside the capture
+            stream.wait_stream(side)
+            with torch.cuda.graph(graph):
+                outs = run()
+        except Exception as e:  # a capture (or a kernel) this torch/triton/driver refuses: stay correct
+            import warnings
+
+            stream.wait_stream(side)
+            warnings.warn(f"flexprefill: the pattern search could not be captured in one CUDA graph "
+                          f"({type(e).__name__}: {str(e)[:200]}); its passes over q and k run eagerly for this "
+                          "shape", RuntimeWarning, stacklevel=3)
+            _ungraphable.add(key)
+            return None
+        entry = (graph, src, outs)
+        _graphs[key] = entry
+        while len(_graphs) > _GRAPH_CACHE:
+            _graphs.popitem(last=False)
+    else:
+        _graphs.move_to_end(key)
+    graph, src, outs = entry
+    src[0].fill_(q.data_ptr())
+    src[1].fill_(k.data_ptr())
+    graph.replay()
+    return tuple(o.clone() for o in outs)
+
+
 def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float,
                        index_dtype: torch.dtype = torch.int32) -> BlockSelection:
     """Device version of :func:`flexprefill.reference.select_blocks` (inputs already checked).
@@ -556,23 +668,15 @@ def select_blocks_fast(q, k, *, config: FlexPrefillConfig, softmax_scale: float,
     operator's own selections, see :func:`compact_index_dtype`)."""
     cfg = config
     B, N, Hq, D = q.shape
-    bs = cfg.block_size
-    scale = softmax_scale
-    nb = math.ceil(N / bs)
-
-    # the passes over q and k run eagerly (a graph would have to copy them); the rest is small
-    vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale)
-    k_bar = block_means(k, bs)  # [B, nb, Hkv, D]
-    n_rep = min(bs, N)
-    q_hat = q[:, N - n_rep :].sum(1, dtype=torch.float32) / n_rep  # [B, Hq, D]
-    q_bar = block_means(q, bs) if cfg.tau > 0 else None  # [B, nb, Hq, D]
-    tensors = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
-    counts, indices, dist, query_aware = _assemble_any(tensors, cfg=cfg, scale=scale, fn=_dense_tail,
-                                                       chunk_elems=_chunk_elems_for(q, k), index_dtype=index_dtype)
+    nb = math.ceil(N / cfg.block_size)
+    out = _search_graphed(q, k, cfg=cfg, scale=softmax_scale, index_dtype=index_dtype)
+    if out is None:
+        out = _search(q, k, cfg=cfg, scale=softmax_scale, chunk_elems=_chunk_elems_for(q, k), index_dtype=index_dtype)
+    counts, indices, dist, query_aware = out
     return BlockSelection(
         counts=counts.view(B, Hq, nb),
         indices=indices.view(B, Hq, nb, nb),
-        block_size=bs,
+        block_size=cfg.block_size,
         seq_len=N,
         query_aware=query_aware,
         js_distance=dist,
@@ -617,7 +721,7 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
     bounds = (q_starts, q_ends, k_starts, k_ends)
     rep_row_stats_kernel[(S * Hq, num_splits)](
         q, k, m, l, *strides,
-        N, 0, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2, *bounds,
+        N, 0, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2, *bounds, m, m,
         D=D, BD=BD, BR=BR, BK=BK, VARLEN=True, num_warps=4,
     )
     lse2 = _combine(m, l)
@@ -626,7 +730,7 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
     part = torch.empty(S * Hq, nb, 2, dtype=torch.float32, device=dev)
     rep_block_mass_kernel[(S * Hq, nb)](
         q, k, lse2, vert, part, *strides,
-        N, 0, nb, Hq, Hq // Hkv, scale_log2, *bounds,
+        N, 0, nb, Hq, Hq // Hkv, scale_log2, *bounds, vert, vert,
         D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), VARLEN=True, num_warps=4,
     )
     # key block c seen from the last query block sits at offset nb_s-1-c, from the one

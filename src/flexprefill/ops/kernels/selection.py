@@ -19,16 +19,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _indirect(x, src):
+    """The tensor whose address ``src`` (int64 [1]) holds, typed as ``x`` (``INDIRECT``: a
+    captured CUDA graph reads its inputs wherever the caller's tensors are on each replay;
+    torch's allocations are 512-byte aligned, and the caller checks the addresses are)."""
+    return tl.multiple_of(tl.load(src).to(x.dtype), 16)
+
+
+@triton.jit
 def rep_row_stats_kernel(
     q, k, m_out, l_out,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     N, N_REP, KEYS_PER_SPLIT, NUM_SPLITS, HQ, GROUP, scale_log2,
-    q_starts, q_ends, k_starts, k_ends,
+    q_starts, q_ends, k_starts, k_ends, q_src, k_src,
     D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr = False,
+    INDIRECT: tl.constexpr = False,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_split = tl.program_id(1).to(tl.int64)
+    if INDIRECT:
+        q, k = _indirect(q, q_src), _indirect(k, k_src)
     i_b = i_bh // HQ
     i_h = i_bh % HQ
     i_hk = i_h // GROUP
@@ -88,12 +99,14 @@ def rep_block_mass_kernel(
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     N, N_REP, NB, HQ, GROUP, scale_log2,
-    q_starts, q_ends, k_starts, k_ends,
+    q_starts, q_ends, k_starts, k_ends, q_src, k_src,
     D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    VARLEN: tl.constexpr = False,
+    VARLEN: tl.constexpr = False, INDIRECT: tl.constexpr = False,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
+    if INDIRECT:
+        q, k = _indirect(q, q_src), _indirect(k, k_src)
     i_b = i_bh // HQ
     i_h = i_bh % HQ
     i_hk = i_h // GROUP
@@ -151,6 +164,35 @@ def rep_block_mass_kernel(
     tl.store(vert + i_bh * NB + i_c, b_hi + b_lo)
     tl.store(part + (i_bh * NB + i_c) * 2, b_lo)
     tl.store(part + (i_bh * NB + i_c) * 2 + 1, b_hi)
+
+
+@triton.jit
+def block_mean_kernel(
+    x, out, x_src, stride_xb, stride_xn, stride_xh, N, NB_OUT, C0, N_REP, H,
+    D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, INDIRECT: tl.constexpr = False,
+):
+    # program (batch b, output block j), head h: the fp32 mean of x's rows of block c = C0 + j,
+    # [c*BS, min((c+1)*BS, N)); past the last block (c = cdiv(N, BS)) of the last N_REP rows
+    i_bj = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    if INDIRECT:
+        x = _indirect(x, x_src)
+    i_b = i_bj // NB_OUT
+    i_c = C0 + i_bj % NB_OUT
+    is_block = i_c * BS < N
+    lo = tl.where(is_block, i_c * BS, N - N_REP)
+    hi = tl.where(is_block, tl.minimum(i_c * BS + BS, N), N)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    p_xh = x + i_b * stride_xb + i_h * stride_xh
+    # [BD]
+    b_acc = tl.zeros([BD], dtype=tl.float32)
+    for t in range(lo, hi, BT):
+        o_t = t + tl.arange(0, BT)
+        # [BT, BD]
+        b_x = tl.load(p_xh + o_t[:, None] * stride_xn + o_d[None, :], mask=(o_t[:, None] < hi) & m_d[None, :], other=0.0)
+        b_acc += tl.sum(b_x.to(tl.float32), 0)
+    tl.store(out + (i_bj * H + i_h) * D + o_d, b_acc / (hi - lo).to(tl.float32), mask=m_d)
 
 
 @triton.jit
