@@ -1,18 +1,21 @@
-"""The pattern search with its threshold by sort or by radix selection, graphed or not (JSON to $OUT or ./out).
+"""The pattern search eager, with only its tail graphed, or whole in one graph (JSON to $OUT or ./out).
 
 For the Llama-3.1-8B (32/8/128), SmolLM2 (9/3/64) and Gemma 3 (4/1/256) layer shapes on the
 structured synthetic inputs (bf16, gamma 0.9, tau 0.1) at N = 32k, 64k, 128k, in one process:
 the search alone and the whole operator (median ms, ``do_bench``) against cuDNN dense SDPA
 for three variants, set by environment switches:
 
-* ``sort``: the query-aware threshold by a stable sort and cumsum, graphs up to 256 blocks;
-* ``radix``: by radix selection (``FLEXPREFILL_RADIX_SELECT``), graphs up to 256 blocks;
-* ``default``: radix, and the assembly graphed past 256 blocks when the ranking is small
-  (``FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS``; b8bf318 ran ``radix+graph``, graphs to 1024 blocks).
+* ``eager``: no CUDA graph (``FLEXPREFILL_SELECTION_GRAPHS=0``);
+* ``tail_graph``: the passes over q and k eager, the rest graphed where that pays
+  (``FLEXPREFILL_SEARCH_GRAPH=0``, the default before 4fddf74);
+* ``default``: where a graph pays, the whole search in one graph (its kernels read q and k
+  at the addresses two device words hold).
 
-Also: whether each variant's selection equals the sort one (heads whose block count
-differs), the memory a cached graph keeps, and the HBM bandwidth of a 4 GiB device copy
-(what bounds the sparse kernel on selections without K/V reuse).
+The c335050/4d5477b runs (results/h200/search_*) compared the query-aware threshold by sort
+(``FLEXPREFILL_RADIX_SELECT=0``) and by radix selection instead.  Also: whether each variant's
+selection equals the first one's (heads whose block count differs), the memory a cached
+graph keeps, and the HBM bandwidth of a 4 GiB device copy (what bounds the sparse kernel on
+selections without K/V reuse).
 Usage: python benchmarks/compare_search.py [lengths] [shapes]
 """
 
@@ -31,11 +34,12 @@ from flexprefill.benchmarking import cached_graph_pool_mb, causal_density, cudnn
 from flexprefill.ops import selection as S
 
 VARIANTS = {
-    "sort": {"FLEXPREFILL_RADIX_SELECT": "0", "FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS": "0"},
-    "radix": {"FLEXPREFILL_RADIX_SELECT": "1", "FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS": "0"},
+    "eager": {"FLEXPREFILL_SELECTION_GRAPHS": "0"},
+    "tail_graph": {"FLEXPREFILL_SEARCH_GRAPH": "0"},
     "default": {},
 }
-KNOBS = ("FLEXPREFILL_RADIX_SELECT", "FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS")
+KNOBS = ("FLEXPREFILL_RADIX_SELECT", "FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS", "FLEXPREFILL_SELECTION_GRAPHS",
+         "FLEXPREFILL_SEARCH_GRAPH")
 
 
 def _set(env: dict) -> None:
@@ -91,7 +95,7 @@ def main():
                     row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, variant=name, search_ms=search_ms, operator_ms=op_ms,
                                cudnn_ms=dense_ms, search_share_of_cudnn=search_ms / dense_ms,
                                speedup=dense_ms / op_ms, density=causal_density(sel.counts),
-                               heads_with_other_counts_than_sort=heads_differ,
+                               heads_with_other_counts_than_first=heads_differ,
                                graph_pool_mb=pool_mb, **stamp)
                     row["share_of_ideal"] = row["speedup"] * row["density"]
                     res["rows"].append(row)

@@ -10,6 +10,7 @@
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models),
 #   diagfirst OUT (kernel efficiency with the diagonal block first vs last, GPU tests)
 #   probe OUT (per-tile kernel cost by config and tile count; search profile of the small-head shapes)
+#   graph OUT (whole search graphed vs tail-only vs eager; automatic warp specialization probe)
 #   search OUT (radix vs sort threshold of the query-aware ranking, graphs to 1024 blocks)
 #   verify OUT (all GPU tests, operator memory with int16/int32 tables, dense_above on random inputs)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
@@ -95,6 +96,13 @@ case "$phase" in
     run gpu_tests_search 150 python -m pytest tests/test_selection.py tests/test_varlen.py tests/ops/test_varlen_kernels.py -q -p no:cacheprovider -m gpu
     run gpu_tests_radix 100 python -m pytest tests/test_selection.py -q -p no:cacheprovider -k radix
     run compare_search 330 env OUT="$out" python benchmarks/compare_search.py 32768,65536,131072
+    ;;
+  graph)
+    # the whole search in one CUDA graph (indirect q/k addresses) against the tail-only graph
+    # and eager; triton's automatic warp specialization on the kernel's loop
+    run gpu_tests 200 python -m pytest tests -q -m gpu -p no:cacheprovider
+    run compare_search 240 env OUT="$out" python benchmarks/compare_search.py 32768,131072
+    run probe_ws 150 env OUT="$out" python benchmarks/probe_ws.py
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py
