@@ -75,7 +75,7 @@ def main():
                         print(f"  {density:.2f} tma={tma} {str(r['config'])[:90]:90s} "
                               + (f"{r['ms']:8.3f} ms eff {r['efficiency']:.3f} diff {r['max_abs_diff']:.1e}" if "ms" in r
                                  else r["error"][:160]), flush=True)
-                del sel, counts, idx, ref
+                sel = counts = idx = ref = None
             q = k = v = None
             torch.cuda.empty_cache()
     finally:
