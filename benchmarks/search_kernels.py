@@ -4,8 +4,8 @@ For the given head shapes (``Hq/Hkv/D``, default SmolLM2 9/3/64 and Gemma 3 4/1/
 (default 32768), structured synthetic bf16 inputs, gamma 0.9, tau 0.1: the kernels of one
 eager search (torch.profiler, graphs off: inside a graph the same kernels run) with their
 device time and count, their sum and number; then the median time of the graphed search
-(``do_bench``) with the graph's head chunks of 2^19 (the default up to 256 blocks) and 2^21
-elements, against cuDNN dense on the same inputs.  Where the search is GPU-bound, this says
+(``do_bench``) with the graph's head chunks of 2^19 and 2^21 elements (the default with the
+radix threshold since 8d2e0f0; b60ecbd took 2^19 up to 256 blocks), against cuDNN dense on the same inputs.  Where the search is GPU-bound, this says
 which launches to fuse.
 Usage: python benchmarks/search_kernels.py [N] [shapes]
 """
@@ -48,7 +48,7 @@ def main():
     stamp = env_stamp()
     res = dict(env=stamp, rows=[])
     cfg = fp.FlexPrefillConfig(min_seq_len=0)
-    chunk0 = S._GRAPH_CHUNK_ELEMS
+    chunk0 = S._graph_chunk
     try:
         for Hq, Hkv, D in shapes:
             q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
@@ -66,20 +66,20 @@ def main():
             for r in kern[:30]:
                 print(f"   {r['us']:8.1f} us x{r['calls']:<3d} {r['name'][:100]}", flush=True)
             for chunk in (1 << 19, 1 << 21):
-                S._GRAPH_CHUNK_ELEMS = chunk
+                S._graph_chunk = lambda nb, chunk=chunk: chunk
                 S.clear_graph_cache()
                 search()
                 ms = do_bench(search, warmup=5, rep=100)
                 row["graphed"][str(chunk)] = dict(ms=ms, share_of_cudnn=ms / dense_ms, pool_mb=cached_graph_pool_mb())
                 print(f"   graphed, head chunks of {chunk} elements: {ms:.3f} ms ({ms / dense_ms:.1%} of cuDNN), "
                       f"pool {row['graphed'][str(chunk)]['pool_mb']:.0f} MB", flush=True)
-            S._GRAPH_CHUNK_ELEMS = chunk0
+            S._graph_chunk = chunk0
             S.clear_graph_cache()
             res["rows"].append(row)
             q = k = v = None
             torch.cuda.empty_cache()
     finally:
-        S._GRAPH_CHUNK_ELEMS = chunk0
+        S._graph_chunk = chunk0
         os.environ.pop("FLEXPREFILL_SELECTION_GRAPHS", None)
         with open(os.path.join(out, f"search_kernels_{stamp.get('commit', 'unknown')}.json"), "w") as f:
             json.dump(res, f, indent=1)

@@ -71,9 +71,10 @@ def block_means(x: torch.Tensor, block_size: int, *, rep: int = 0, blocks: bool 
         x = x.contiguous()
     out = torch.empty(B, nb_out, H, D, dtype=torch.float32, device=x.device)
     if out.numel():
+        BD = max(16, triton.next_power_of_2(D))
         block_mean_kernel[(B * nb_out, H)](
             x, out, x if src is None else src, x.stride(0), x.stride(1), x.stride(2), N, nb_out, c0, rep, H,
-            D=D, BD=max(16, triton.next_power_of_2(D)), BS=block_size, BT=32, INDIRECT=src is not None, num_warps=4,
+            D=D, BD=BD, BS=block_size, BT=max(1, min(block_size, 8192 // BD)), INDIRECT=src is not None, num_warps=4,
         )
     return out
 
@@ -187,8 +188,10 @@ def _radix_enabled() -> bool:
 
 
 # list entries per program of a radix pass (at least; more past _RADIX_MAX_SPLITS splits:
-# every program reads all splits' histograms of the pass before), and per loop step
-_RADIX_PER_SPLIT = 4096
+# every program reads all splits' histograms of the pass before), and per loop step.  At
+# 4096 a pass over SmolLM2's 32k ranking (9 heads x 33k entries, 81 programs) took ~10 us
+# (search_kernels_b60ecbd); 1024 spreads it over 4x the programs
+_RADIX_PER_SPLIT = 1024
 _RADIX_MAX_SPLITS = 128
 _RADIX_BT = 1024
 
@@ -448,6 +451,16 @@ _GRAPH_MAX_ELEMS = 1 << 24
 _GRAPH_CHUNK_ELEMS_LARGE = 1 << 21
 
 
+def _graph_chunk(nb: int) -> int:
+    """Head-chunk elements of the ranking inside a graph.  With the radix threshold, 2^21 at
+    every size: at 32k one chunk instead of two cut the graphed search from 0.509 to 0.399 ms
+    on SmolLM2 (9/3/64; pool 28 MB either way) and from 1.193 to 0.930 ms on the Llama shape
+    (pool 48 -> 68 MB; H200, search_kernels_b60ecbd).  The sort keeps 2^19 up to 256 blocks."""
+    if _radix_enabled() or nb > _GRAPH_MAX_NB:
+        return _GRAPH_CHUNK_ELEMS_LARGE
+    return _GRAPH_CHUNK_ELEMS
+
+
 def _graph_pays(bh: int, nb: int) -> bool:
     if nb <= _GRAPH_MAX_NB:
         return True
@@ -490,7 +503,7 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
            tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in tensors.items()))
     if key in _ungraphable:
         return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
-    graph_chunk = _GRAPH_CHUNK_ELEMS if vert.shape[-1] <= _GRAPH_MAX_NB else _GRAPH_CHUNK_ELEMS_LARGE
+    graph_chunk = _graph_chunk(vert.shape[-1])
     entry = _graphs.get(key)
     if entry is None:
         static = {n: (None if t is None else t.clone()) for n, t in tensors.items()}
@@ -620,7 +633,7 @@ def _search_graphed(q, k, *, cfg: FlexPrefillConfig, scale: float, index_dtype: 
         return None
     entry = _graphs.get(key)
     if entry is None:
-        chunk = _GRAPH_CHUNK_ELEMS if nb <= _GRAPH_MAX_NB else _GRAPH_CHUNK_ELEMS_LARGE
+        chunk = _graph_chunk(nb)
         src = (torch.empty(1, dtype=torch.int64, device=q.device), torch.empty(1, dtype=torch.int64, device=q.device))
         src[0].fill_(q.data_ptr())
         src[1].fill_(k.data_ptr())

@@ -185,14 +185,14 @@ def block_mean_kernel(
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     p_xh = x + i_b * stride_xb + i_h * stride_xh
-    # [BD]
-    b_acc = tl.zeros([BD], dtype=tl.float32)
+    # [BT, BD]: rows summed elementwise, one reduction across them at the end
+    b_acc = tl.zeros([BT, BD], dtype=tl.float32)
     for t in range(lo, hi, BT):
         o_t = t + tl.arange(0, BT)
-        # [BT, BD]
-        b_x = tl.load(p_xh + o_t[:, None] * stride_xn + o_d[None, :], mask=(o_t[:, None] < hi) & m_d[None, :], other=0.0)
-        b_acc += tl.sum(b_x.to(tl.float32), 0)
-    tl.store(out + (i_bj * H + i_h) * D + o_d, b_acc / (hi - lo).to(tl.float32), mask=m_d)
+        b_acc += tl.load(p_xh + o_t[:, None] * stride_xn + o_d[None, :], mask=(o_t[:, None] < hi) & m_d[None, :],
+                         other=0.0).to(tl.float32)
+    b_sum = tl.sum(b_acc, 0)
+    tl.store(out + (i_bj * H + i_h) * D + o_d, b_sum / (hi - lo).to(tl.float32), mask=m_d)
 
 
 @triton.jit
