@@ -10,7 +10,7 @@
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models),
 #   diagfirst OUT (kernel efficiency with the diagonal block first vs last, GPU tests)
 #   probe OUT (per-tile kernel cost by config and tile count; search profile of the small-head shapes)
-#   graph OUT (whole search graphed vs tail-only vs eager; automatic warp specialization probe)
+#   graph OUT (whole search graphed vs tail-only vs eager; every kernel of the 32k search)
 #   search OUT (radix vs sort threshold of the query-aware ranking, graphs to 1024 blocks)
 #   verify OUT (all GPU tests, operator memory with int16/int32 tables, dense_above on random inputs)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
@@ -99,10 +99,10 @@ case "$phase" in
     ;;
   graph)
     # the whole search in one CUDA graph (indirect q/k addresses) against the tail-only graph
-    # and eager; triton's automatic warp specialization on the kernel's loop
+    # and eager; every kernel of the 32k search and the graph's head-chunk size
     run gpu_tests 200 python -m pytest tests -q -m gpu -p no:cacheprovider
     run compare_search 240 env OUT="$out" python benchmarks/compare_search.py 32768,131072
-    run probe_ws 150 env OUT="$out" python benchmarks/probe_ws.py
+    run search_kernels 120 env OUT="$out" python benchmarks/search_kernels.py 32768 9/3/64,4/1/256,32/8/128
     ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py

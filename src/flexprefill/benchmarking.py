@@ -1076,6 +1076,11 @@ def _efficiency_at(shape, N, dtype, device, args, stamp, sparse_attention) -> li
             sel = random_selection(1, shape.q_heads, N, block_size=args.block_size, density=d, device=device, seed=args.seed)
             pairs = count_pairs(sel.counts, sel.indices, block_size=sel.block_size, seq_len=N)
             counts, indices = sel.counts, sel.indices
+            if getattr(args, "efficiency_index_dtype", "operator") == "operator":
+                from .ops.selection import compact_index_dtype
+
+                indices = indices.to(compact_index_dtype(counts.shape[-1]))
+            row["index_dtype"] = str(indices.dtype).replace("torch.", "")
             ms, reps = time_ms(lambda: sparse_attention(q, k, v, counts, indices, block_size=args.block_size, softmax_scale=scale),
                                device=device, budget_ms=args.rep_ms)
             tflops = attention_flops(pairs, shape.head_dim) / (ms * 1e-3) / 1e12
@@ -1533,7 +1538,7 @@ def _fmt_summary(rows) -> str:
 
 _MD_SUITE = ["shape", "N", "input", "method", "ms", "density", "tflops", "speedup", "baseline", "selection_share",
              "extra_mem_bytes", "extra_mem_frac_qkv", "warmup_s", "note", "skipped", "error"]
-_MD_EFF = ["shape", "N", "target_density", "density", "ms", "tflops", "baseline", "baseline_tflops", "efficiency", "error"]
+_MD_EFF = ["shape", "N", "target_density", "density", "index_dtype", "ms", "tflops", "baseline", "baseline_tflops", "efficiency", "error"]
 _MD_GQA = ["shape", "Hq", "Hkv", "N", "density", "ms", "tflops", "baseline_ms", "speedup", "note", "error"]
 _MD_WINDOW = ["shape", "Hq", "Hkv", "D", "N", "window", "method", "ms", "speedup_vs_sdpa_masked", "speedup_vs_flex_window",
               "max_abs_err", "note", "skipped", "error"]
@@ -1738,6 +1743,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flex-dynamic", default="auto", choices=["auto", "true", "false"],
                    help="torch.compile(flex_attention, dynamic=...): auto = static first, symbolic after a size changes")
     p.add_argument("--efficiency-len", type=int, default=131072, help="N of the kernel-efficiency sweep (halved on OOM)")
+    p.add_argument("--efficiency-index-dtype", default="operator", choices=["operator", "int32"],
+                   help="block-id dtype of the kernel-efficiency selections: the operator's own (int16 below 2^15 "
+                        "blocks, see ops.selection.compact_index_dtype) or the public BlockSelection's int32")
     p.add_argument("--gqa-len", type=int, default=65536, help="N of the GQA comparison")
     p.add_argument("--window-lengths", default="8k,32k,128k", help="N of the sliding-window mode")
     p.add_argument("--window-mask-max-len", type=int, default=65536,

@@ -8,8 +8,9 @@ Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a pow
 transformers convention) on top of whichever blocks the selection lists.
 ``DIAG_FIRST`` runs the diagonal block before the listed off-diagonal ones (its loads need
 no selection entry; the launcher turns it on for head dim 64, where it measured faster).
-``WS`` asks triton for automatic warp specialization of the off-diagonal loop (an experiment:
-benchmarks/probe_ws.py; off by default).
+Triton's automatic warp specialization (``tl.range(..., warp_specialize=True)`` on the
+off-diagonal loop; c2ada11, results/h200/probe_ws_c2ada11) did not help on the H200 with
+triton 3.6: with 8 warps within 1.5% of the same config without it, with 4 warps the pass failed.
 ``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
 copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
 """
@@ -121,7 +122,7 @@ def sparse_attention_fwd_kernel(
     q_starts, q_ends, k_starts, k_ends, stride_lh, N_BUCKET, window,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, WINDOWED: tl.constexpr,
-    DIAG_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr = False,
+    DIAG_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
     # run together and share their k/v blocks through l2; last tiles (longest rows) first
@@ -201,7 +202,7 @@ def sparse_attention_fwd_kernel(
 
     # off-diagonal blocks c < r: fully visible and fully inside the sequence (only the
     # last block can be partial, and only its own row sees it), so no masks at all
-    for t in tl.range(0, n_full * (BS // BLOCK_N), warp_specialize=WS):
+    for t in range(0, n_full * (BS // BLOCK_N)):
         i_kb = tl.load(p_idx + t // (BS // BLOCK_N)).to(tl.int64)
         n0 = i_kb * BS + (t % (BS // BLOCK_N)) * BLOCK_N
         o_n = n0 + tl.arange(0, BLOCK_N)
