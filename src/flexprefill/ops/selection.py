@@ -190,7 +190,8 @@ def _radix_enabled() -> bool:
 # list entries per program of a radix pass (at least; more past _RADIX_MAX_SPLITS splits:
 # every program reads all splits' histograms of the pass before), and per loop step.  At
 # 4096 a pass over SmolLM2's 32k ranking (9 heads x 33k entries, 81 programs) took ~10 us
-# (search_kernels_b60ecbd); 1024 spreads it over 4x the programs
+# (search_kernels_b60ecbd); 1024 spreads it over 4x the programs: the 9 passes 88.8 -> 67.8 us
+# there, Gemma 3's (4 heads) 87.3 -> 40.1 us (search_kernels_c2ada11)
 _RADIX_PER_SPLIT = 1024
 _RADIX_MAX_SPLITS = 128
 _RADIX_BT = 1024
@@ -418,6 +419,8 @@ def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillC
 
 # --- the assembly as a CUDA graph where launches, not the GPU, bound its time -----------
 #
+# (Since 4fddf74 the dense search puts its passes over q and k into the same graph too, see
+# _search_graphed; packed sequences and FLEXPREFILL_SEARCH_GRAPH=0 graph what follows.)
 # The dense search graphs everything after its passes over q and k: the estimate, the JS
 # distance and pattern of each head, the query-aware ranking and the fused set assembly.
 # At nb <= 256 blocks (N <= 32k at block 128) their host cost exceeds their GPU time, and
