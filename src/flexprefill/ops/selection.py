@@ -488,6 +488,39 @@ def _graphs_enabled() -> bool:
 _ungraphable: set = set()
 
 
+def _capture(key, device, fallback: str, run):
+    """(graph, outputs) of ``run()`` captured in a CUDA graph after one warm-up call on a side
+    stream (compilation, autotuning), or None, with a warning and ``key`` marked ungraphable,
+    where the capture (or a kernel) fails: the caller then stays correct, only slower."""
+    stream = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            run()
+        stream.wait_stream(side)
+        with torch.cuda.graph(graph):
+            outs = run()
+    except Exception as e:  # a capture this torch/triton/driver refuses
+        import warnings
+
+        stream.wait_stream(side)
+        warnings.warn(f"flexprefill: the pattern search could not be captured in a CUDA graph "
+                      f"({type(e).__name__}: {str(e)[:200]}); {fallback}", RuntimeWarning, stacklevel=4)
+        _ungraphable.add(key)
+        return None
+    return graph, outs
+
+
+def _cache(key, entry):
+    """Keep ``entry`` under ``key``, the least recently used past _GRAPH_CACHE dropped."""
+    _graphs[key] = entry
+    while len(_graphs) > _GRAPH_CACHE:
+        _graphs.popitem(last=False)
+    return entry
+
+
 def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=None, chunk_elems: int = _CHUNK_ELEMS,
                   index_dtype: torch.dtype = torch.int32):
     """``fn(**tensors)`` (default :func:`_assemble`), replayed from a cached CUDA graph when
@@ -510,26 +543,11 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
     entry = _graphs.get(key)
     if entry is None:
         static = {n: (None if t is None else t.clone()) for n, t in tensors.items()}
-        side = torch.cuda.Stream(device=vert.device)
-        side.wait_stream(torch.cuda.current_stream(vert.device))
-        with torch.cuda.stream(side):
-            fn(**static, cfg=cfg, scale=scale, chunk_elems=graph_chunk, index_dtype=index_dtype)  # warm-up outside the capture
-        torch.cuda.current_stream(vert.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                outs = fn(**static, cfg=cfg, scale=scale, chunk_elems=graph_chunk, index_dtype=index_dtype)
-        except RuntimeError as e:  # a capture this torch/driver refuses: stay correct, only slower
-            import warnings
-
-            warnings.warn(f"flexprefill: the pattern search could not be captured in a CUDA graph ({str(e)[:200]}); "
-                          "it runs eagerly for this shape", RuntimeWarning, stacklevel=3)
-            _ungraphable.add(key)
+        captured = _capture(key, vert.device, "it runs eagerly for this shape", lambda: fn(
+            **static, cfg=cfg, scale=scale, chunk_elems=graph_chunk, index_dtype=index_dtype))
+        if captured is None:
             return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
-        entry = (graph, static, outs)
-        _graphs[key] = entry
-        while len(_graphs) > _GRAPH_CACHE:
-            _graphs.popitem(last=False)
+        entry = _cache(key, (captured[0], static, captured[1]))
     else:
         _graphs.move_to_end(key)
     graph, static, outs = entry
@@ -644,29 +662,10 @@ def _search_graphed(q, k, *, cfg: FlexPrefillConfig, scale: float, index_dtype: 
         def run():
             return _search(q, k, cfg=cfg, scale=scale, chunk_elems=chunk, index_dtype=index_dtype, src=src)
 
-        stream = torch.cuda.current_stream(q.device)
-        side = torch.cuda.Stream(device=q.device)
-        side.wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(side):
-                run()  # compiles, and warms up outside the capture
-            stream.wait_stream(side)
-            with torch.cuda.graph(graph):
-                outs = run()
-        except Exception as e:  # a capture (or a kernel) this torch/triton/driver refuses: stay correct
-            import warnings
-
-            stream.wait_stream(side)
-            warnings.warn(f"flexprefill: the pattern search could not be captured in one CUDA graph "
-                          f"({type(e).__name__}: {str(e)[:200]}); its passes over q and k run eagerly for this "
-                          "shape", RuntimeWarning, stacklevel=3)
-            _ungraphable.add(key)
+        captured = _capture(key, q.device, "its passes over q and k run eagerly for this shape", run)
+        if captured is None:
             return None
-        entry = (graph, src, outs)
-        _graphs[key] = entry
-        while len(_graphs) > _GRAPH_CACHE:
-            _graphs.popitem(last=False)
+        entry = _cache(key, (captured[0], src, captured[1]))
     else:
         _graphs.move_to_end(key)
     graph, src, outs = entry
