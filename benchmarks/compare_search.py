@@ -9,7 +9,9 @@ for three variants, set by environment switches:
 * ``tail_graph``: the passes over q and k eager, the rest graphed where that pays
   (``FLEXPREFILL_SEARCH_GRAPH=0``, the default before 4fddf74);
 * ``default``: where a graph pays, the whole search in one graph (its kernels read q and k
-  at the addresses two device words hold).
+  at the addresses two device words hold);
+* ``block_stats``: the default with ``FLEXPREFILL_REP_BLOCK_STATS=1`` (one pass over the keys
+  for the representative rows instead of two; added at 1a0bf09+, not yet measured).
 
 The c335050/4d5477b runs (results/h200/search_*) compared the query-aware threshold by sort
 (``FLEXPREFILL_RADIX_SELECT=0``) and by radix selection instead.  Also: whether each variant's
@@ -37,9 +39,10 @@ VARIANTS = {
     "eager": {"FLEXPREFILL_SELECTION_GRAPHS": "0"},
     "tail_graph": {"FLEXPREFILL_SEARCH_GRAPH": "0"},
     "default": {},
+    "block_stats": {"FLEXPREFILL_REP_BLOCK_STATS": "1"},
 }
 KNOBS = ("FLEXPREFILL_RADIX_SELECT", "FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS", "FLEXPREFILL_SELECTION_GRAPHS",
-         "FLEXPREFILL_SEARCH_GRAPH")
+         "FLEXPREFILL_SEARCH_GRAPH", "FLEXPREFILL_REP_BLOCK_STATS")
 
 
 def _set(env: dict) -> None:

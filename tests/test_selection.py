@@ -41,6 +41,22 @@ def test_representative_scores_match_reference(B, N, Hq, Hkv, D, bs):
     torch.testing.assert_close(s1.sum(-1), torch.ones(B, Hq), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("B,N,Hq,Hkv,D,bs", CASES)
+def test_representative_scores_from_block_stats(B, N, Hq, Hkv, D, bs, monkeypatch):
+    """FLEXPREFILL_REP_BLOCK_STATS=1 (one pass over the keys storing each block's row max and
+    sum, the masses from them): the two-pass result within fp32 rounding, and the oracle's."""
+    q, k = _inputs(B, N, Hq, Hkv, D, seed=N + 1, structured=True)
+    scale = D**-0.5
+    v0, s0 = representative_block_scores(q, k, block_size=bs, scale=scale)
+    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "1")
+    v1, s1 = representative_block_scores(q, k, block_size=bs, scale=scale)
+    torch.testing.assert_close(v1, v0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(s1, s0, atol=1e-6, rtol=1e-5)
+    vr, sr = R.representative_block_scores(q, k, block_size=bs, scale=scale)
+    torch.testing.assert_close(v1, vr, atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(s1, sr, atol=2e-6, rtol=1e-4)
+
+
 def test_representative_scores_fp16():
     q, k = _inputs(1, 777, 2, 1, 64, seed=3, structured=True)
     v0, s0 = R.representative_block_scores(q.half(), k.half(), block_size=64, scale=0.125)

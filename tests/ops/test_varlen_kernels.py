@@ -132,8 +132,11 @@ def test_varlen_rep_scores_equal_each_sequence_alone():
         assert (vert[s, :, nb:] == 0).all() and (slash[s, :, nb:] == 0).all()
 
 
-def test_varlen_rep_scores_and_block_means_of_chunks():
-    seqs = [(150, 407), (1, 90), (64, 192)]
+@pytest.mark.parametrize("block_stats", ["0", "1"])
+def test_varlen_rep_scores_and_block_means_of_chunks(block_stats, monkeypatch):
+    # FLEXPREFILL_REP_BLOCK_STATS=1: the block masses from the first pass's per-block row stats
+    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", block_stats)
+    seqs = [(150, 407), (1, 90), (64, 192), (0, 50)]
     q, k, _, cu_q, cu_k, _, max_k = _packed(seqs, 4, 2, 64, F32, seed=5)
     bs = 32
     vert, slash = representative_block_scores_varlen(q, k, *_bounds(cu_q, cu_k), max_k, block_size=bs, scale=0.125)

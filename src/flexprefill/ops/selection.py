@@ -95,6 +95,31 @@ def _combine_splits(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     return (m_safe + torch.log2(l_all)).contiguous()
 
 
+def _block_stats_enabled() -> bool:
+    """``FLEXPREFILL_REP_BLOCK_STATS=1``: the representative rows' first pass stores each key
+    block's row max and sum, and the block-mass pass reads them instead of a second pass over
+    the keys (half the QK^T and exp work of the two passes: 175 of the 858 us of the Llama
+    shape's graphed 32k search were that second pass, search_kernels_c2ada11).  Off by default
+    until measured on a GPU; tested against the two-pass path on CPU."""
+    return os.environ.get("FLEXPREFILL_REP_BLOCK_STATS", "0") == "1"
+
+
+def _keys_per_split(N: int, rows: int, BK: int, align: int) -> int:
+    """Keys per program of the first pass: enough splits to fill the device several times
+    over, at most 8192, a multiple of ``align`` (BK, or the block size for block stats)."""
+    kps = max(BK, triton.next_power_of_2(max(1, N // max(1, 512 // max(1, rows)))))
+    kps = min(kps, 8192)
+    return math.ceil(kps / align) * align
+
+
+def _block_stats_buffers(on: bool, rows: int, nb: int, BR: int, dummy: torch.Tensor):
+    """The per-block row max and sum of the first pass, fp32 [rows, nb, BR] each (or unused stand-ins)."""
+    if not on:
+        return dummy, dummy
+    mb = torch.empty(rows, nb, BR, dtype=torch.float32, device=dummy.device)
+    return mb, torch.empty_like(mb)
+
+
 def representative_block_scores(q, k, *, block_size: int, scale: float, src: tuple | None = None):
     """Vertical and slash block mass of the last ``block_size`` queries, fp32 [B, Hq, nb] each.
 
@@ -111,22 +136,23 @@ def representative_block_scores(q, k, *, block_size: int, scale: float, src: tup
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
-    # enough splits to fill the device several times over
-    keys_per_split = max(BK, triton.next_power_of_2(max(1, N // max(1, 512 // max(1, B * Hq)))))
-    keys_per_split = min(keys_per_split, 8192)
-    keys_per_split = math.ceil(keys_per_split / BK) * BK
+    bst = _block_stats_enabled()
+    if bst:
+        BK = min(BK, block_size)
+    keys_per_split = _keys_per_split(N, B * Hq, BK, block_size if bst else BK)
     num_splits = math.ceil(N / keys_per_split)
     dev = q.device
     m = torch.empty(B * Hq, num_splits, BR, dtype=torch.float32, device=dev)
     l = torch.empty_like(m)
+    mb, lb = _block_stats_buffers(bst, B * Hq, nb, BR, m)
     scale_log2 = scale * _LOG2E
     common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     srcs = (m, m) if src is None else src
     rep_row_stats_kernel[(B * Hq, num_splits)](
         q, k, m, l, *common_strides,
         N, n_rep, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2,
-        m, m, m, m, *srcs,
-        D=D, BD=BD, BR=BR, BK=BK, INDIRECT=src is not None, num_warps=4,
+        m, m, m, m, *srcs, mb, lb, nb,
+        D=D, BD=BD, BR=BR, BK=BK, INDIRECT=src is not None, BLOCK_STATS=bst, BS=block_size, num_warps=4,
     )
     lse2 = _combine(m, l)
 
@@ -135,8 +161,9 @@ def representative_block_scores(q, k, *, block_size: int, scale: float, src: tup
     rep_block_mass_kernel[(B * Hq, nb)](
         q, k, lse2, vert, part, *common_strides,
         N, n_rep, nb, Hq, Hq // Hkv, scale_log2,
-        vert, vert, vert, vert, *srcs,
-        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), INDIRECT=src is not None, num_warps=4,
+        vert, vert, vert, vert, *srcs, mb, lb,
+        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), INDIRECT=src is not None, FROM_STATS=bst,
+        num_warps=4,
     )
     # key block c seen from the last query block sits at offset nb-1-c, from the one
     # before at nb-2-c: flip both parts and shift the second by one
@@ -724,20 +751,22 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
     if k.stride(-1) != 1:
         k = k.contiguous()
     N = max_seqlen_k
-    keys_per_split = max(BK, triton.next_power_of_2(max(1, N // max(1, 512 // max(1, S * Hq)))))
-    keys_per_split = min(keys_per_split, 8192)
-    keys_per_split = math.ceil(keys_per_split / BK) * BK
+    bst = _block_stats_enabled()
+    if bst:
+        BK = min(BK, block_size)
+    keys_per_split = _keys_per_split(N, S * Hq, BK, block_size if bst else BK)
     num_splits = math.ceil(N / keys_per_split)
     dev = q.device
     m = torch.empty(S * Hq, num_splits, BR, dtype=torch.float32, device=dev)
     l = torch.empty_like(m)
+    mb, lb = _block_stats_buffers(bst, S * Hq, nb, BR, m)
     scale_log2 = scale * _LOG2E
     strides = (0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1))
     bounds = (q_starts, q_ends, k_starts, k_ends)
     rep_row_stats_kernel[(S * Hq, num_splits)](
         q, k, m, l, *strides,
-        N, 0, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2, *bounds, m, m,
-        D=D, BD=BD, BR=BR, BK=BK, VARLEN=True, num_warps=4,
+        N, 0, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2, *bounds, m, m, mb, lb, nb,
+        D=D, BD=BD, BR=BR, BK=BK, VARLEN=True, BLOCK_STATS=bst, BS=block_size, num_warps=4,
     )
     lse2 = _combine(m, l)
 
@@ -745,8 +774,8 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
     part = torch.empty(S * Hq, nb, 2, dtype=torch.float32, device=dev)
     rep_block_mass_kernel[(S * Hq, nb)](
         q, k, lse2, vert, part, *strides,
-        N, 0, nb, Hq, Hq // Hkv, scale_log2, *bounds, vert, vert,
-        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), VARLEN=True, num_warps=4,
+        N, 0, nb, Hq, Hq // Hkv, scale_log2, *bounds, vert, vert, mb, lb,
+        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), VARLEN=True, FROM_STATS=bst, num_warps=4,
     )
     # key block c seen from the last query block sits at offset nb_s-1-c, from the one
     # before at nb_s-2-c: slash[d] = hi[nb_s-1-d] + lo[nb_s-2-d], per sequence

@@ -27,14 +27,33 @@ def _indirect(x, src):
 
 
 @triton.jit
+def _rep_tile(b_q, b_m, b_l, p_kh, k_lo, n_k, pos_q, m_r, o_d, m_d, stride_kn, scale_log2, BK: tl.constexpr):
+    """Online row max and sum (log2 domain) of the representative rows over keys [k_lo, k_lo + BK)."""
+    o_k = k_lo + tl.arange(0, BK)
+    m_k = o_k < n_k
+    p_k = p_kh + o_k[:, None] * stride_kn + o_d[None, :]
+    # [BK, BD]
+    b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
+    # [BR, BK]
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    m_s = m_r[:, None] & m_k[None, :] & (o_k[None, :] <= pos_q[:, None])
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    # rows that saw no key yet keep -inf: guard the exp against -inf - -inf
+    b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_l = b_l * tl.exp2(b_m - b_safe) + tl.sum(tl.exp2(b_s - b_safe[:, None]), 1)
+    return b_mn, b_l
+
+
+@triton.jit
 def rep_row_stats_kernel(
     q, k, m_out, l_out,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     N, N_REP, KEYS_PER_SPLIT, NUM_SPLITS, HQ, GROUP, scale_log2,
-    q_starts, q_ends, k_starts, k_ends, q_src, k_src,
+    q_starts, q_ends, k_starts, k_ends, q_src, k_src, mb_out, lb_out, NB,
     D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr = False,
-    INDIRECT: tl.constexpr = False,
+    INDIRECT: tl.constexpr = False, BLOCK_STATS: tl.constexpr = False, BS: tl.constexpr = 128,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_split = tl.program_id(1).to(tl.int64)
@@ -72,21 +91,26 @@ def rep_row_stats_kernel(
 
     b_m = tl.full([BR], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BR], dtype=tl.float32)
-    for k0 in range(0, n_iter, BK):
-        o_k = start + k0 + tl.arange(0, BK)
-        m_k = o_k < n_k
-        p_k = p_kh + o_k[:, None] * stride_kn + o_d[None, :]
-        # [BK, BD]
-        b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
-        # [BR, BK]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        m_s = m_r[:, None] & m_k[None, :] & (o_k[None, :] <= pos_q[:, None])
-        b_s = tl.where(m_s, b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        # rows that saw no key yet keep -inf: guard the exp against -inf - -inf
-        b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_l = b_l * tl.exp2(b_m - b_safe) + tl.sum(tl.exp2(b_s - b_safe[:, None]), 1)
-        b_m = b_mn
+    if BLOCK_STATS:
+        # per key block (splits start on block bounds) its rows' max and sum, stored for
+        # the block-mass pass, which then needs no second pass over the keys
+        for c0 in range(0, n_iter, BS):
+            b_mb = tl.full([BR], float("-inf"), dtype=tl.float32)
+            b_lb = tl.zeros([BR], dtype=tl.float32)
+            for k1 in range(0, BS, BK):
+                b_mb, b_lb = _rep_tile(b_q, b_mb, b_lb, p_kh, start + c0 + k1, n_k, pos_q, m_r, o_d, m_d, stride_kn,
+                                       scale_log2, BK)
+            i_c = (start + c0) // BS
+            o_blk = (i_bh * NB + i_c) * BR + o_r
+            tl.store(mb_out + o_blk, b_mb, mask=(o_r < BR) & (i_c < NB))
+            tl.store(lb_out + o_blk, b_lb, mask=(o_r < BR) & (i_c < NB))
+            b_mn = tl.maximum(b_m, b_mb)
+            b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+            b_l = b_l * tl.exp2(b_m - b_safe) + b_lb * tl.exp2(b_mb - b_safe)
+            b_m = b_mn
+    else:
+        for k0 in range(0, n_iter, BK):
+            b_m, b_l = _rep_tile(b_q, b_m, b_l, p_kh, start + k0, n_k, pos_q, m_r, o_d, m_d, stride_kn, scale_log2, BK)
 
     o_out = (i_bh * NUM_SPLITS + i_split) * BR + o_r
     tl.store(m_out + o_out, b_m)
@@ -99,9 +123,9 @@ def rep_block_mass_kernel(
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     N, N_REP, NB, HQ, GROUP, scale_log2,
-    q_starts, q_ends, k_starts, k_ends, q_src, k_src,
+    q_starts, q_ends, k_starts, k_ends, q_src, k_src, mb, lb,
     D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    VARLEN: tl.constexpr = False, INDIRECT: tl.constexpr = False,
+    VARLEN: tl.constexpr = False, INDIRECT: tl.constexpr = False, FROM_STATS: tl.constexpr = False,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
@@ -134,23 +158,29 @@ def rep_block_mass_kernel(
         n_iter = BS
     m_r = o_r < n_rep
     m_d = o_d < D
-    # [BR, BD]
-    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
     b_lse = tl.load(lse2 + i_bh * BR + o_r, mask=m_r, other=0.0)
-
-    # [BR]
-    b_row = tl.zeros([BR], dtype=tl.float32)
-    for k0 in range(0, n_iter, BK):
-        o_k = i_c * BS + k0 + tl.arange(0, BK)
-        m_k = o_k < n_k
-        p_k = p_kh + o_k[:, None] * stride_kn + o_d[None, :]
-        # [BK, BD]
-        b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
-        # [BR, BK]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
-        m_s = m_r[:, None] & m_k[None, :] & (o_k[None, :] <= pos_q[:, None])
-        b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_row += tl.sum(b_p, 1)
+    if FROM_STATS:
+        # the first pass's per-block row max and sum: the mass is sum * 2^(max - lse)
+        m_b = m_r & (n_iter > 0)
+        b_mb = tl.load(mb + (i_bh * NB + i_c) * BR + o_r, mask=m_b, other=float("-inf"))
+        b_lb = tl.load(lb + (i_bh * NB + i_c) * BR + o_r, mask=m_b, other=0.0)
+        b_row = tl.where(b_mb == float("-inf"), 0.0, b_lb * tl.exp2(b_mb - b_lse))
+    else:
+        # [BR, BD]
+        b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
+        # [BR]
+        b_row = tl.zeros([BR], dtype=tl.float32)
+        for k0 in range(0, n_iter, BK):
+            o_k = i_c * BS + k0 + tl.arange(0, BK)
+            m_k = o_k < n_k
+            p_k = p_kh + o_k[:, None] * stride_kn + o_d[None, :]
+            # [BK, BD]
+            b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
+            # [BR, BK]
+            b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+            m_s = m_r[:, None] & m_k[None, :] & (o_k[None, :] <= pos_q[:, None])
+            b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
+            b_row += tl.sum(b_p, 1)
 
     # rows in the last query block see this key block at offset nb-1-c, the others at nb-2-c
     m_last = pos_q >= (nb - 1) * BS
