@@ -11,7 +11,7 @@ for three variants, set by environment switches:
 * ``default``: where a graph pays, the whole search in one graph (its kernels read q and k
   at the addresses two device words hold);
 * ``block_stats``: the default with ``FLEXPREFILL_REP_BLOCK_STATS=1`` (one pass over the keys
-  for the representative rows instead of two; added at 1a0bf09+, not yet measured).
+  for the representative rows instead of two; added at 187be3f, not yet measured).
 
 The c335050/4d5477b runs (results/h200/search_*) compared the query-aware threshold by sort
 (``FLEXPREFILL_RADIX_SELECT=0``) and by radix selection instead.  Also: whether each variant's
