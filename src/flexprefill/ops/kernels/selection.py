@@ -4,7 +4,9 @@ Computes, per (sequence, query head), the softmax attention of the last ``n_rep 
 queries over all keys without materialising the [n_rep, N] matrix: a first pass
 gathers each row's max and sum over key splits (flash-decoding style), a second pass
 recomputes each key block's probabilities and reduces them to the block's vertical
-mass and to its share of the two block diagonals the rows can sit on.  ``VARLEN``
+mass and to its share of the two block diagonals the rows can sit on (or, with
+``BLOCK_STATS`` / ``FROM_STATS``, the first pass stores each key block's row max and sum and
+the second reads them instead of recomputing).  ``VARLEN``
 switches to packed sequences (per-sequence row bounds loaded in the kernel, queries
 = the last positions of a chunk over a cached prefix); programs past a sequence's
 keys do no work.  Also the per-block means of packed sequences, the split combine of the
