@@ -511,6 +511,12 @@ def _graphs_enabled() -> bool:
     return os.environ.get("FLEXPREFILL_SELECTION_GRAPHS", "1") != "0"
 
 
+def _graph_applies(t: torch.Tensor, bh: int, nb: int) -> bool:
+    """Whether a search over ``bh`` heads of ``nb`` blocks on ``t``'s device runs from a graph:
+    on CUDA, graphs on, the caller not capturing one itself, and a graph pays (_graph_pays)."""
+    return t.is_cuda and _graphs_enabled() and not torch.cuda.is_current_stream_capturing() and _graph_pays(bh, nb)
+
+
 # graph keys whose capture failed: they stay eager (a warning says so once)
 _ungraphable: set = set()
 
@@ -555,12 +561,7 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
     ``chunk_elems`` sizes the eager path's head chunks (a graph uses its own)."""
     fn = _assemble if fn is None else fn
     vert = tensors["vert"]
-    if (
-        not vert.is_cuda
-        or not _graph_pays(vert.numel() // max(1, vert.shape[-1]), vert.shape[-1])
-        or not _graphs_enabled()
-        or torch.cuda.is_current_stream_capturing()
-    ):
+    if not _graph_applies(vert, vert.numel() // max(1, vert.shape[-1]), vert.shape[-1]):
         return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
     key = (fn.__name__, cfg, float(scale), vert.device, index_dtype,
            tuple((n, None if t is None else (tuple(t.shape), t.dtype)) for n, t in tensors.items()))
@@ -664,11 +665,8 @@ def _search_graphed(q, k, *, cfg: FlexPrefillConfig, scale: float, index_dtype: 
     B, N, Hq, _ = q.shape
     nb = math.ceil(N / cfg.block_size)
     if (
-        not q.is_cuda
-        or not _graphs_enabled()
+        not _graph_applies(q, B * Hq, nb)
         or not _search_graph_enabled()
-        or torch.cuda.is_current_stream_capturing()
-        or not _graph_pays(B * Hq, nb)
         or q.stride(-1) != 1
         or k.stride(-1) != 1
         or q.data_ptr() % 16
@@ -681,10 +679,14 @@ def _search_graphed(q, k, *, cfg: FlexPrefillConfig, scale: float, index_dtype: 
         return None
     entry = _graphs.get(key)
     if entry is None:
-        chunk = _graph_chunk(nb)
         src = (torch.empty(1, dtype=torch.int64, device=q.device), torch.empty(1, dtype=torch.int64, device=q.device))
-        src[0].fill_(q.data_ptr())
-        src[1].fill_(k.data_ptr())
+    else:
+        src = entry[1]
+    # the addresses this call's kernels read (the capture's warm-up call reads them too)
+    src[0].fill_(q.data_ptr())
+    src[1].fill_(k.data_ptr())
+    if entry is None:
+        chunk = _graph_chunk(nb)
 
         def run():
             return _search(q, k, cfg=cfg, scale=scale, chunk_elems=chunk, index_dtype=index_dtype, src=src)
@@ -695,9 +697,7 @@ def _search_graphed(q, k, *, cfg: FlexPrefillConfig, scale: float, index_dtype: 
         entry = _cache(key, (captured[0], src, captured[1]))
     else:
         _graphs.move_to_end(key)
-    graph, src, outs = entry
-    src[0].fill_(q.data_ptr())
-    src[1].fill_(k.data_ptr())
+    graph, _, outs = entry
     graph.replay()
     return tuple(o.clone() for o in outs)
 
