@@ -322,7 +322,7 @@ def too_dense(counts: torch.Tensor, cfg: FlexPrefillConfig) -> bool:
         return False
     nb = counts.shape[-1]
     kept = counts.sum(dtype=torch.int64).item()
-    return kept > cfg.dense_above * (counts.numel() // nb) * (nb * (nb + 1) // 2)
+    return kept > cfg.dense_above * (counts.numel() // nb) * num_causal_blocks(nb)
 
 
 def flex_prefill_attention(q, k, v, *, config=None, softmax_scale=None, return_lse=False, return_stats=False):
