@@ -73,7 +73,6 @@ def main():
                 row["graphed"][str(chunk)] = dict(ms=ms, share_of_cudnn=ms / dense_ms, pool_mb=cached_graph_pool_mb())
                 print(f"   graphed, head chunks of {chunk} elements: {ms:.3f} ms ({ms / dense_ms:.1%} of cuDNN), "
                       f"pool {row['graphed'][str(chunk)]['pool_mb']:.0f} MB", flush=True)
-            S._graph_chunk = chunk0
             S.clear_graph_cache()
             res["rows"].append(row)
             q = k = v = None
