@@ -500,6 +500,10 @@ def _print_report(r: dict, heads: int, device: torch.device) -> None:
 _DELEGATED = {
     "bench": ("flexprefill.benchmarking", "speed of FlexPrefill against dense kernels (GPU): flexprefill bench --help"),
     "eval": ("flexprefill.evals", "accuracy on RULER-style tasks and needle sweeps: flexprefill eval --help"),
+    "tp": (
+        "flexprefill.integrations.tensor_parallel",
+        "tensor-parallel prefill under torchrun, checked against one device: flexprefill tp --help",
+    ),
 }
 
 

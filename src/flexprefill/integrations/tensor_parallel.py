@@ -1,0 +1,720 @@
+"""FlexPrefill inside transformers' tensor parallelism (``torchrun``, NCCL on GPUs, gloo on CPUs).
+
+transformers shards a model's attention by heads (``DistributedConfig(tp_size=N)``, the
+former ``tp_plan="auto"``): ``q_proj``, ``k_proj`` and ``v_proj`` are split by output
+columns, so each rank's attention function receives its own ``Hq / N`` query and
+``Hkv / N`` key/value heads as ordinary local tensors, and ``o_proj`` sums the ranks'
+outputs.  FlexPrefill needs no change there: each rank searches the patterns of its own
+heads and runs the sparse kernel on them (no collective inside attention).
+
+What this module adds:
+
+* :func:`check_tp_heads`: the head counts a tensor-parallel plan needs, with a clear error.
+* :func:`repeat_kv_heads`: a model with fewer key/value heads than ranks (Gemma 3 270M has
+  one) is made shardable by repeating each K/V head's projection rows, an exact rewrite
+  (every query head reads the same keys and values as before).
+* :func:`random_model`: a random-weight model of a real architecture (Llama-3.1-8B's layer
+  shapes, any number of layers) for the sizes the packaged models do not reach.
+* :func:`prepare_checkpoint`: a safetensors folder (K/V repeated, cast, tokenizer beside it)
+  that ``from_pretrained(..., distributed_config=...)`` shards on load.
+* ``flexprefill tp`` (:func:`main`, run under ``torchrun``): loads the model sharded over all
+  ranks with ``attn_implementation`` switched to FlexPrefill, runs a long prefill, and checks
+  it against the same model on one device: logits with ``gamma=1``, the greedy answer (the
+  needle's number for a packaged model) with the chosen gamma, and prefill times of dense SDPA
+  and FlexPrefill on one device and on all ranks.  Writes ``tp_prefill.json`` and a plot.
+
+    torchrun --nproc-per-node 2 -m flexprefill tp --model gemma3-270m --out tp-gemma
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ARCHITECTURES",
+    "check_tp_heads",
+    "kv_repeat_factor",
+    "repeat_kv_heads",
+    "random_model",
+    "prepare_checkpoint",
+    "init_distributed",
+    "load_sharded",
+    "main",
+]
+
+# Random-weight architectures: the layer shapes of a real model (the number of layers is an
+# option), or tiny ones for CPU tests.  Llama-3.1-8B from its published config.json.
+ARCHITECTURES = {
+    "llama3.1-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    ),
+    "tiny-llama": dict(
+        model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
+    # one K/V head (as Gemma 3 270M): needs repeat_kv_heads to shard; layer 1 is global
+    "tiny-gemma3": dict(
+        model_type="gemma3_text", vocab_size=512, hidden_size=256, intermediate_size=512,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+        max_position_embeddings=4096, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=64,
+    ),
+}
+_RANDOM_PREFIX = "random:"
+_FORMAT = 1  # bump when prepare_checkpoint writes something else
+
+
+def _log(msg: str) -> None:
+    rank = os.environ.get("RANK")
+    print(f"[flexprefill tp{'' if rank is None else ' rank ' + rank}] {msg}", file=sys.stderr, flush=True)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_repeat_factor(num_heads: int, num_kv_heads: int, tp_size: int) -> int:
+    """Smallest ``f`` such that ``num_kv_heads * f`` K/V heads split evenly over ``tp_size``
+    ranks and still group the query heads evenly (``num_heads % (num_kv_heads * f) == 0``).
+
+    Raises ``ValueError`` when the query heads themselves do not split over ``tp_size``."""
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("tp_size", tp_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if num_heads % tp_size:
+        raise ValueError(
+            f"the model's {num_heads} query heads do not split over tp_size={tp_size} ranks; "
+            f"accepted tp sizes: {[d for d in range(1, num_heads + 1) if num_heads % d == 0]}"
+        )
+    f = 1
+    while (num_kv_heads * f) % tp_size or num_heads % (num_kv_heads * f):
+        f += 1
+    return f
+
+
+def check_tp_heads(config, tp_size: int) -> None:
+    """Raise ``ValueError`` unless the model's query and K/V heads split evenly over ``tp_size``
+    ranks; the message names the :func:`repeat_kv_heads` factor that would fix the K/V heads."""
+    c = _text_config(config)
+    hq, hkv = int(c.num_attention_heads), int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+    f = kv_repeat_factor(hq, hkv, tp_size)
+    if f != 1:
+        raise ValueError(
+            f"the model's {hkv} key/value heads do not split over tp_size={tp_size} ranks; "
+            f"repeat_kv_heads(model, {f}) makes {hkv * f} (exact: each query head reads the same keys and values)"
+        )
+
+
+def _attention_modules(model) -> list:
+    from .transformers import _attention_modules as modules
+
+    return modules(model)
+
+
+@torch.no_grad()
+def repeat_kv_heads(model, factor: int):
+    """Repeat every key/value head ``factor`` times, in place (``k_proj``/``v_proj`` rows and
+    biases, ``num_key_value_heads``); returns the model.
+
+    Exact: K/V head ``j`` becomes heads ``j*factor .. j*factor + factor-1``, and query head
+    ``h`` (which read K/V head ``h // g`` of ``g = Hq / Hkv``) now reads head ``h // (g/factor)``,
+    one of the copies of the same head.  ``factor`` must divide the query heads per K/V head.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor={factor!r}: expected a positive int")
+    c = _text_config(model.config)
+    hq = int(c.num_attention_heads)
+    hkv = int(getattr(c, "num_key_value_heads", None) or hq)
+    if (hq // hkv) % factor:
+        raise ValueError(
+            f"factor={factor} does not divide the {hq // hkv} query heads per key/value head "
+            f"({hq} query, {hkv} key/value heads)"
+        )
+    if factor == 1:
+        return model
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules to rewrite")
+    for m in modules:
+        for name in ("k_proj", "v_proj"):
+            lin = getattr(m, name, None)
+            if not isinstance(lin, torch.nn.Linear):
+                raise ValueError(f"{type(m).__name__}.{name} is not an nn.Linear: cannot repeat its heads")
+            d = lin.out_features // hkv
+            if d * hkv != lin.out_features:
+                raise ValueError(f"{type(m).__name__}.{name} has {lin.out_features} outputs, not a multiple of {hkv} heads")
+            w = lin.weight.data.view(hkv, d, -1).repeat_interleave(factor, dim=0).reshape(hkv * factor * d, -1)
+            lin.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+            if lin.bias is not None:
+                b = lin.bias.data.view(hkv, d).repeat_interleave(factor, dim=0).reshape(-1)
+                lin.bias = torch.nn.Parameter(b.contiguous(), requires_grad=False)
+            lin.out_features = hkv * factor * d
+        if hasattr(m, "num_key_value_groups"):
+            m.num_key_value_groups = hq // (hkv * factor)
+        if hasattr(m, "num_key_value_heads"):
+            m.num_key_value_heads = hkv * factor
+    c.num_key_value_heads = hkv * factor
+    return model
+
+
+def random_model(arch: str, *, layers: int | None = None, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu"):
+    """A causal LM of architecture ``arch`` (a key of :data:`ARCHITECTURES`) with random weights
+    (transformers' own initialisation, seeded), ``layers`` decoder layers (default: the
+    architecture's), in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch={arch!r} is not known; accepted: {sorted(ARCHITECTURES)}")
+    kw = dict(ARCHITECTURES[arch])
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers={layers!r}: expected a positive int")
+        kw["num_hidden_layers"] = layers
+        if "layer_types" in kw:
+            base = kw["layer_types"]
+            kw["layer_types"] = [base[i % len(base)] for i in range(layers)]
+    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _write_folder(folder: Path, key: dict, build) -> Path:
+    """Write ``folder`` through a temporary sibling (``build(tmp)`` saves into it), keyed."""
+    import shutil
+
+    if _key_matches(folder, key):
+        return folder
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        (tmp / "flexprefill_tp.json").write_text(json.dumps(key, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _key_matches(folder: Path, key: dict) -> bool:
+    try:
+        return json.loads((Path(folder) / "flexprefill_tp.json").read_text()) == key
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_checkpoint(model: str, *, tp_size: int, folder: str | os.PathLike | None = None,
+                       dtype: torch.dtype = torch.bfloat16, layers: int | None = None, seed: int = 0,
+                       cache_dir: str | os.PathLike | None = None) -> Path:
+    """A Hugging Face folder of ``model`` that transformers can shard over ``tp_size`` ranks.
+
+    ``model``: a packaged name (``flexprefill.models.MODELS``), a local Hugging Face folder or
+    a ``.gguf`` (loaded with :func:`flexprefill.models.load`, tokenizer saved beside the
+    weights), or ``"random:<arch>"`` with ``arch`` in :data:`ARCHITECTURES` (``layers``,
+    ``seed``).  K/V heads are repeated as :func:`kv_repeat_factor` says, weights cast to
+    ``dtype``.  Written once to ``folder`` (default ``<cache>/tp/<name>-tp<N>-<dtype>``) and
+    reused while its key (source, layers, seed, factor, dtype, transformers version) holds.
+    Call it on one rank, then a barrier.
+    """
+    import transformers
+
+    from ..models.packages import cache_root
+
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size={tp_size!r}: expected a positive int")
+    dname = str(dtype).replace("torch.", "")
+    if model.startswith(_RANDOM_PREFIX):
+        arch = model[len(_RANDOM_PREFIX):]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"model={model!r}: unknown architecture {arch!r}; accepted: "
+                             f"{[_RANDOM_PREFIX + a for a in sorted(ARCHITECTURES)]}")
+        n_layers = layers if layers is not None else ARCHITECTURES[arch]["num_hidden_layers"]
+        name = f"random-{arch}-{n_layers}l-seed{seed}"
+        source = {"random": arch, "layers": n_layers, "seed": seed}
+    else:
+        if layers is not None:
+            raise ValueError(f"layers={layers} applies to random:<arch> models only, not to {model!r}")
+        name = Path(model).stem if os.sep in model or model.endswith(".gguf") else model
+        source = {"model": str(model)}
+    folder = Path(folder) if folder is not None else cache_root(cache_dir) / "tp" / f"{name}-tp{tp_size}-{dname}"
+    key = {"source": source, "tp_size": tp_size, "dtype": dname, "transformers": transformers.__version__,
+           "format": _FORMAT}
+
+    def build(tmp: Path) -> None:
+        tokenizer = None
+        if "random" in source:
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            _log(f"building random {arch} with {n_layers} layers on {dev}")
+            m = random_model(arch, layers=n_layers, seed=seed, dtype=dtype, device=dev)
+        else:
+            from ..models import load
+
+            m, tokenizer = load(model, dtype=torch.float32, cache_dir=cache_dir)
+        c = _text_config(m.config)
+        f = kv_repeat_factor(int(c.num_attention_heads), int(c.num_key_value_heads or c.num_attention_heads), tp_size)
+        if f > 1:
+            _log(f"repeating each of the {c.num_key_value_heads} key/value heads {f} times (exact) so they split over {tp_size} ranks")
+            repeat_kv_heads(m, f)
+        m = m.to(dtype)
+        _log(f"saving {sum(p.numel() for p in m.parameters()) / 1e9:.2f} B parameters ({dname}) to {folder}")
+        m.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return _write_folder(folder, key, build)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start the default process group from torchrun's variables (NCCL on CUDA, bound to
+    ``LOCAL_RANK``'s GPU; gloo on CPU); returns ``(rank, world_size, device)``.  Without
+    torchrun (no ``RANK``) it returns ``(0, 1, device)`` and starts nothing.  NVLink multicast
+    stays off (``NCCL_NVLS_ENABLE=0`` unless set)."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local} but this machine has {torch.cuda.device_count()} GPUs")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+def load_sharded(folder: str | os.PathLike, *, tp_size: int, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """``from_pretrained(folder)`` sharded by transformers' own tensor-parallel plan over
+    ``tp_size`` ranks (``DistributedConfig(tp_size=...)``; the same as ``tp_plan="auto"``)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    check_tp_heads(_config(folder), tp_size)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, attn_implementation=attn_implementation,
+        distributed_config=DistributedConfig(tp_size=tp_size),
+    )
+    return model.eval()
+
+
+def _config(folder):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# flexprefill tp: the check and benchmark run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flexprefill tp",
+        description=(
+            "Run under torchrun. Loads the model sharded by heads over all ranks (transformers' tensor-parallel "
+            "plan) and on one device, runs a long prefill with dense SDPA, FlexPrefill at gamma=1 and at --gamma, "
+            "and checks the sharded model against the single-device one (logits at gamma=1, greedy answer at "
+            "--gamma); times each prefill. Writes tp_prefill.json and tp_prefill.png."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="gemma3-270m",
+                   help=f"packaged name, HF folder, .gguf, or {_RANDOM_PREFIX}<arch> with arch in {sorted(ARCHITECTURES)}")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of a random:<arch> model (default: the architecture's)")
+    p.add_argument("--length", type=_tokens, default=None,
+                   help="prompt tokens, e.g. 32k (default: the model's context less the answer, 2048 on CPU)")
+    p.add_argument("--gamma", type=float, default=0.9, help="FlexPrefill's attention mass for the sparse run")
+    p.add_argument("--block-size", type=int, default=128, choices=(32, 64, 128))
+    p.add_argument("--min-budget", type=int, default=None, help="tokens (default 1024, or length/8 below 8k)")
+    p.add_argument("--min-seq-len", type=int, default=None, help="shorter prompts run dense (default: half the prompt)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--repeats", type=int, default=3, help="timed prefills per case (median)")
+    p.add_argument("--check-positions", type=int, default=64, help="last positions whose logits are compared")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="greedy answer length")
+    p.add_argument("--no-single", action="store_true", help="skip the single-device run (no checks, no 1-device times)")
+    p.add_argument("--seed", type=int, default=0, help="random weights and random prompt / needle seed")
+    p.add_argument("--cache-dir", default=None, help="where converted checkpoints go (default $FLEXPREFILL_CACHE or ~/.cache/flexprefill)")
+    p.add_argument("--out", default="./flexprefill-tp", help="folder for tp_prefill.json and tp_prefill.png")
+    return p
+
+
+def _tokens(text: str) -> int:
+    t = text.strip().lower()
+    try:
+        n = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--length {text!r}: expected tokens such as 32768 or 32k") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--length {text!r}: expected a positive number of tokens")
+    return n
+
+
+def _barrier(world: int, device: torch.device) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.inference_mode()
+def _run_case(model, ids, device, world, *, keep: int, repeats: int, max_new_tokens: int, eos: set[int]):
+    """One case on one model: a prefill that returns the last ``keep`` positions' logits (also the
+    warm-up), ``repeats`` timed prefills (no cache, last logits only), then prefill + greedy
+    decode.  Times are the slowest rank's."""
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[0].float().cpu()
+    times = []
+    for _ in range(repeats):
+        _barrier(world, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    times = [max(ts) for ts in zip(*_gather(times, world))]
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+    gen = [int(nxt)]
+    while len(gen) < max_new_tokens and gen[-1] not in eos:
+        out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+        gen.append(int(nxt))
+    del out, past
+    return logits, times, gen
+
+
+def _density(model, world: int) -> float | None:
+    """Mean selected density over every FlexPrefill layer and head of all ranks (last prefill)."""
+    from .transformers import last_stats
+
+    local = [(float(s.density.float().sum()), int(s.density.numel())) for s in last_stats(model).values() if not s.dense]
+    parts = [x for r in _gather(local, world) for x in r]
+    n = sum(c for _, c in parts)
+    return sum(s for s, _ in parts) / n if n else None
+
+
+def _cases(args, n_tokens: int):
+    from ..config import DEFAULT_MIN_SEQ_LEN, FlexPrefillConfig
+
+    min_budget = args.min_budget if args.min_budget is not None else (1024 if n_tokens >= 8192 else max(n_tokens // 8, 1))
+    min_seq_len = args.min_seq_len if args.min_seq_len is not None else min(DEFAULT_MIN_SEQ_LEN, n_tokens // 2)
+    common = dict(block_size=args.block_size, min_budget=min_budget, min_seq_len=min_seq_len)
+    return [
+        ("sdpa", None),
+        ("flexprefill_gamma1", FlexPrefillConfig(gamma=1.0, **common)),
+        (f"flexprefill_gamma{args.gamma:g}", FlexPrefillConfig(gamma=args.gamma, **common)),
+    ]
+
+
+def _run_all(model, cases, ids, device, world, args, eos, decode, label: str) -> dict:
+    from tqdm.auto import tqdm
+
+    from .transformers import patched
+
+    res = {}
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    for name, cfg in tqdm(cases, desc=label, disable=not rank0, file=sys.stderr):
+        if cfg is None:
+            logits, times, gen = _run_case(model, ids, device, world, keep=args.check_positions, repeats=args.repeats,
+                                           max_new_tokens=args.max_new_tokens, eos=eos)
+            density = None
+        else:
+            with patched(model, cfg, collect_stats=True):
+                logits, times, gen = _run_case(model, ids, device, world, keep=args.check_positions,
+                                               repeats=args.repeats, max_new_tokens=args.max_new_tokens, eos=eos)
+                density = _density(model, world)
+        res[name] = {"logits": logits, "prefill_s": times, "tokens": gen, "answer": decode(gen), "density": density}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    d = (a - b).abs()
+    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "logit_scale": float(a.abs().max()),
+            "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def _environment(device: torch.device, world: int) -> dict:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "world_size": world,
+           "commit": os.environ.get("FLEXPREFILL_COMMIT") or _git_commit(),
+           "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["gpus_visible"] = torch.cuda.device_count()
+    else:
+        env["gpu"] = None
+    return env
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(report["sharded"]["cases"])
+    groups = [("1 device", report.get("single")), (f"{report['environment']['world_size']} ranks (tensor parallel)",
+                                                    report["sharded"])]
+    groups = [(g, r) for g, r in groups if r is not None]
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    width = 0.8 / len(groups)
+    for gi, (label, r) in enumerate(groups):
+        ms = [r["cases"][c]["prefill_ms"] for c in cases]
+        xs = [i + (gi - (len(groups) - 1) / 2) * width for i in range(len(cases))]
+        bars = ax.bar(xs, ms, width, label=label)
+        ax.bar_label(bars, labels=[f"{m:.0f}" for m in ms], fontsize=8)
+    ax.set_xticks(range(len(cases)), [c.replace("_", " ") for c in cases])
+    ax.set_ylabel("prefill time (ms, median)")
+    env = report["environment"]
+    ax.set_title(f"{report['model']}: {report['prompt_tokens']} tokens, {env.get('gpu') or 'cpu'}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> dict | None:
+    """The whole ``flexprefill tp`` run on this rank; returns the report on rank 0, else None."""
+    import gc
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rank, world, device = init_distributed()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"--dtype {args.dtype}: the CPU path computes in float32 only")
+    t_start = time.perf_counter()
+    if rank == 0:
+        folder = prepare_checkpoint(args.model, tp_size=world, dtype=dtype, layers=args.layers, seed=args.seed,
+                                    cache_dir=args.cache_dir)
+        info = str(folder)
+    else:
+        info = None
+    folder = Path(_gather(info, world)[0])
+    config = _config(folder)
+    check_tp_heads(config, world)
+    tokenizer = None
+    if (folder / "tokenizer_config.json").exists() or (folder / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ctx = int(getattr(_text_config(config), "max_position_embeddings", 0) or 0)
+    length = args.length or (min(ctx or 32768, 131072) - args.max_new_tokens if device.type == "cuda" else 2048)
+    if ctx and length + args.max_new_tokens > ctx:
+        _log(f"--length {length} plus the answer exceeds the model's context of {ctx} tokens")
+
+    needle = None
+    if tokenizer is not None:
+        from ..cli import build_needle_prompt
+        from ..models import haystack_text
+
+        needle = build_needle_prompt(tokenizer, haystack_text(), length, seed=args.seed)
+        ids_list = needle["input_ids"]
+        eos = {int(x) for x in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+
+        def decode(gen):
+            return tokenizer.decode([t for t in gen if t not in eos], skip_special_tokens=True).strip()
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        ids_list = torch.randint(0, int(_text_config(config).vocab_size), (length,), generator=g).tolist()
+        eos = set()
+
+        def decode(gen):
+            return " ".join(str(t) for t in gen)
+    ids = torch.tensor([ids_list], device=device)
+    cases = _cases(args, len(ids_list))
+    if rank == 0:
+        _log(f"{args.model}: {len(ids_list)} prompt tokens, {world} ranks, {dtype}, cases {[c for c, _ in cases]}")
+
+    single = None
+    if not args.no_single:
+        if rank == 0:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+            model = model.to(device).eval()
+            single = _run_all(model, cases, ids, device, 1, args, eos, decode, "1 device")
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        _barrier(world, device)
+
+    model = load_sharded(folder, tp_size=world, dtype=dtype)
+    sharded = _run_all(model, cases, ids, device, world, args, eos, decode, f"{world} ranks")
+    shard_info = {
+        "q_proj_local_rows": int(_local(model, "q_proj").shape[0]),
+        "k_proj_local_rows": int(_local(model, "k_proj").shape[0]),
+    }
+    del model
+    gc.collect()
+    if rank != 0:
+        return None
+
+    def summary(res):
+        out = {}
+        for name, r in res.items():
+            out[name] = {"prefill_ms": round(1000 * statistics.median(r["prefill_s"]), 2),
+                         "prefill_ms_all": [round(1000 * t, 2) for t in r["prefill_s"]],
+                         "answer": r["answer"], "density": None if r["density"] is None else round(r["density"], 4)}
+            if needle is not None:
+                out[name]["found"] = needle["number"] in r["answer"]
+        return out
+
+    c = _text_config(config)
+    report = {
+        "model": args.model, "checkpoint": str(folder), "layers": int(c.num_hidden_layers),
+        "heads": {"query": int(c.num_attention_heads), "key_value": int(c.num_key_value_heads),
+                  "head_dim": int(getattr(c, "head_dim", 0) or c.hidden_size // c.num_attention_heads),
+                  "per_rank": {"query": int(c.num_attention_heads) // world, "key_value": int(c.num_key_value_heads) // world},
+                  **shard_info},
+        "prompt_tokens": len(ids_list), "dtype": str(dtype).replace("torch.", ""),
+        "needle": None if needle is None else {"number": needle["number"], "depth": round(needle["depth"], 3)},
+        "environment": _environment(device, world),
+        "sharded": {"cases": summary(sharded)},
+        "single": None if single is None else {"cases": summary(single)},
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    if single is not None:
+        g1 = cases[1][0]
+        gs = cases[2][0]
+        cmp = {name: _compare(sharded[name]["logits"], single[name]["logits"]) for name in sharded}
+        cmp[f"{g1}_vs_sdpa_sharded"] = _compare(sharded[g1]["logits"], sharded["sdpa"]["logits"])
+        # the sharded model sums o_proj and down_proj over ranks: its logits differ from one
+        # device's by rounding, which dense SDPA shows on its own; gamma=1 must stay within that
+        atol = 1e-3 if dtype == torch.float32 else 0.0
+        bound = 2 * cmp["sdpa"]["max_abs_diff"] + atol
+        checks = {
+            "gamma1_logits_match_single": {
+                "pass": cmp[g1]["max_abs_diff"] <= bound and cmp[g1]["top1_agree"] >= cmp["sdpa"]["top1_agree"] - 1 / 64,
+                "max_abs_diff": cmp[g1]["max_abs_diff"], "bound": bound,
+                "rule": "max |sharded - single| of the gamma=1 logits <= 2 x that of dense SDPA + atol "
+                        f"({atol:g}), top-1 agreement no worse than dense SDPA's less one position",
+            },
+            "answer_matches_single": {
+                "pass": sharded[gs]["tokens"] == single[gs]["tokens"],
+                "sharded": sharded[gs]["answer"], "single": single[gs]["answer"],
+            },
+        }
+        if needle is not None:
+            checks["needle_found"] = {"pass": needle["number"] in sharded[gs]["answer"],
+                                      "dense_single_found": needle["number"] in single["sdpa"]["answer"]}
+        report["comparison"] = cmp
+        report["checks"] = checks
+        report["speedup_vs_single"] = {
+            name: round(report["single"]["cases"][name]["prefill_ms"] / report["sharded"]["cases"][name]["prefill_ms"], 3)
+            for name in sharded}
+        report["all_checks_pass"] = all(v["pass"] for v in checks.values())
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tp_prefill.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    _plot(report, os.path.join(args.out, "tp_prefill.png"))
+    _print(report)
+    return report
+
+
+def _local(model, name: str) -> torch.Tensor:
+    for n, p in model.named_parameters():
+        if n.endswith(f"{name}.weight"):
+            return p.to_local() if hasattr(p, "to_local") else p
+    raise ValueError(f"no {name}.weight in the model")
+
+
+def _print(r: dict) -> None:
+    env = r["environment"]
+    print(f"model    {r['model']} ({r['layers']} layers, {r['heads']['query']}/{r['heads']['key_value']} heads, "
+          f"d={r['heads']['head_dim']}; per rank {r['heads']['per_rank']['query']}/{r['heads']['per_rank']['key_value']})")
+    print(f"prompt   {r['prompt_tokens']} tokens, {r['dtype']}, {env['world_size']} ranks on {env.get('gpu') or 'cpu'}")
+    width = max(len(c) for c in r["sharded"]["cases"])
+    for name, s in r["sharded"]["cases"].items():
+        one = (r["single"] or {}).get("cases", {}).get(name)
+        line = f"{name:<{width}}  sharded {s['prefill_ms']:9.1f} ms"
+        if one is not None:
+            line += f"  one device {one['prefill_ms']:9.1f} ms  ({one['prefill_ms'] / s['prefill_ms']:.2f}x)"
+        if s["density"] is not None:
+            line += f"  density {s['density']:.3f}"
+        line += f"  answer {s['answer']!r}"
+        print(line)
+    for name, c in (r.get("checks") or {}).items():
+        print(f"check    {name}: {'pass' if c['pass'] else 'FAIL'}  "
+              + ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("pass", "rule")))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("repeats", "check_positions", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive int")
+    if not 0.0 < args.gamma <= 1.0:
+        raise SystemExit(f"--gamma {args.gamma}: expected a value in (0, 1]")
+    report = run(args)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if report is not None and report.get("all_checks_pass") is False:
+        return 1
+    return 0
