@@ -8,10 +8,13 @@ for three variants, set by environment switches:
 * ``eager``: no CUDA graph (``FLEXPREFILL_SELECTION_GRAPHS=0``);
 * ``tail_graph``: the passes over q and k eager, the rest graphed where that pays
   (``FLEXPREFILL_SEARCH_GRAPH=0``, the default before 4fddf74);
+* ``two_pass``: the default with ``FLEXPREFILL_REP_BLOCK_STATS=0`` (two passes over the keys
+  for the representative rows: the default before the b2cf59e measurement);
 * ``default``: where a graph pays, the whole search in one graph (its kernels read q and k
-  at the addresses two device words hold);
-* ``block_stats``: the default with ``FLEXPREFILL_REP_BLOCK_STATS=1`` (one pass over the keys
-  for the representative rows instead of two; added at 187be3f, not yet measured).
+  at the addresses two device words hold); one pass with block statistics while heads x key
+  blocks <= 2^14;
+* ``block_stats``: the default with ``FLEXPREFILL_REP_BLOCK_STATS=1`` (one pass always).
+``COMPARE_SEARCH_VARIANTS=a,b``: only those.
 
 The c335050/4d5477b runs (results/h200/search_*) compared the query-aware threshold by sort
 (``FLEXPREFILL_RADIX_SELECT=0``) and by radix selection instead.  Also: whether each variant's
@@ -38,9 +41,12 @@ from flexprefill.ops import selection as S
 VARIANTS = {
     "eager": {"FLEXPREFILL_SELECTION_GRAPHS": "0"},
     "tail_graph": {"FLEXPREFILL_SEARCH_GRAPH": "0"},
+    "two_pass": {"FLEXPREFILL_REP_BLOCK_STATS": "0"},
     "default": {},
     "block_stats": {"FLEXPREFILL_REP_BLOCK_STATS": "1"},
 }
+if os.environ.get("COMPARE_SEARCH_VARIANTS"):  # e.g. two_pass,default,block_stats
+    VARIANTS = {k: VARIANTS[k] for k in os.environ["COMPARE_SEARCH_VARIANTS"].split(",")}
 KNOBS = ("FLEXPREFILL_RADIX_SELECT", "FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS", "FLEXPREFILL_SELECTION_GRAPHS",
          "FLEXPREFILL_SEARCH_GRAPH", "FLEXPREFILL_REP_BLOCK_STATS")
 

@@ -104,6 +104,18 @@ case "$phase" in
     run compare_search 240 env OUT="$out" python benchmarks/compare_search.py 32768,131072
     run search_kernels 120 env OUT="$out" python benchmarks/search_kernels.py 32768 9/3/64,4/1/256,32/8/128
     ;;
+  suite2)
+    # on a machine with 2 GPUs: GPU 0 the search with one pass (block statistics) against two and
+    # the selection GPU tests; GPU 1 the whole suite (Llama + SmolLM2, then Gemma)
+    ( CUDA_VISIBLE_DEVICES=0 COMPARE_SEARCH_VARIANTS=two_pass,default,block_stats \
+        run compare_search 330 env OUT="$out" python benchmarks/compare_search.py 32768,65536,131072
+      CUDA_VISIBLE_DEVICES=0 run gpu_tests_search 200 python -m pytest tests/test_selection.py tests/test_varlen.py tests/ops -q -m gpu -p no:cacheprovider ) &
+    ( CUDA_VISIBLE_DEVICES=1 run bench_suite 330 python benchmarks/bench_attention.py --out "$out/suite" \
+        --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4.3
+      CUDA_VISIBLE_DEVICES=1 run bench_gemma 200 python benchmarks/bench_attention.py --mode suite --shapes gemma3-270m \
+        --out "$out/gemma_run" --max-minutes 2 ) &
+    wait
+    ;;
   varlen)
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py
     ;;

@@ -47,6 +47,7 @@ def test_representative_scores_from_block_stats(B, N, Hq, Hkv, D, bs, monkeypatc
     sum, the masses from them): the two-pass result within fp32 rounding, and the oracle's."""
     q, k = _inputs(B, N, Hq, Hkv, D, seed=N + 1, structured=True)
     scale = D**-0.5
+    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "0")
     v0, s0 = representative_block_scores(q, k, block_size=bs, scale=scale)
     monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "1")
     v1, s1 = representative_block_scores(q, k, block_size=bs, scale=scale)
@@ -55,6 +56,20 @@ def test_representative_scores_from_block_stats(B, N, Hq, Hkv, D, bs, monkeypatc
     vr, sr = R.representative_block_scores(q, k, block_size=bs, scale=scale)
     torch.testing.assert_close(v1, vr, atol=2e-6, rtol=1e-4)
     torch.testing.assert_close(s1, sr, atol=2e-6, rtol=1e-4)
+
+
+def test_block_stats_default_follows_heads_times_blocks(monkeypatch):
+    """Unset: one pass with block statistics while heads x key blocks <= 2^14 (measured faster
+    up to 9216, slower at 32768); '0' and '1' force it off and on."""
+    from flexprefill.ops.selection import _block_stats_enabled
+
+    monkeypatch.delenv("FLEXPREFILL_REP_BLOCK_STATS", raising=False)
+    assert _block_stats_enabled(32, 256) and _block_stats_enabled(9, 1024) and _block_stats_enabled(4, 4096)
+    assert not _block_stats_enabled(32, 1024) and not _block_stats_enabled(64, 512)
+    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "0")
+    assert not _block_stats_enabled(1, 1)
+    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "1")
+    assert _block_stats_enabled(32, 1024)
 
 
 def test_representative_scores_fp16():

@@ -95,13 +95,23 @@ def _combine_splits(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     return (m_safe + torch.log2(l_all)).contiguous()
 
 
-def _block_stats_enabled() -> bool:
-    """``FLEXPREFILL_REP_BLOCK_STATS=1``: the representative rows' first pass stores each key
-    block's row max and sum, and the block-mass pass reads them instead of a second pass over
-    the keys (half the QK^T and exp work of the two passes: 175 of the 858 us of the Llama
-    shape's graphed 32k search were that second pass, search_kernels_c2ada11).  Off by default
-    until measured on a GPU; tested against the two-pass path on CPU."""
-    return os.environ.get("FLEXPREFILL_REP_BLOCK_STATS", "0") == "1"
+# heads x key blocks up to which the one-pass block statistics are used by default; measured
+# (results/h200/search_b2cf59e, same run): faster at 4/1/256 32k and 128k (4096 and 1024 x 4
+# head-blocks), 9/3/64 32k and 128k (2304, 9216), 32/8/128 32k (8192: 0.857 -> 0.701 ms), slower
+# at 32/8/128 128k (32768: 4.75 -> 5.48 ms, the statistics it writes outweigh the pass it saves)
+_BLOCK_STATS_MAX = 1 << 14
+
+
+def _block_stats_enabled(rows: int, nb: int) -> bool:
+    """Whether the representative rows' first pass stores each key block's row max and sum, so
+    the block-mass pass reads them instead of a second pass over the keys (half the QK^T and exp
+    work of the two passes).  ``rows``: sequences x query heads, ``nb``: key blocks.
+    ``FLEXPREFILL_REP_BLOCK_STATS=1`` always, ``=0`` never, unset: while ``rows * nb <=``
+    ``_BLOCK_STATS_MAX``.  Both paths are tested against each other and the oracle."""
+    flag = os.environ.get("FLEXPREFILL_REP_BLOCK_STATS", "auto")
+    if flag in ("0", "1"):
+        return flag == "1"
+    return rows * nb <= _BLOCK_STATS_MAX
 
 
 def _keys_per_split(N: int, rows: int, BK: int, align: int) -> int:
@@ -136,7 +146,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float, src: tup
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
-    bst = _block_stats_enabled()
+    bst = _block_stats_enabled(B * Hq, nb)
     if bst:
         BK = min(BK, block_size)
     keys_per_split = _keys_per_split(N, B * Hq, BK, block_size if bst else BK)
@@ -751,7 +761,7 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
     if k.stride(-1) != 1:
         k = k.contiguous()
     N = max_seqlen_k
-    bst = _block_stats_enabled()
+    bst = _block_stats_enabled(S * Hq, nb)
     if bst:
         BK = min(BK, block_size)
     keys_per_split = _keys_per_split(N, S * Hq, BK, block_size if bst else BK)
