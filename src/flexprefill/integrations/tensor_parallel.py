@@ -543,6 +543,9 @@ def run(args) -> dict | None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rank, world, device = init_distributed()
+    if world == 1:
+        _log("one rank (not started by torchrun, or --nproc-per-node 1): the 'sharded' run is the same model "
+             "on one device; start with: torchrun --nproc-per-node N -m flexprefill tp ...")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cpu" and dtype != torch.float32:
