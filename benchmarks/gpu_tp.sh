@@ -2,6 +2,7 @@
 # Tensor-parallel prefill on a machine with 2 GPUs (issue 6), one call:
 #   bash benchmarks/gpu_tp.sh gemma OUT [PARTS]   # Gemma 3 270M (needle, 32k) and the example script
 #   bash benchmarks/gpu_tp.sh llama OUT           # random-weight Llama-3.1-8B layer shapes, 8 layers, 128k
+#   bash benchmarks/gpu_tp.sh needles OUT [PARTS] # Gemma at needle depths 0.1 and 0.9 (another key)
 # PARTS: a folder with gemma3-270m.gguf.partNN + gemma3-270m.sha256 (scripts/gguf_chunks.py
 # split), joined into $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
 # Runs: flexprefill tp on Gemma 3 270M (K/V head repeated to 2, 32k needle prompt) and on a
@@ -27,6 +28,13 @@ case "$phase" in
   gemma)
 run tp_gemma 300 torchrun --standalone --nproc-per-node 2 -m flexprefill tp --model gemma3-270m --out "$out/tp_gemma"
 run example 150 torchrun --standalone --nproc-per-node 2 examples/tp_prefill.py
+    ;;
+  needles)
+    # the needle at other depths and keys (the checkpoint converted by the gemma phase is reused)
+    for d in 0.1 0.9; do
+      run tp_gemma_depth$d 200 torchrun --standalone --nproc-per-node 2 -m flexprefill tp --model gemma3-270m \
+        --depth $d --seed 1 --repeats 1 --out "$out/tp_gemma_depth$d"
+    done
     ;;
   llama)
 run tp_llama 540 torchrun --standalone --nproc-per-node 2 -m flexprefill tp --model random:llama3.1-8b --layers 8 \

@@ -285,16 +285,20 @@ def _answer(model, tokenizer, input_ids: list[int], max_new_tokens: int, label: 
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             _sync(device)
             times.append(time.perf_counter() - t0)
-    eos = _eos_ids(model, tokenizer)
+    gen = greedy_tokens(model, out, max_new_tokens, _eos_ids(model, tokenizer))
+    return tokenizer.decode(gen, skip_special_tokens=True).strip(), sorted(times)[len(times) // 2]
+
+
+def greedy_tokens(model, out, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Greedy continuation after a prefill's output ``out`` (``use_cache=True``): at most
+    ``max_new_tokens`` ids, stopping at (and dropping) the first id in ``eos``."""
     past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
     gen = [int(nxt)]
     while len(gen) < max_new_tokens and gen[-1] not in eos:
         out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
         gen.append(int(nxt))
-    if gen[-1] in eos:
-        gen = gen[:-1]
-    return tokenizer.decode(gen, skip_special_tokens=True).strip(), sorted(times)[len(times) // 2]
+    return gen[:-1] if gen[-1] in eos else gen
 
 
 class _SelectionRecorder:

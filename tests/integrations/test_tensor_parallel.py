@@ -172,6 +172,8 @@ def test_tp_help_and_bad_arguments():
         main(["tp", "--repeats", "0"])
     with pytest.raises(SystemExit):
         main(["tp", "--length", "abc"])
+    with pytest.raises(SystemExit, match="--depth 1.5"):
+        main(["tp", "--depth", "1.5"])
 
 
 def test_example_script_runs_under_torchrun(tmp_path):

@@ -29,6 +29,7 @@ What this module adds:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -305,7 +306,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # the other ranks wait while rank 0 prepares the checkpoint and runs the single-device
+        # cases, minutes for a large model: a longer timeout than the default 10 minutes
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(hours=2))
     return rank, world, device
 
 
@@ -360,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=12, help="greedy answer length")
     p.add_argument("--no-single", action="store_true", help="skip the single-device run (no checks, no 1-device times)")
     p.add_argument("--seed", type=int, default=0, help="random weights and random prompt / needle seed")
+    p.add_argument("--depth", type=float, default=0.5, help="needle depth in the essays, 0 (start) to 1 (end)")
     p.add_argument("--cache-dir", default=None, help="where converted checkpoints go (default $FLEXPREFILL_CACHE or ~/.cache/flexprefill)")
     p.add_argument("--out", default="./flexprefill-tp", help="folder for tp_prefill.json and tp_prefill.png")
     return p
@@ -416,14 +421,9 @@ def _run_case(model, ids, device, world, *, keep: int, repeats: int, max_new_tok
         _sync(device)
         times.append(time.perf_counter() - t0)
     times = [max(ts) for ts in zip(*_gather(times, world))]
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
-    gen = [int(nxt)]
-    while len(gen) < max_new_tokens and gen[-1] not in eos:
-        out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
-        gen.append(int(nxt))
-    del out, past
+    from ..cli import greedy_tokens
+
+    gen = greedy_tokens(model, model(input_ids=ids, use_cache=True, logits_to_keep=1), max_new_tokens, eos)
     return logits, times, gen
 
 
@@ -575,12 +575,12 @@ def run(args) -> dict | None:
         from ..cli import build_needle_prompt
         from ..models import haystack_text
 
-        needle = build_needle_prompt(tokenizer, haystack_text(), length, seed=args.seed)
+        needle = build_needle_prompt(tokenizer, haystack_text(), length, depth=args.depth, seed=args.seed)
         ids_list = needle["input_ids"]
         eos = {int(x) for x in ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
 
         def decode(gen):
-            return tokenizer.decode([t for t in gen if t not in eos], skip_special_tokens=True).strip()
+            return tokenizer.decode(gen, skip_special_tokens=True).strip()
     else:
         g = torch.Generator().manual_seed(args.seed)
         ids_list = torch.randint(0, int(_text_config(config).vocab_size), (length,), generator=g).tolist()
@@ -722,6 +722,8 @@ def main(argv=None) -> int:
     for name in ("repeats", "check_positions", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive int")
+    if not 0.0 <= args.depth <= 1.0:
+        raise SystemExit(f"--depth {args.depth}: expected a value in [0, 1]")
     if not 0.0 < args.gamma <= 1.0:
         raise SystemExit(f"--gamma {args.gamma}: expected a value in (0, 1]")
     report = run(args)
