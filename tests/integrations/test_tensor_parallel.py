@@ -186,3 +186,23 @@ def test_example_script_runs_under_torchrun(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "random:tiny-gemma3: 256 tokens on 2 rank(s)" in r.stdout
+
+
+def test_padded_batch_and_cached_prefix_under_torchrun(tmp_path):
+    """Serving-grade inputs in a sharded model: a left-padded batch and a chunk over a cached
+    prefix take FlexPrefill's varlen path on each rank's heads and equal one process."""
+    import pathlib
+
+    worker = pathlib.Path(__file__).with_name("tp_padded_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
+           str(tmp_path / "res.json"), str(tmp_path / "cache")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["local_q_rows"] == 2 * 64  # 2 of the 4 query heads on each rank
+    # the global layer ran the varlen operator for both inputs (the sliding layer is SDPA on CPU)
+    assert res["paths_padded"]["1"] == ["flexprefill", True]
+    assert res["paths_chunk"]["1"] == ["flexprefill", True]
+    assert res["padded_max_diff"] < 1e-4 and res["chunk_max_diff"] < 1e-4
+    assert res["padded_vs_sdpa_max_diff"] < 1e-4
