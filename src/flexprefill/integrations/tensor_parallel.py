@@ -371,14 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokens(text: str) -> int:
-    t = text.strip().lower()
+    from ..evals import _ints
+
     try:
-        n = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+        n = _ints(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--length {text!r}: expected tokens such as 32768 or 32k") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--length {text!r}: expected a positive number of tokens")
-    return n
+        n = []
+    if len(n) != 1 or n[0] < 1:
+        raise argparse.ArgumentTypeError(f"--length {text!r}: expected a positive number of tokens such as 32768 or 32k")
+    return n[0]
 
 
 def _barrier(world: int, device: torch.device) -> None:
@@ -389,11 +390,6 @@ def _barrier(world: int, device: torch.device) -> None:
             dist.barrier(device_ids=[device.index])
         else:
             dist.barrier()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _gather(obj, world: int) -> list:
@@ -411,6 +407,8 @@ def _run_case(model, ids, device, world, *, keep: int, repeats: int, max_new_tok
     """One case on one model: a prefill that returns the last ``keep`` positions' logits (also the
     warm-up), ``repeats`` timed prefills (no cache, last logits only), then prefill + greedy
     decode.  Times are the slowest rank's."""
+    from ..cli import _sync, greedy_tokens
+
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[0].float().cpu()
     times = []
     for _ in range(repeats):
@@ -421,8 +419,6 @@ def _run_case(model, ids, device, world, *, keep: int, repeats: int, max_new_tok
         _sync(device)
         times.append(time.perf_counter() - t0)
     times = [max(ts) for ts in zip(*_gather(times, world))]
-    from ..cli import greedy_tokens
-
     gen = greedy_tokens(model, model(input_ids=ids, use_cache=True, logits_to_keep=1), max_new_tokens, eos)
     return logits, times, gen
 
@@ -480,34 +476,13 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def _environment(device: torch.device, world: int) -> dict:
-    import transformers
+    """The benchmarks' stamp (GPU name, torch/triton/transformers versions, commit) and the ranks."""
+    from ..benchmarking import env_stamp
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "world_size": world,
-           "commit": os.environ.get("FLEXPREFILL_COMMIT") or _git_commit(),
-           "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    env = {**env_stamp(), "world_size": world, "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
     if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
         env["gpus_visible"] = torch.cuda.device_count()
-    else:
-        env["gpu"] = None
     return env
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _plot(report: dict, path: str) -> None:
