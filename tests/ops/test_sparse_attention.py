@@ -6,6 +6,7 @@ dtype-rounded inputs) may be at most twice the error of the same attention compu
 PyTorch in the input dtype, plus a small floor for fp32 where that error is ~0.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -365,3 +366,75 @@ def test_diagonal_order_matches_reference(monkeypatch, diag_first, N, D, bs, bm,
     assert (~has_key).any()
     assert (out.transpose(1, 2)[~has_key] == 0).all() and torch.isneginf(lse[~has_key]).all()
     _assert_matches(out, torch.where(has_key, lse, 0.0), q, k, v, sel, scale, rows=has_key)
+
+
+# the Gluon kernel for Hopper (ops.sparse_attention_hopper): every tile config against the
+# oracle, as the Triton kernel above; it needs an sm_90 GPU (no interpreter)
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+HOPPER_CASES = [
+    pytest.param(1, 4097, 8, 2, 128, 128, BF16, 0.2, "token-major", id="N4097-H8/2-D128-bs128-bf16"),
+    pytest.param(2, 3001, 4, 1, 256, 128, BF16, 0.4, "head-major", id="B2-N3001-H4/1-D256-bs128-bf16-headmajor"),
+    pytest.param(1, 2500, 9, 3, 64, 128, F16, 0.3, "sliced", id="N2500-H9/3-D64-bs128-fp16-sliced"),
+    pytest.param(1, 1000, 4, 2, 64, 64, BF16, 0.5, "token-major", id="N1000-H4/2-D64-bs64-bf16"),
+    pytest.param(1, 1100, 4, 2, 128, 64, F16, 0.3, "head-major", id="N1100-H4/2-D128-bs64-fp16-headmajor"),
+    pytest.param(1, 100, 2, 1, 128, 128, BF16, 1.0, "token-major", id="N100-H2/1-D128-one-block"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,Hq,Hkv,D,bs,dtype,density,layout", HOPPER_CASES)
+def test_hopper_kernel_matches_reference(B, N, Hq, Hkv, D, bs, dtype, density, layout):
+    if not _hopper():
+        pytest.skip("the Gluon kernel needs an sm_90 GPU")
+    from flexprefill.ops.sparse_attention_hopper import hopper_configs
+
+    q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + D)
+    k = _layouts(B, N, Hkv, D, dtype, seed=1)[layout]
+    v = _layouts(B, N, Hkv, D, dtype, seed=2)[layout]
+    if layout == "head-major":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    sel = _random_selection(B, Hq, N, bs, density, seed=N)
+    # query blocks that select nothing at all (count 0) give zeros and lse -inf
+    counts = sel.counts.clone()
+    counts[:, 0, 1::3] = 0
+    empty = torch.zeros(B, Hq, N, dtype=torch.bool, device=DEV)
+    empty[:, 0] = ((torch.arange(N, device=DEV) // bs) % 3 == 1)
+    sel = dataclasses.replace(sel, counts=counts)
+    scale = D**-0.5
+    for cfg in hopper_configs(D, bs):
+        for idx in (sel.indices, sel.indices.to(torch.int16)):
+            out, lse = _launch(q, k, v, counts, idx, block_size=bs, softmax_scale=scale, return_lse=True,
+                               hopper_config=cfg)
+            _assert_matches(out, lse, q, k, v, sel, scale, rows=~empty)
+            assert (out.transpose(1, 2)[empty] == 0).all() and (lse[empty] == float("-inf")).all(), cfg
+        out2 = _launch(q, k, v, counts, sel.indices, block_size=bs, softmax_scale=scale, return_lse=False,
+                       hopper_config=cfg)
+        assert torch.equal(out2, out), cfg
+
+
+@pytest.mark.gpu
+def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
+    if not _hopper():
+        pytest.skip("the Gluon kernel needs an sm_90 GPU")
+    monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", "1")
+    B, N, Hq, Hkv, D, bs = 1, 4096, 8, 2, 128, 128
+    q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
+    sel = _random_selection(B, Hq, N, bs, 0.3, seed=5)
+    kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
+    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)  # autotunes (syncs)
+    _assert_matches(out, lse, q, k, v, sel, D**-0.5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out, out) and torch.equal(g_lse, lse)

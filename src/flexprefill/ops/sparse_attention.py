@@ -22,14 +22,32 @@ __all__ = ["sparse_attention", "sparse_attention_varlen"]
 _LOG2E = 1.4426950408889634
 
 
+def _row_view(t, D: int):
+    """``(rows, stride_n)`` of a view of ``t`` ([B, N, H, D] or [N, H, D]) as a 2-D matrix whose
+    rows are tokens, in which every (sequence, head) slice is a block of ``D`` columns starting
+    at a row and a column; None when TMA cannot address it that way (a tile would run into
+    the next head, rows not 16-byte aligned, a batch stride not a whole number of rows)."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    sn, sh, sb = t.stride(-3), t.stride(-2), (t.stride(0) if t.dim() == 4 else 0)
+    heads = t.shape[-2]
+    esz = t.element_size()
+    if t.stride(-1) != 1 or sn <= 0 or (sn * esz) % 16 or t.data_ptr() % 16 or sb % sn:
+        return None
+    # heads either whole rows apart (head-major storage) or side by side within a row
+    if sh % sn and not (sh >= D and (heads - 1) * sh + D <= sn):
+        return None
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return -(-extent // sn), sn
+
+
 def _tma_descriptors(k, v, D: int, BD: int):
     """Tensor descriptors for the off-diagonal K/V tiles, or None where the layout does not allow them.
 
-    Each descriptor views its tensor as ``[rows, stride_n]`` (``stride_n`` = the stride of the
-    token dim); a (sequence, head) slice starts at a row and a column of that view, and the
-    ``D`` columns it reads must not run into the next row.  Needs ``D`` a power of 2 >= 64
-    (so a tile holds no other head's columns), 16-byte aligned rows, Hopper or newer (or the
-    interpreter, which is how CI tests this path).  ``FLEXPREFILL_TMA=0`` turns it off.
+    Each descriptor views its tensor as ``[rows, stride_n]`` (``_row_view``).  Needs ``D`` a
+    power of 2 >= 64 (so a tile holds no other head's columns), 16-byte aligned rows, Hopper
+    or newer (or the interpreter, which is how CI tests this path).  ``FLEXPREFILL_TMA=0``
+    turns it off.
     """
     if os.environ.get("FLEXPREFILL_TMA", "1") == "0" or D != BD:
         return None
@@ -42,18 +60,10 @@ def _tma_descriptors(k, v, D: int, BD: int):
         return None
     descs = []
     for t in (k, v):
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        view = _row_view(t, D)
+        if view is None:
             return None
-        sn, sh, sb = t.stride(-3), t.stride(-2), (t.stride(0) if t.dim() == 4 else 0)
-        heads = t.shape[-2]
-        esz = t.element_size()
-        if t.stride(-1) != 1 or sn <= 0 or (sn * esz) % 16 or t.data_ptr() % 16 or sb % sn:
-            return None
-        # heads either whole rows apart (head-major storage) or side by side within a row
-        if sh % sn and not (sh >= D and (heads - 1) * sh + D <= sn):
-            return None
-        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-        rows = -(-extent // sn)
+        rows, sn = view
         descs.append(TensorDescriptor(t, [rows, sn], [sn, 1], [BD, BD]))
     return descs
 
@@ -107,8 +117,11 @@ def _check(q, k, v, counts, indices, block_size, narrow_indices=False):
 
 
 def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, config=None, out=None, lse=None,
-            window=None):
-    """Launch with autotuning, or with ``config`` = dict(BLOCK_M, BLOCK_N, num_warps, num_stages).
+            window=None, hopper_config=None):
+    """Launch with autotuning, or with ``config`` = dict(BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (the Triton kernel), or with ``hopper_config`` = dict(BLOCK_M, BLOCK_N, num_warps, STAGES)
+    (the Gluon kernel for Hopper, ``sparse_attention_hopper``; without either, it is used
+    where ``_use_hopper_kernel`` says so).
 
     ``out`` and ``lse`` may be given (tests poison them to catch unwritten rows).  ``window``:
     a sliding window on top of the selection (then ``indices`` may be narrower than ``nb``:
@@ -125,6 +138,12 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         out = torch.empty(B, N, Hq, D, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
+    if window is None and (hopper_config is not None or (config is None and _use_hopper_kernel(q, k, v, block_size))):
+        from .sparse_attention_hopper import launch_hopper
+
+        launch_hopper(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
+                      softmax_scale=softmax_scale, config=hopper_config)
+        return (out, lse) if return_lse else out
     # an fp32 stand-in when no lse is asked: the autotuner keys on argument dtypes, so
     # both variants then share one tuning
     lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)
@@ -151,6 +170,20 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
     )
     _run(args, grid, BD, block_size, config, descs)
     return (out, lse) if return_lse else out
+
+
+def _use_hopper_kernel(q, k, v, block_size: int) -> bool:
+    """Whether the dense path runs the Gluon kernel for Hopper (``FLEXPREFILL_HOPPER_KERNEL=1``
+    asks for it; off by default until measured against the Triton kernel): an sm_90 GPU,
+    fp16/bf16, head dim 64, 128 or 256, block size 64 or 128, q/k/v addressable by tensor
+    descriptors."""
+    if os.environ.get("FLEXPREFILL_HOPPER_KERNEL", "0") != "1" or interpreting() or block_size < 64:
+        return False
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128, 256):
+        return False
+    return all(_row_view(t, q.shape[-1]) is not None for t in (q, k, v))
 
 
 def _diag_first(BD: int) -> bool:

@@ -1,0 +1,93 @@
+"""The Gluon kernel for Hopper against the Triton kernel on the same fixed selections (JSON to $OUT).
+
+For head dims 128, 64, 256 (32 query / 8 KV heads, bf16, block size 128) at N (default
+131072) and the suite's random selections (5-60% of the causal blocks, int16 block ids as
+the operator passes them), plus 82% at 32k for head dim 128 (the density of the random-input
+Llama rows of the suite): cuDNN dense SDPA, the autotuned Triton kernel, the Gluon kernel
+with each of its tile configs and autotuned.  Each row: ms, efficiency (TFLOP/s on the
+computed blocks over cuDNN's), and the largest |difference| of the Gluon output from the
+Triton kernel's.
+Usage: python benchmarks/compare_hopper_kernel.py [N] [head dims]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+from flexprefill.benchmarking import (
+    EFFICIENCY_DENSITIES, attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv,
+    random_selection,
+)
+from flexprefill.ops.sparse_attention import _launch
+from flexprefill.ops.sparse_attention_hopper import hopper_configs
+
+HQ, HKV, BS = 32, 8, 128
+
+
+def _cases(N, dims):
+    for D in dims:
+        yield D, N, EFFICIENCY_DENSITIES
+        if D == 128 and N != 32768:
+            yield D, 32768, (0.82,)
+
+
+def main():
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
+    dims = [int(d) for d in sys.argv[2].split(",")] if len(sys.argv) > 2 else [128, 64, 256]
+    out_dir = os.environ.get("OUT", "./out")
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = env_stamp()
+    path = os.path.join(out_dir, f"hopper_kernel_{stamp.get('commit', 'unknown')}.json")
+    rows = []
+    t0 = time.time()
+    for D, n, densities in _cases(N, dims):
+        q, k, v = random_qkv(1, n, HQ, HKV, D, seed=0, device="cuda")
+        scale = D**-0.5
+        base_ms, base_tf = cudnn_reference(q, k, v, scale=scale)
+        print(f"D={D} N={n} cuDNN {base_ms:.2f} ms {base_tf:.0f} TFLOP/s", flush=True)
+        for density in densities:
+            sel = random_selection(1, HQ, n, block_size=BS, density=density, device="cuda", seed=0)
+            flops = attention_flops(count_pairs(sel.counts, sel.indices, block_size=BS, seq_len=n), D)
+            counts, idx = sel.counts, sel.indices.to(torch.int16)
+            sel = None
+            kw = dict(block_size=BS, softmax_scale=scale, return_lse=False)
+            ref = _launch(q, k, v, counts, idx, **kw)  # the Triton kernel (autotunes once per length class)
+            variants = {"triton": dict(), "gluon_tuned": dict(hopper_config=None, _tuned=True)}
+            for c in hopper_configs(D, BS):
+                variants["gluon_{BLOCK_M}x{BLOCK_N}_s{STAGES}_w{num_warps}".format(**c)] = dict(hopper_config=c)
+            r = dict(D=D, N=n, density=causal_density(counts), cudnn_ms=base_ms, cudnn_tflops=base_tf, **stamp)
+            for name, extra in variants.items():
+                extra = dict(extra)
+                if extra.pop("_tuned", False):
+                    os.environ["FLEXPREFILL_HOPPER_KERNEL"] = "1"
+                try:
+                    fn = lambda: _launch(q, k, v, counts, idx, **kw, **extra)  # noqa: E731
+                    o = fn()
+                    ms = do_bench(fn, warmup=3, rep=60)
+                    r[f"ms_{name}"] = ms
+                    r[f"efficiency_{name}"] = flops / (ms * 1e-3) / 1e12 / base_tf
+                    r[f"maxdiff_{name}"] = (o.float() - ref.float()).abs().max().item()
+                except Exception as e:  # a config that fails to compile or launch is reported, not fatal
+                    r[f"error_{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                finally:
+                    os.environ.pop("FLEXPREFILL_HOPPER_KERNEL", None)
+            rows.append(r)
+            eff = {k[len("efficiency_"):]: round(v, 3) for k, v in r.items() if k.startswith("efficiency_")}
+            errs = [k for k in r if k.startswith("error_")]
+            diff = max((v for k, v in r.items() if k.startswith("maxdiff_")), default=0.0)
+            print(f"  density {r['density']:.3f}: {eff} maxdiff {diff:.3g} {errs} ({time.time() - t0:.0f} s)",
+                  flush=True)
+            with open(path, "w") as f:
+                json.dump(rows, f, indent=1)
+        q = k = v = counts = idx = ref = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Launcher of the Gluon block-sparse attention kernel for Hopper (``kernels.sparse_attention_hopper``).
+
+Same arguments and outputs as the dense path of ``ops.sparse_attention`` (which calls this
+where ``_use_hopper_kernel`` allows); autotuned per (head dim, block size, length class).
+No host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .kernels.sparse_attention import length_bucket
+from .sparse_attention import _LOG2E, _row_view
+
+__all__ = ["launch_hopper", "hopper_configs"]
+
+
+def hopper_configs(D: int, block_size: int) -> list[dict]:
+    """The tile configs tried for head dim ``D`` (tiles clamped to the block size, duplicates dropped)."""
+    from .kernels.sparse_attention_hopper import _SPACE
+
+    kept = []
+    for c in _SPACE[D]:
+        c = dict(c, BLOCK_M=min(c["BLOCK_M"], block_size), BLOCK_N=min(c["BLOCK_N"], block_size))
+        c["num_warps"] = c["BLOCK_M"] // 16
+        if c not in kept:
+            kept.append(c)
+    return kept
+
+
+def _descriptor(t, D: int, rows_per_tile: int):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    rows, sn = _row_view(t, D)
+    dt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([rows_per_tile, D], dt)
+    return TensorDescriptor(t, [rows, sn], [sn, 1], [rows_per_tile, D], layout)
+
+
+def _set_blocks(nargs):
+    """Autotune pre-hook: the descriptors' tile shapes follow the config."""
+    from triton.experimental.gluon import language as gl
+
+    for name, rows in (("q_desc", nargs["BLOCK_M"]), ("k_desc", nargs["BLOCK_N"]), ("v_desc", nargs["BLOCK_N"])):
+        d = nargs[name]
+        d.block_shape = [rows, d.block_shape[1]]
+        dt = gl.bfloat16 if d.base.dtype == torch.bfloat16 else gl.float16
+        d.layout = gl.NVMMASharedLayout.get_default_for(d.block_shape, dt)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(D: int, block_size: int):
+    from .kernels.sparse_attention_hopper import sparse_attention_fwd_hopper
+
+    configs = [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "STAGES")}, num_warps=c["num_warps"],
+                             pre_hook=_set_blocks) for c in hopper_configs(D, block_size)]
+    return triton.autotune(configs=configs, key=["D", "BS", "N_BUCKET"])(sparse_attention_fwd_hopper)
+
+
+def launch_hopper(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, config=None):
+    """Write ``out`` (and ``lse`` when given) for q [B, N, Hq, D], k/v [B, N, Hkv, D] (checked by the caller).
+    ``config``: dict(BLOCK_M, BLOCK_N, STAGES, num_warps) instead of autotuning."""
+    B, N, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    bm = (config or {}).get("BLOCK_M", 128)
+    bn = (config or {}).get("BLOCK_N", 128)
+    descs = (_descriptor(q, D, bm), _descriptor(k, D, bn), _descriptor(v, D, bn))
+    lse_arg = lse if lse is not None else torch.empty(1, dtype=torch.float32, device=q.device)
+    args = (
+        *descs, out, lse_arg, counts, indices,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        counts.stride(0), counts.stride(1),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        N, Hkv, softmax_scale * _LOG2E, length_bucket(N),
+        group, D, block_size, lse is not None,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]) * group, B * Hkv)
+
+    if config is None:
+        return _tuned(D, block_size)[grid](*args)
+    from .kernels.sparse_attention_hopper import sparse_attention_fwd_hopper
+
+    cfg = dict(config)
+    if block_size % cfg["BLOCK_M"] or block_size % cfg["BLOCK_N"]:
+        raise ValueError(f"hopper config {config} tiles must divide block_size={block_size}")
+    return sparse_attention_fwd_hopper[grid(cfg)](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                                  STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
