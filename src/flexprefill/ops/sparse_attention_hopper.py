@@ -20,13 +20,13 @@ __all__ = ["launch_hopper", "hopper_configs"]
 
 def hopper_configs(D: int, block_size: int) -> list[dict]:
     """The tile configs tried for head dim ``D`` (tiles clamped to the block size, duplicates dropped)."""
-    from .kernels.sparse_attention_hopper import _SPACE
+    from .kernels.sparse_attention_hopper import _SPACE, SMEM_LIMIT, smem_bytes
 
     kept = []
     for c in _SPACE[D]:
         c = dict(c, BLOCK_M=min(c["BLOCK_M"], block_size), BLOCK_N=min(c["BLOCK_N"], block_size))
         c["num_warps"] = c["BLOCK_M"] // 16
-        if c not in kept:
+        if c not in kept and smem_bytes(D, **c) <= SMEM_LIMIT:
             kept.append(c)
     return kept
 

@@ -197,23 +197,33 @@ def sparse_attention_fwd_hopper(
 
 
 # tile configs per head dim (BLOCK_M = 16 x num_warps: one 64-row wgmma per warpgroup);
-# shared memory: q BLOCK_M x D + STAGES x 2 x BLOCK_N x D, 16-bit
+# shared memory: q BLOCK_M x D + STAGES x 2 x BLOCK_N x D, 16-bit.  First H200 run
+# (results/h200/hopper_kernel_c561766): one warpgroup per CTA with two or three CTAs per SM
+# did best at head dim 64, two warpgroups in one CTA at 256; the 4-warp configs with at most
+# ~113 KB of shared memory let two CTAs share an SM
 _SPACE = {
     64: [
-        dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
-        dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
-        dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8),
         dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4),
+        dict(BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=4),
+        dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, num_warps=4),
+        dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8),
     ],
     128: [
         dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
-        dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=8),
-        dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8),
-        dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4),
+        dict(BLOCK_M=64, BLOCK_N=64, STAGES=2, num_warps=4),
+        dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, num_warps=4),
+        dict(BLOCK_M=64, BLOCK_N=32, STAGES=3, num_warps=4),
     ],
     256: [
         dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=8),
-        dict(BLOCK_M=64, BLOCK_N=64, STAGES=2, num_warps=4),
-        dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4),
+        dict(BLOCK_M=64, BLOCK_N=32, STAGES=2, num_warps=4),
+        dict(BLOCK_M=64, BLOCK_N=32, STAGES=3, num_warps=4),
     ],
 }
+# the H200's shared memory per block (227 KB) less the barriers and some slack
+SMEM_LIMIT = 232448 - 1024
+
+
+def smem_bytes(D, BLOCK_M, BLOCK_N, STAGES, **_):
+    """Shared memory of a config (16-bit q, k, v tiles)."""
+    return 2 * D * (BLOCK_M + 2 * STAGES * BLOCK_N)
