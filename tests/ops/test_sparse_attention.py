@@ -419,13 +419,34 @@ def test_hopper_kernel_matches_reference(B, N, Hq, Hkv, D, bs, dtype, density, l
 def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
     if not _hopper():
         pytest.skip("the Gluon kernel needs an sm_90 GPU")
-    monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", "1")
-    B, N, Hq, Hkv, D, bs = 1, 4096, 8, 2, 128, 128
+    import flexprefill.ops.sparse_attention_hopper as H
+
+    calls = []
+    real = H.launch_hopper
+    monkeypatch.setattr(H, "launch_hopper", lambda *a, **kw: calls.append(a[0].shape[-1]) or real(*a, **kw))
+    monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
+    B, N, Hq, Hkv, bs = 1, 4096, 8, 2, 128
+    for D, used in ((64, True), (128, False), (256, True)):
+        q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
+        sel = _random_selection(B, Hq, N, bs, 0.3, seed=5)
+        kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
+        calls.clear()
+        out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)  # autotunes (syncs)
+        assert (calls == [D]) == used, (D, calls)
+        _assert_matches(out, lse, q, k, v, sel, D**-0.5)
+    # FLEXPREFILL_HOPPER_KERNEL=0 turns it off, =1 on for head dim 128 too
+    for flag, D, used in (("0", 64, False), ("1", 128, True)):
+        monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
+        q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
+        calls.clear()
+        sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=D**-0.5)
+        assert (calls == [D]) == used, (flag, D, calls)
+    # no host sync after the first call, and a CUDA graph replays it exactly
+    monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL")
+    D = 64
     q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
-    sel = _random_selection(B, Hq, N, bs, 0.3, seed=5)
     kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
-    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)  # autotunes (syncs)
-    _assert_matches(out, lse, q, k, v, sel, D**-0.5)
+    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

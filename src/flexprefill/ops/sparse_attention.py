@@ -172,16 +172,25 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
     return (out, lse) if return_lse else out
 
 
+# head dims where the Gluon kernel is the default on Hopper: on an H200 at 128k (5-60% density,
+# results/h200/hopper_kernel/) it beat the Triton kernel at 64 (0.89-0.96 of cuDNN's TFLOP/s
+# against 0.85-0.93) and mostly at 256 (+2 points on average, 9 of 10 cases); at 128 it was
+# 1-5 points slower
+HOPPER_DEFAULT_HEAD_DIMS = (64, 256)
+
+
 def _use_hopper_kernel(q, k, v, block_size: int) -> bool:
-    """Whether the dense path runs the Gluon kernel for Hopper (``FLEXPREFILL_HOPPER_KERNEL=1``
-    asks for it; off by default until measured against the Triton kernel): an sm_90 GPU,
-    fp16/bf16, head dim 64, 128 or 256, block size 64 or 128, q/k/v addressable by tensor
-    descriptors."""
-    if os.environ.get("FLEXPREFILL_HOPPER_KERNEL", "0") != "1" or interpreting() or block_size < 64:
+    """Whether the dense path runs the Gluon kernel for Hopper (``ops.sparse_attention_hopper``):
+    an sm_90 GPU, fp16/bf16, block size 64 or 128, q/k/v addressable by tensor descriptors,
+    head dim in ``HOPPER_DEFAULT_HEAD_DIMS`` (``FLEXPREFILL_HOPPER_KERNEL=1``: any of 64, 128,
+    256; ``=0``: never)."""
+    flag = os.environ.get("FLEXPREFILL_HOPPER_KERNEL")
+    dims = (64, 128, 256) if flag == "1" else HOPPER_DEFAULT_HEAD_DIMS
+    if flag == "0" or interpreting() or block_size < 64:
         return False
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128, 256):
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in dims:
         return False
     return all(_row_view(t, q.shape[-1]) is not None for t in (q, k, v))
 

@@ -12,7 +12,7 @@ What differs from the Triton kernel (why it exists):
   loaded by TMA into ``STAGES`` buffers each, a buffer refilled as soon as the wgmma reading
   it has completed (K after its ``Q K^T``, V after its ``P V``).
 
-Needs sm_90+, 16-bit q/k/v whose K/V layout allows tensor descriptors (see
+Needs sm_90 (wgmma), 16-bit q/k/v whose K/V layout allows tensor descriptors (see
 ``ops.sparse_attention._tma_descriptors``), head dim 64, 128 or 256.  It does not run under
 the Triton interpreter; CPU tests cover the Triton kernel, GPU tests compare the two.
 """
@@ -197,27 +197,23 @@ def sparse_attention_fwd_hopper(
 
 
 # tile configs per head dim (BLOCK_M = 16 x num_warps: one 64-row wgmma per warpgroup);
-# shared memory: q BLOCK_M x D + STAGES x 2 x BLOCK_N x D, 16-bit.  First H200 run
-# (results/h200/hopper_kernel_c561766): one warpgroup per CTA with two or three CTAs per SM
-# did best at head dim 64, two warpgroups in one CTA at 256; the 4-warp configs with at most
-# ~113 KB of shared memory let two CTAs share an SM
+# shared memory: q BLOCK_M x D + STAGES x 2 x BLOCK_N x D, 16-bit.  Kept from two H200 runs
+# (results/h200/hopper_kernel/, 5-60% density at 128k): at head dim 64 one warpgroup per CTA
+# with three CTAs per SM (64x128, 2 stages: 0.91-0.96 of cuDNN), at 256 two warpgroups
+# (128x64); at 128 no config beat the Triton kernel (best 128x128: 1-5 points behind), so
+# it is not the default there.  Under block size 64 the tiles clamp to 64
 _SPACE = {
     64: [
         dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4),
         dict(BLOCK_M=64, BLOCK_N=128, STAGES=3, num_warps=4),
-        dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, num_warps=4),
-        dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8),
     ],
     128: [
         dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
         dict(BLOCK_M=64, BLOCK_N=64, STAGES=2, num_warps=4),
-        dict(BLOCK_M=64, BLOCK_N=64, STAGES=3, num_warps=4),
-        dict(BLOCK_M=64, BLOCK_N=32, STAGES=3, num_warps=4),
     ],
     256: [
         dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=8),
         dict(BLOCK_M=64, BLOCK_N=32, STAGES=2, num_warps=4),
-        dict(BLOCK_M=64, BLOCK_N=32, STAGES=3, num_warps=4),
     ],
 }
 # the H200's shared memory per block (227 KB) less the barriers and some slack
