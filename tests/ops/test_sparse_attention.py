@@ -426,7 +426,7 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
     monkeypatch.setattr(H, "launch_hopper", lambda *a, **kw: calls.append(a[0].shape[-1]) or real(*a, **kw))
     monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
     B, N, Hq, Hkv, bs = 1, 4096, 8, 2, 128
-    for D, used in ((64, True), (128, False), (256, True)):
+    for D, used in ((64, True), (128, False), (256, False)):
         q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
         sel = _random_selection(B, Hq, N, bs, 0.3, seed=5)
         kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
@@ -434,8 +434,8 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
         out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)  # autotunes (syncs)
         assert (calls == [D]) == used, (D, calls)
         _assert_matches(out, lse, q, k, v, sel, D**-0.5)
-    # FLEXPREFILL_HOPPER_KERNEL=0 turns it off, =1 on for head dim 128 too
-    for flag, D, used in (("0", 64, False), ("1", 128, True)):
+    # FLEXPREFILL_HOPPER_KERNEL=0 turns it off, =1 on for head dims 128 and 256 too
+    for flag, D, used in (("0", 64, False), ("1", 128, True), ("1", 256, True)):
         monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
         q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
         calls.clear()
@@ -459,3 +459,37 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(g_out, out) and torch.equal(g_lse, lse)
+
+
+def test_hopper_config_space_fits_shared_memory_and_blocks():
+    # runs on the CPU: the tile configs the Gluon kernel may get divide every block size it
+    # takes, fit the H200's shared memory and use one warpgroup per 64 rows
+    from flexprefill.ops.kernels.sparse_attention_hopper import SMEM_LIMIT, smem_bytes
+    from flexprefill.ops.sparse_attention_hopper import hopper_configs
+
+    for D in (64, 128, 256):
+        for bs in (64, 128):
+            configs = hopper_configs(D, bs)
+            assert configs, (D, bs)
+            for c in configs:
+                assert bs % c["BLOCK_M"] == 0 and bs % c["BLOCK_N"] == 0, c
+                assert c["num_warps"] * 16 == c["BLOCK_M"] and c["STAGES"] >= 2, c
+                assert smem_bytes(D, **c) <= SMEM_LIMIT, c
+    # a config over the limit is dropped
+    assert smem_bytes(256, BLOCK_M=64, BLOCK_N=128, STAGES=2) > SMEM_LIMIT
+
+
+def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
+    # without an sm_90 GPU (or under the interpreter, or with block size 32) the dense path
+    # stays on the Triton kernel whatever FLEXPREFILL_HOPPER_KERNEL says
+    from flexprefill.ops.sparse_attention import _use_hopper_kernel
+
+    q, k, v = _qkv(1, 256, 4, 2, 64, F16, seed=0)
+    for flag in ("1", "0", None):
+        if flag is None:
+            monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
+        assert not _use_hopper_kernel(q, k, v, 32)
+        if not _hopper():
+            assert not _use_hopper_kernel(q, k, v, 128)

@@ -172,11 +172,12 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
     return (out, lse) if return_lse else out
 
 
-# head dims where the Gluon kernel is the default on Hopper: on an H200 at 128k (5-60% density,
-# results/h200/hopper_kernel/) it beat the Triton kernel at 64 (0.89-0.96 of cuDNN's TFLOP/s
-# against 0.85-0.93) and mostly at 256 (+2 points on average, 9 of 10 cases); at 128 it was
-# 1-5 points slower
-HOPPER_DEFAULT_HEAD_DIMS = (64, 256)
+# head dims where the Gluon kernel is the default on Hopper.  On an H200 (results/h200/hopper_kernel/):
+# head dim 64, 32/8 heads at 128k, 5-60% density: 0.92-0.98 of cuDNN's TFLOP/s against the
+# Triton kernel's 0.85-0.93, and SmolLM2's shape end to end 4-12% faster (32k and 128k);
+# head dim 256: +1 to +6 points on the 32/8-head shape, but Gemma 3's 4/1-head shape at 128k
+# was 5% slower on random inputs, so not by default; head dim 128: 1-3 points slower
+HOPPER_DEFAULT_HEAD_DIMS = (64,)
 
 
 def _use_hopper_kernel(q, k, v, block_size: int) -> bool:
