@@ -17,17 +17,13 @@ import os
 import sys
 import time
 
-import torch
 from triton.testing import do_bench
 
-from flexprefill.benchmarking import (
-    EFFICIENCY_DENSITIES, attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv,
-    random_selection,
-)
+from flexprefill.benchmarking import EFFICIENCY_DENSITIES, causal_density, efficiency_cases, env_stamp
 from flexprefill.ops.sparse_attention import _launch
 from flexprefill.ops.sparse_attention_hopper import hopper_configs
 
-HQ, HKV, BS = 32, 8, 128
+BS = 128
 
 
 def _cases(N, dims):
@@ -47,25 +43,20 @@ def main():
     rows = []
     t0 = time.time()
     for D, n, densities in _cases(N, dims):
-        q, k, v = random_qkv(1, n, HQ, HKV, D, seed=0, device="cuda")
-        scale = D**-0.5
-        base_ms, base_tf = cudnn_reference(q, k, v, scale=scale)
-        print(f"D={D} N={n} cuDNN {base_ms:.2f} ms {base_tf:.0f} TFLOP/s", flush=True)
-        for density in densities:
-            sel = random_selection(1, HQ, n, block_size=BS, density=density, device="cuda", seed=0)
-            flops = attention_flops(count_pairs(sel.counts, sel.indices, block_size=BS, seq_len=n), D)
-            counts, idx = sel.counts, sel.indices.to(torch.int16)
-            sel = None
+        for case in efficiency_cases((D,), n, densities):
+            q, k, v, counts, idx, scale = (case[x] for x in ("q", "k", "v", "counts", "idx", "scale"))
+            flops, base_ms, base_tf = case["flops"], case["cudnn_ms"], case["cudnn_tflops"]
             kw = dict(block_size=BS, softmax_scale=scale, return_lse=False)
+            # FLEXPREFILL_HOPPER_KERNEL picks the kernel of the untuned calls: 0 Triton, 1 Gluon
+            os.environ["FLEXPREFILL_HOPPER_KERNEL"] = "0"
             ref = _launch(q, k, v, counts, idx, **kw)  # the Triton kernel (autotunes once per length class)
-            variants = {"triton": dict(), "gluon_tuned": dict(hopper_config=None, _tuned=True)}
+            variants = {"triton": dict(_env="0"), "gluon_tuned": dict(_env="1")}
             for c in hopper_configs(D, BS):
                 variants["gluon_{BLOCK_M}x{BLOCK_N}_s{STAGES}_w{num_warps}".format(**c)] = dict(hopper_config=c)
             r = dict(D=D, N=n, density=causal_density(counts), cudnn_ms=base_ms, cudnn_tflops=base_tf, **stamp)
             for name, extra in variants.items():
                 extra = dict(extra)
-                if extra.pop("_tuned", False):
-                    os.environ["FLEXPREFILL_HOPPER_KERNEL"] = "1"
+                os.environ["FLEXPREFILL_HOPPER_KERNEL"] = extra.pop("_env", "0")
                 try:
                     fn = lambda: _launch(q, k, v, counts, idx, **kw, **extra)  # noqa: E731
                     o = fn()
@@ -85,8 +76,7 @@ def main():
                   flush=True)
             with open(path, "w") as f:
                 json.dump(rows, f, indent=1)
-        q = k = v = counts = idx = ref = None
-        torch.cuda.empty_cache()
+            q = k = v = counts = idx = ref = case = None
 
 
 if __name__ == "__main__":

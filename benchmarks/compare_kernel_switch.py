@@ -15,16 +15,12 @@ import json
 import os
 import sys
 
-import torch
 from triton.testing import do_bench
 
-from flexprefill.benchmarking import (
-    EFFICIENCY_DENSITIES, attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv,
-    random_selection,
-)
+from flexprefill.benchmarking import EFFICIENCY_DENSITIES, causal_density, efficiency_cases, env_stamp
 from flexprefill.ops.sparse_attention import sparse_attention
 
-HQ, HKV, BS = 32, 8, 128
+BS = 128
 
 
 def main():
@@ -35,33 +31,24 @@ def main():
     rows = []
     path = os.path.join(out, f"switch_{switch}_{env_stamp().get('commit', 'unknown')}.json")
     try:
-        for D in (128, 64, 256):
-            q, k, v = random_qkv(1, N, HQ, HKV, D, seed=0, device="cuda")
-            scale = D**-0.5
-            base_ms, base_tf = cudnn_reference(q, k, v, scale=scale)
-            print(f"D={D} N={N} cuDNN {base_ms:.2f} ms {base_tf:.0f} TFLOP/s", flush=True)
-            for density in EFFICIENCY_DENSITIES:
-                sel = random_selection(1, HQ, N, block_size=BS, density=density, device="cuda", seed=0)
-                flops = attention_flops(count_pairs(sel.counts, sel.indices, block_size=BS, seq_len=N), D)
-                counts, idx = sel.counts, sel.indices.to(torch.int16)
-                sel = None
-                times = {"0": [], "1": []}
-                for _ in range(2):
-                    for value in times:
-                        os.environ[switch] = value
-                        fn = lambda: sparse_attention(q, k, v, counts, idx, block_size=BS, softmax_scale=scale)  # noqa: E731
-                        fn()  # autotunes this value's key once
-                        times[value].append(do_bench(fn, warmup=3, rep=100))
-                r = dict(switch=switch, D=D, N=N, density=causal_density(counts), cudnn_ms=base_ms, cudnn_tflops=base_tf,
-                         **env_stamp())
-                for value, ts in times.items():
-                    r[f"ms_{value}"] = min(ts)
-                    r[f"efficiency_{value}"] = flops / (min(ts) * 1e-3) / 1e12 / base_tf
-                rows.append(r)
-                print(f"  density {r['density']:.3f}: efficiency {switch}=0 {r['efficiency_0']:.3f}, "
-                      f"=1 {r['efficiency_1']:.3f}", flush=True)
-            q = k = v = counts = idx = None
-            torch.cuda.empty_cache()
+        for case in efficiency_cases((128, 64, 256), N, EFFICIENCY_DENSITIES):
+            q, k, v, counts, idx = (case[n] for n in ("q", "k", "v", "counts", "idx"))
+            times = {"0": [], "1": []}
+            for _ in range(2):
+                for value in times:
+                    os.environ[switch] = value
+                    fn = lambda: sparse_attention(q, k, v, counts, idx, block_size=BS, softmax_scale=case["scale"])  # noqa: E731
+                    fn()  # autotunes this value's key once
+                    times[value].append(do_bench(fn, warmup=3, rep=100))
+            r = dict(switch=switch, D=case["D"], N=N, density=causal_density(counts), cudnn_ms=case["cudnn_ms"],
+                     cudnn_tflops=case["cudnn_tflops"], **env_stamp())
+            for value, ts in times.items():
+                r[f"ms_{value}"] = min(ts)
+                r[f"efficiency_{value}"] = case["flops"] / (min(ts) * 1e-3) / 1e12 / case["cudnn_tflops"]
+            rows.append(r)
+            print(f"  density {r['density']:.3f}: efficiency {switch}=0 {r['efficiency_0']:.3f}, "
+                  f"=1 {r['efficiency_1']:.3f}", flush=True)
+            q = k = v = counts = idx = case = None
     finally:
         os.environ.pop(switch, None)
         with open(path, "w") as f:

@@ -439,6 +439,26 @@ def cudnn_reference(q, k, v, *, scale: float, rep: int = 100) -> tuple[float, fl
     return ms, attention_flops(dense_pairs(N) * Hq * B, D) / (ms * 1e-3) / 1e12
 
 
+
+def efficiency_cases(head_dims, N, densities, *, q_heads=32, kv_heads=8, block_size=128, device="cuda"):
+    """The kernel-efficiency cases of the A/B scripts: for each head dim, random q/k/v [1, N, H, D]
+    (bf16) timed once under cuDNN dense SDPA, then for each density a random selection with
+    int16 block ids (as the operator passes them).  Yields dicts with q, k, v, scale, D,
+    cudnn_ms, cudnn_tflops, counts, idx and flops (of the computed pairs)."""
+    for D in head_dims:
+        q, k, v = random_qkv(1, N, q_heads, kv_heads, D, seed=0, device=device)
+        scale = D**-0.5
+        base_ms, base_tf = cudnn_reference(q, k, v, scale=scale)
+        print(f"D={D} N={N} cuDNN {base_ms:.2f} ms {base_tf:.0f} TFLOP/s", flush=True)
+        for density in densities:
+            sel = random_selection(1, q_heads, N, block_size=block_size, density=density, device=device, seed=0)
+            flops = attention_flops(count_pairs(sel.counts, sel.indices, block_size=block_size, seq_len=N), D)
+            yield dict(q=q, k=k, v=v, scale=scale, D=D, cudnn_ms=base_ms, cudnn_tflops=base_tf, counts=sel.counts,
+                       idx=sel.indices.to(torch.int16), flops=flops)
+            sel = None
+        q = k = v = None
+        torch.cuda.empty_cache()
+
 def make_dense_fn(method: str, qt, kt, vt, *, scale: float):
     """SDPA in [B, H, N, D] (layout prepared outside the timed region), returns (fn, note).
 

@@ -251,18 +251,25 @@ def test_no_host_sync_and_cuda_graph():
     q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
     sel = _random_selection(B, Hq, N, bs, 0.3, seed=5)
     kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
-    # the first call autotunes (it syncs); later calls must not
-    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
+    _assert_no_sync_and_graph(lambda: sparse_attention(q, k, v, sel.counts, sel.indices, **kw),
+                              lambda: dense_causal_attention(q, k, v, softmax_scale=D**-0.5, return_lse=True))
+
+
+def _assert_no_sync_and_graph(fn, *others):
+    """``fn`` (and ``others``) after a first call (which may autotune and sync) make no host
+    sync, and a CUDA graph of ``fn`` replays its (out, lse) exactly."""
+    out, lse = fn()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
-        dense_causal_attention(q, k, v, softmax_scale=D**-0.5, return_lse=True)
+        fn()
+        for other in others:
+            other()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_out, g_lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
+        g_out, g_lse = fn()
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(g_out, out) and torch.equal(g_lse, lse)
@@ -446,19 +453,9 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
     D = 64
     q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
     kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
-    out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out, g_lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(g_out, out) and torch.equal(g_lse, lse)
+    calls.clear()
+    _assert_no_sync_and_graph(lambda: sparse_attention(q, k, v, sel.counts, sel.indices, **kw))
+    assert calls and set(calls) == {64}
 
 
 def test_hopper_config_space_fits_shared_memory_and_blocks():

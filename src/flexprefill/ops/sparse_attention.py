@@ -156,12 +156,7 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
 
     args = (
         q, k, v, out, lse_arg, counts, indices, *(descs or (k, v)),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        counts.stride(0), counts.stride(1),
-        indices.stride(0), indices.stride(1), indices.stride(2),
+        *_dense_strides(q, k, v, out, counts, indices),
         N, Hkv, softmax_scale * _LOG2E,
         # sequence bounds and the lse head stride are unused by the dense path
         counts, counts, counts, counts, 0, length_bucket(N), 0 if window is None else int(window),
@@ -178,6 +173,13 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
 # head dim 256: +1 to +6 points on the 32/8-head shape, but Gemma 3's 4/1-head shape at 128k
 # was 5% slower on random inputs, so not by default; head dim 128: 1-3 points slower
 HOPPER_DEFAULT_HEAD_DIMS = (64,)
+
+
+def _dense_strides(q, k, v, out, counts, indices) -> tuple:
+    """The stride arguments both dense-path kernels take, in their order: (batch, token, head)
+    of q, k, v and out, (batch, head) of counts, (batch, head, row) of indices."""
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *counts.stride()[:2],
+            *indices.stride()[:3])
 
 
 def _use_hopper_kernel(q, k, v, block_size: int) -> bool:

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from .kernels.sparse_attention import length_bucket
-from .sparse_attention import _LOG2E, _row_view
+from .sparse_attention import _LOG2E, _dense_strides, _row_view
 
 __all__ = ["launch_hopper", "hopper_configs"]
 
@@ -73,12 +73,7 @@ def launch_hopper(q, k, v, counts, indices, out, lse, *, block_size: int, softma
     lse_arg = lse if lse is not None else torch.empty(1, dtype=torch.float32, device=q.device)
     args = (
         *descs, out, lse_arg, counts, indices,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        counts.stride(0), counts.stride(1),
-        indices.stride(0), indices.stride(1), indices.stride(2),
+        *_dense_strides(q, k, v, out, counts, indices),
         N, Hkv, softmax_scale * _LOG2E, length_bucket(N),
         group, D, block_size, lse is not None,
     )
