@@ -6,6 +6,8 @@ a fixed shape can be captured in a CUDA graph (after a first call has autotuned)
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import os
 
@@ -193,9 +195,19 @@ def _use_hopper_kernel(q, k, v, block_size: int) -> bool:
         return False
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in dims:
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in dims or not _gluon_available():
         return False
     return all(_row_view(t, q.shape[-1]) is not None for t in (q, k, v))
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_available() -> bool:
+    """Whether this triton has Gluon's Hopper API (triton >= 3.5); older ones keep the Triton kernel."""
+    try:
+        importlib.import_module(".kernels.sparse_attention_hopper", __package__)
+    except (ImportError, AttributeError):
+        return False
+    return True
 
 
 def _diag_first(BD: int) -> bool:
