@@ -439,7 +439,6 @@ def cudnn_reference(q, k, v, *, scale: float, rep: int = 100) -> tuple[float, fl
     return ms, attention_flops(dense_pairs(N) * Hq * B, D) / (ms * 1e-3) / 1e12
 
 
-
 def efficiency_cases(head_dims, N, densities, *, q_heads=32, kv_heads=8, block_size=128, device="cuda"):
     """The kernel-efficiency cases of the A/B scripts: for each head dim, random q/k/v [1, N, H, D]
     (bf16) timed once under cuDNN dense SDPA, then for each density a random selection with
@@ -458,6 +457,7 @@ def efficiency_cases(head_dims, N, densities, *, q_heads=32, kv_heads=8, block_s
             sel = None
         q = k = v = None
         torch.cuda.empty_cache()
+
 
 def make_dense_fn(method: str, qt, kt, vt, *, scale: float):
     """SDPA in [B, H, N, D] (layout prepared outside the timed region), returns (fn, note).

@@ -171,7 +171,7 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
 
 # head dims where the Gluon kernel is the default on Hopper.  On an H200 (results/h200/hopper_kernel/):
 # head dim 64, 32/8 heads at 128k, 5-60% density: 0.92-0.98 of cuDNN's TFLOP/s against the
-# Triton kernel's 0.85-0.93, and SmolLM2's shape end to end 4-12% faster (32k and 128k);
+# Triton kernel's 0.85-0.93, and SmolLM2's shape end to end 4-14% faster (32k and 128k);
 # head dim 256: +1 to +6 points on the 32/8-head shape, but Gemma 3's 4/1-head shape at 128k
 # was 5% slower on random inputs, so not by default; head dim 128: 1-3 points slower
 HOPPER_DEFAULT_HEAD_DIMS = (64,)

@@ -31,25 +31,26 @@ def hopper_configs(D: int, block_size: int) -> list[dict]:
     return kept
 
 
-def _descriptor(t, D: int, rows_per_tile: int):
+def _smem_layout(block_shape, dtype):
+    """The shared-memory layout of a TMA tile of a 16-bit tensor (what wgmma reads)."""
     from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for(block_shape, gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+def _descriptor(t, D: int, rows_per_tile: int):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     rows, sn = _row_view(t, D)
-    dt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([rows_per_tile, D], dt)
-    return TensorDescriptor(t, [rows, sn], [sn, 1], [rows_per_tile, D], layout)
+    return TensorDescriptor(t, [rows, sn], [sn, 1], [rows_per_tile, D], _smem_layout([rows_per_tile, D], t.dtype))
 
 
 def _set_blocks(nargs):
     """Autotune pre-hook: the descriptors' tile shapes follow the config."""
-    from triton.experimental.gluon import language as gl
-
     for name, rows in (("q_desc", nargs["BLOCK_M"]), ("k_desc", nargs["BLOCK_N"]), ("v_desc", nargs["BLOCK_N"])):
         d = nargs[name]
         d.block_shape = [rows, d.block_shape[1]]
-        dt = gl.bfloat16 if d.base.dtype == torch.bfloat16 else gl.float16
-        d.layout = gl.NVMMASharedLayout.get_default_for(d.block_shape, dt)
+        d.layout = _smem_layout(d.block_shape, d.base.dtype)
 
 
 @functools.lru_cache(maxsize=None)
