@@ -7,13 +7,17 @@ Llama rows of the suite): cuDNN dense SDPA, the autotuned Triton kernel, the Glu
 with each of its tile configs and autotuned.  Each row: ms, efficiency (TFLOP/s on the
 computed blocks over cuDNN's), and the largest |difference| of the Gluon output from the
 Triton kernel's.
-Usage: python benchmarks/compare_hopper_kernel.py [N] [head dims]
+Usage: python benchmarks/compare_hopper_kernel.py [N] [head dims] [configs]
+configs: Gluon tile configs to try besides the kernel's own, comma-separated
+BLOCK_MxBLOCK_N[sSTAGES][wWARPS][rMAXNREG], e.g. 128x64s2r128 (register cap 128 per thread:
+two CTAs of 8 warps per SM); a config that does not fit a head dim's shared memory is skipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -33,9 +37,28 @@ def _cases(N, dims):
             yield D, 32768, (0.82,)
 
 
+def _parse_configs(text):
+    configs = []
+    for item in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:w(\d+))?(?:r(\d+))?", item.strip())
+        if not m:
+            raise SystemExit(f"configs: cannot read {item!r}; expected e.g. 128x64s2w8r128")
+        bm, bn, st, w, r = m.groups()
+        c = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), STAGES=int(st or 2), num_warps=int(w or int(bm) // 16))
+        if r:
+            c["maxnreg"] = int(r)
+        configs.append(c)
+    return configs
+
+
+def _name(c):
+    return "gluon_{BLOCK_M}x{BLOCK_N}_s{STAGES}_w{num_warps}".format(**c) + (f"_r{c['maxnreg']}" if c.get("maxnreg") else "")
+
+
 def main():
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
     dims = [int(d) for d in sys.argv[2].split(",")] if len(sys.argv) > 2 else [128, 64, 256]
+    extra_configs = _parse_configs(sys.argv[3]) if len(sys.argv) > 3 else []
     out_dir = os.environ.get("OUT", "./out")
     os.makedirs(out_dir, exist_ok=True)
     stamp = env_stamp()
@@ -51,8 +74,8 @@ def main():
             os.environ["FLEXPREFILL_HOPPER_KERNEL"] = "0"
             ref = _launch(q, k, v, counts, idx, **kw)  # the Triton kernel (autotunes once per length class)
             variants = {"triton": dict(_env="0"), "gluon_tuned": dict(_env="1")}
-            for c in hopper_configs(D, BS):
-                variants["gluon_{BLOCK_M}x{BLOCK_N}_s{STAGES}_w{num_warps}".format(**c)] = dict(hopper_config=c)
+            for c in hopper_configs(D, BS) + hopper_configs(D, BS, extra_configs):
+                variants[_name(c)] = dict(hopper_config=c)
             r = dict(D=D, N=n, density=causal_density(counts), cudnn_ms=base_ms, cudnn_tflops=base_tf, **stamp)
             for name, extra in variants.items():
                 extra = dict(extra)

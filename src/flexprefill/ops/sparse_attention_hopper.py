@@ -18,12 +18,13 @@ from .sparse_attention import _LOG2E, _dense_strides, _row_view
 __all__ = ["launch_hopper", "hopper_configs"]
 
 
-def hopper_configs(D: int, block_size: int) -> list[dict]:
-    """The tile configs tried for head dim ``D`` (tiles clamped to the block size, duplicates dropped)."""
+def hopper_configs(D: int, block_size: int, space: list[dict] | None = None) -> list[dict]:
+    """The tile configs tried for head dim ``D`` (tiles clamped to the block size, duplicates and
+    configs over the shared memory dropped); ``space``: other configs than the kernel's own."""
     from .kernels.sparse_attention_hopper import _SPACE, SMEM_LIMIT, smem_bytes
 
     kept = []
-    for c in _SPACE[D]:
+    for c in (_SPACE[D] if space is None else space):
         c = dict(c, BLOCK_M=min(c["BLOCK_M"], block_size), BLOCK_N=min(c["BLOCK_N"], block_size))
         c["num_warps"] = c["BLOCK_M"] // 16
         if c not in kept and smem_bytes(D, **c) <= SMEM_LIMIT:
@@ -58,13 +59,13 @@ def _tuned(D: int, block_size: int):
     from .kernels.sparse_attention_hopper import sparse_attention_fwd_hopper
 
     configs = [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "STAGES")}, num_warps=c["num_warps"],
-                             pre_hook=_set_blocks) for c in hopper_configs(D, block_size)]
+                             maxnreg=c.get("maxnreg"), pre_hook=_set_blocks) for c in hopper_configs(D, block_size)]
     return triton.autotune(configs=configs, key=["D", "BS", "N_BUCKET"])(sparse_attention_fwd_hopper)
 
 
 def launch_hopper(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, config=None):
     """Write ``out`` (and ``lse`` when given) for q [B, N, Hq, D], k/v [B, N, Hkv, D] (checked by the caller).
-    ``config``: dict(BLOCK_M, BLOCK_N, STAGES, num_warps) instead of autotuning."""
+    ``config``: dict(BLOCK_M, BLOCK_N, STAGES, num_warps[, maxnreg]) instead of autotuning."""
     B, N, Hq, D = q.shape
     Hkv = k.shape[2]
     group = Hq // Hkv
@@ -89,5 +90,6 @@ def launch_hopper(q, k, v, counts, indices, out, lse, *, block_size: int, softma
     cfg = dict(config)
     if block_size % cfg["BLOCK_M"] or block_size % cfg["BLOCK_N"]:
         raise ValueError(f"hopper config {config} tiles must divide block_size={block_size}")
+    extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     return sparse_attention_fwd_hopper[grid(cfg)](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                                  STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+                                                  STAGES=cfg["STAGES"], num_warps=cfg["num_warps"], **extra)
