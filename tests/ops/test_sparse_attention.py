@@ -396,7 +396,7 @@ HOPPER_CASES = [
 def test_hopper_kernel_matches_reference(B, N, Hq, Hkv, D, bs, dtype, density, layout):
     if not _hopper():
         pytest.skip("the Gluon kernel needs an sm_90 GPU")
-    from flexprefill.ops.sparse_attention_hopper import hopper_configs
+    from flexprefill.ops.sparse_attention_hopper import hopper_configs, ws_configs
 
     q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + D)
     k = _layouts(B, N, Hkv, D, dtype, seed=1)[layout]
@@ -411,7 +411,11 @@ def test_hopper_kernel_matches_reference(B, N, Hq, Hkv, D, bs, dtype, density, l
     empty[:, 0] = ((torch.arange(N, device=DEV) // bs) % 3 == 1)
     sel = dataclasses.replace(sel, counts=counts)
     scale = D**-0.5
-    for cfg in hopper_configs(D, bs):
+    # the tiled kernel's configs, then the warp-specialised one's with and without ping-pong
+    # (persistent: 33-66 query tiles per (batch, head) here, more tiles than the H200 has SMs)
+    ws = [dict(c, kernel="ws", PINGPONG=pp) for c in ws_configs(D, bs) for pp in (True, False)]
+    assert bool(ws) == (bs % 128 == 0)
+    for cfg in hopper_configs(D, bs) + ws:
         for idx in (sel.indices, sel.indices.to(torch.int16)):
             out, lse = _launch(q, k, v, counts, idx, block_size=bs, softmax_scale=scale, return_lse=True,
                                hopper_config=cfg)
@@ -448,14 +452,33 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
         calls.clear()
         sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=D**-0.5)
         assert (calls == [D]) == used, (flag, D, calls)
-    # no host sync after the first call, and a CUDA graph replays it exactly
-    monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL")
-    D = 64
-    q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
-    kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
-    calls.clear()
-    _assert_no_sync_and_graph(lambda: sparse_attention(q, k, v, sel.counts, sel.indices, **kw))
-    assert calls and set(calls) == {64}
+    # =ws: the warp-specialised kernel for every head dim (block size 128; 64 keeps the tiled one)
+    ws_calls = []
+    real_ws = H.launch_hopper_ws
+    monkeypatch.setattr(H, "launch_hopper_ws", lambda *a, **kw: ws_calls.append(a[0].shape[-1]) or real_ws(*a, **kw))
+    monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", "ws")
+    for D in (64, 128, 256):
+        q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
+        calls.clear(), ws_calls.clear()
+        out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=D**-0.5,
+                                    return_lse=True)
+        assert ws_calls == [D] and not calls, (D, calls, ws_calls)
+        _assert_matches(out, lse, q, k, v, sel, D**-0.5)
+    q, k, v = _qkv(B, N, Hq, Hkv, 64, BF16, seed=5)
+    sel64 = _random_selection(B, Hq, N, 64, 0.3, seed=5)
+    calls.clear(), ws_calls.clear()
+    sparse_attention(q, k, v, sel64.counts, sel64.indices, block_size=64, softmax_scale=0.125)
+    assert calls == [64] and not ws_calls
+    # no host sync after the first call, and a CUDA graph replays it exactly (both Gluon kernels)
+    for flag, spy in (("ws", ws_calls), (None, calls)):
+        if flag is None:
+            monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL")
+        D = 64 if flag is None else 128
+        q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
+        kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
+        calls.clear(), ws_calls.clear()
+        _assert_no_sync_and_graph(lambda: sparse_attention(q, k, v, sel.counts, sel.indices, **kw))
+        assert spy and set(spy) == {D}
 
 
 def test_hopper_config_space_fits_shared_memory_and_blocks():
@@ -474,6 +497,17 @@ def test_hopper_config_space_fits_shared_memory_and_blocks():
                 assert smem_bytes(D, **c) <= SMEM_LIMIT, c
     # a config over the limit is dropped
     assert smem_bytes(256, BLOCK_M=64, BLOCK_N=128, STAGES=2) > SMEM_LIMIT
+    # the warp-specialised kernel: 128-row query tiles, so block sizes that are multiples of 128
+    from flexprefill.ops.kernels.sparse_attention_hopper_ws import ws_smem_bytes
+    from flexprefill.ops.sparse_attention_hopper import ws_configs
+
+    for D in (64, 128, 256):
+        assert ws_configs(D, 64) == []
+        for c in ws_configs(D, 128):
+            assert 128 % c["BLOCK_N"] == 0 and c["STAGES"] >= 2 and c["Q_STAGES"] in (1, 2), c
+            assert ws_smem_bytes(D, **c) <= SMEM_LIMIT, c
+        assert ws_configs(D, 128)
+    assert ws_smem_bytes(256, BLOCK_N=128, STAGES=2, Q_STAGES=2) > SMEM_LIMIT
 
 
 def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
@@ -483,7 +517,7 @@ def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
 
     assert _gluon_available()  # CI's triton (>= 3.7) has Gluon's Hopper API
     q, k, v = _qkv(1, 256, 4, 2, 64, F16, seed=0)
-    for flag in ("1", "0", None):
+    for flag in ("1", "ws", "0", None):
         if flag is None:
             monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
         else:

@@ -122,8 +122,10 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
             window=None, hopper_config=None):
     """Launch with autotuning, or with ``config`` = dict(BLOCK_M, BLOCK_N, num_warps, num_stages)
     (the Triton kernel), or with ``hopper_config`` = dict(BLOCK_M, BLOCK_N, num_warps, STAGES)
-    (the Gluon kernel for Hopper, ``sparse_attention_hopper``; without either, it is used
-    where ``_use_hopper_kernel`` says so).
+    (the Gluon kernel for Hopper, ``sparse_attention_hopper``; ``kernel="ws"`` in it: the
+    warp-specialised persistent one, which takes dict(BLOCK_N, STAGES, Q_STAGES, PINGPONG),
+    for block sizes that are multiples of 128; without either, a Gluon kernel is used where
+    ``_use_hopper_kernel`` says so).
 
     ``out`` and ``lse`` may be given (tests poison them to catch unwritten rows).  ``window``:
     a sliding window on top of the selection (then ``indices`` may be narrower than ``nb``:
@@ -141,10 +143,13 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
     if return_lse and lse is None:
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
     if window is None and (hopper_config is not None or (config is None and _use_hopper_kernel(q, k, v, block_size))):
-        from .sparse_attention_hopper import launch_hopper
+        from .sparse_attention_hopper import launch_hopper, launch_hopper_ws
 
-        launch_hopper(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
-                      softmax_scale=softmax_scale, config=hopper_config)
+        hc = dict(hopper_config or {})
+        kernel = hc.pop("kernel", "ws" if os.environ.get("FLEXPREFILL_HOPPER_KERNEL") == "ws" else "tiled")
+        launch = launch_hopper_ws if kernel == "ws" and block_size % 128 == 0 else launch_hopper
+        launch(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
+               softmax_scale=softmax_scale, config=hc or None)
         return (out, lse) if return_lse else out
     # an fp32 stand-in when no lse is asked: the autotuner keys on argument dtypes, so
     # both variants then share one tuning
@@ -188,9 +193,10 @@ def _use_hopper_kernel(q, k, v, block_size: int) -> bool:
     """Whether the dense path runs the Gluon kernel for Hopper (``ops.sparse_attention_hopper``):
     an sm_90 GPU, fp16/bf16, block size 64 or 128, q/k/v addressable by tensor descriptors,
     head dim in ``HOPPER_DEFAULT_HEAD_DIMS`` (``FLEXPREFILL_HOPPER_KERNEL=1``: any of 64, 128,
-    256; ``=0``: never)."""
+    256; ``=ws``: the same with the warp-specialised kernel where the block size is a multiple
+    of 128; ``=0``: never)."""
     flag = os.environ.get("FLEXPREFILL_HOPPER_KERNEL")
-    dims = (64, 128, 256) if flag == "1" else HOPPER_DEFAULT_HEAD_DIMS
+    dims = (64, 128, 256) if flag in ("1", "ws") else HOPPER_DEFAULT_HEAD_DIMS
     if flag == "0" or interpreting() or block_size < 64:
         return False
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:

@@ -15,7 +15,7 @@ import triton
 from .kernels.sparse_attention import length_bucket
 from .sparse_attention import _LOG2E, _dense_strides, _row_view
 
-__all__ = ["launch_hopper", "hopper_configs"]
+__all__ = ["launch_hopper", "hopper_configs", "launch_hopper_ws", "ws_configs"]
 
 
 def hopper_configs(D: int, block_size: int, space: list[dict] | None = None) -> list[dict]:
@@ -93,3 +93,52 @@ def launch_hopper(q, k, v, counts, indices, out, lse, *, block_size: int, softma
     extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     return sparse_attention_fwd_hopper[grid(cfg)](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                                   STAGES=cfg["STAGES"], num_warps=cfg["num_warps"], **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# registers per thread: 3 warpgroups (2 consumers, the producer warp's padded group) share the
+# SM's 64K; each consumer warpgroup gets CONSUMER_REGS, the producer 24
+_WS_MAXNREG = 168
+
+
+def ws_configs(D: int, block_size: int) -> list[dict]:
+    """The warp-specialised kernel's configs for head dim ``D`` ([] where it does not apply:
+    block sizes that are not a multiple of its 128-row query tile)."""
+    from .kernels.sparse_attention_hopper import SMEM_LIMIT
+    from .kernels.sparse_attention_hopper_ws import _WS_SPACE, ws_smem_bytes
+
+    if block_size % 128:
+        return []
+    return [dict(c, BLOCK_N=min(c["BLOCK_N"], block_size)) for c in _WS_SPACE[D]
+            if ws_smem_bytes(D, **c) <= SMEM_LIMIT]
+
+
+def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, config=None):
+    """The warp-specialised persistent kernel (``kernels.sparse_attention_hopper_ws``): same
+    arguments as ``launch_hopper``; ``config``: dict(BLOCK_N, STAGES, Q_STAGES, PINGPONG[,
+    CONSUMER_REGS]) instead of the head dim's default.  Needs a block size multiple of 128."""
+    from .kernels.sparse_attention_hopper_ws import ROWS_PER_WG, sparse_attention_fwd_hopper_ws
+
+    B, N, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    configs = ws_configs(D, block_size)
+    if not configs:
+        raise ValueError(f"the warp-specialised kernel needs block_size a multiple of 128, got {block_size}")
+    cfg = dict(configs[0], **(config or {}))
+    rows = int(ROWS_PER_WG)
+    descs = (_descriptor(q, D, rows), _descriptor(k, D, cfg["BLOCK_N"]), _descriptor(v, D, cfg["BLOCK_N"]))
+    lse_arg = lse if lse is not None else torch.empty(1, dtype=torch.float32, device=q.device)
+    n_tiles = triton.cdiv(N, 2 * rows) * B * Hq
+    grid = (min(n_tiles, _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())),)
+    return sparse_attention_fwd_hopper_ws[grid](
+        *descs, out, lse_arg, counts, indices,
+        *_dense_strides(q, k, v, out, counts, indices),
+        N, Hkv, softmax_scale * _LOG2E, length_bucket(N), B,
+        group, D, block_size, lse is not None,
+        cfg["BLOCK_N"], cfg["STAGES"], cfg["Q_STAGES"], cfg["PINGPONG"], cfg.get("CONSUMER_REGS", 240),
+        num_warps=4, maxnreg=_WS_MAXNREG)

@@ -1,0 +1,283 @@
+"""Block-sparse causal attention forward for Hopper, warp-specialised and persistent (Gluon).
+
+The same contract as ``sparse_attention_fwd_hopper`` (dense, non-packed, non-windowed path;
+block size a multiple of 128), with FlashAttention-3's division of labour:
+- one producer warp loads, by TMA, each query tile's Q (128 rows, two 64-row halves) and the
+  K and V tiles of its selected blocks into rings of ``STAGES`` buffers, waiting on "empty"
+  mbarriers only; it runs ahead into the next query tile while the consumers finish this one
+  (the next tile's Q has its own buffer when ``Q_STAGES`` is 2), so a query tile's loads no
+  longer sit between two tiles' matmuls;
+- two consumer warpgroups take 64 query rows each of the same tile (same K/V buffers) with
+  the intra-warpgroup overlap of ``sparse_attention_fwd_hopper`` (tile j's ``Q K^T`` and tile
+  j-1's ``P V`` issued together, the softmax while ``P V`` runs), and release a buffer to the
+  producer when their wgmma reading it completes; no CTA-wide barrier holds them in lockstep;
+- ``PINGPONG``: the two warpgroups take turns issuing their matmuls (an mbarrier each), so one
+  warpgroup's softmax overlaps the other's matmuls;
+- persistent: ``grid`` programs walk the query tiles, longest rows first, with a stride.
+
+Needs sm_90 and triton's Gluon ``warp_specialize``; not runnable under the interpreter.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .sparse_attention_hopper import _LN2, _softmax_step, _tile_start
+
+ROWS_PER_WG = gl.constexpr(64)
+
+
+@gluon.jit
+def _selection(t, counts, indices, n_tiles_row, N, HKV,
+               stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+               GROUP: gl.constexpr, BS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Tile t's coordinates and selection: (i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t)."""
+    per_row = n_tiles_row  # query tiles per tile row: batch x heads
+    n_mt = (N + BLOCK_M - 1) // BLOCK_M
+    i_mt = n_mt - 1 - t // per_row
+    rem = t % per_row
+    i_g = rem % GROUP
+    i_bk = rem // GROUP
+    i_b = (i_bk // HKV).to(gl.int64)
+    i_hk = (i_bk % HKV).to(gl.int64)
+    i_h = i_hk * GROUP + i_g
+    i_r = i_mt // (BS // BLOCK_M)
+    R: gl.constexpr = BS // BLOCK_N
+    p_idx = indices + i_b * stride_ib + i_h * stride_ih + i_r * stride_ir
+    n_sel = gl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r)
+    last = gl.load(p_idx + gl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
+    has_diag = last == i_r
+    n_off = (n_sel - has_diag.to(gl.int32)) * R
+    q_hi = gl.minimum((i_mt + 1) * BLOCK_M, N)
+    n_t = n_off + gl.where(has_diag, (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N, 0)
+    return i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t
+
+
+@gluon.jit
+def _producer(wg, args,
+              GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    (q_desc, k_desc, v_desc, o, lse, counts, indices,
+     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
+     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+     N, HKV, scale_log2, n_tiles, n_tiles_row, q_smem, k_smem, v_smem, bars) = args
+    q_full, q_empty, k_full, k_empty, v_full, v_empty, sched = bars
+    BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
+    it = 0
+    tc = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t = _selection(
+            t, counts, indices, n_tiles_row, N, HKV, stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+            GROUP, BS, BLOCK_M, BLOCK_N)
+        off_q = i_b * stride_qb + i_h * stride_qh
+        off_k = i_b * stride_kb + i_hk * stride_kh
+        off_v = i_b * stride_vb + i_hk * stride_vh
+        q_row = (off_q // stride_qn).to(gl.int32) + i_mt * BLOCK_M
+        q_col = (off_q % stride_qn).to(gl.int32)
+        k_row = (off_k // stride_kn).to(gl.int32)
+        k_col = (off_k % stride_kn).to(gl.int32)
+        v_row = (off_v // stride_vn).to(gl.int32)
+        v_col = (off_v % stride_vn).to(gl.int32)
+
+        qb = tc % Q_STAGES
+        mbarrier.wait(q_empty.index(qb), ((tc // Q_STAGES) & 1) ^ 1)
+        mbarrier.expect(q_full.index(qb), 2 * q_desc.block_type.nbytes)
+        for h in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [q_row + h * ROWS_PER_WG, q_col], q_full.index(qb),
+                                            q_smem.index(qb * 2 + h))
+        # the consumers' order: K_0, then (K_j, V_{j-1}) for j = 1 .. n_t - 1, then V_{n_t - 1}
+        for j in range(0, n_t + 1):
+            if j < n_t:
+                b = (it + j) % STAGES
+                mbarrier.wait(k_empty.index(b), (((it + j) // STAGES) & 1) ^ 1)
+                n0 = _tile_start(p_idx, j, n_off, i_r, BS, BLOCK_N)
+                mbarrier.expect(k_full.index(b), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [k_row + n0, k_col], k_full.index(b), k_smem.index(b))
+            if j > 0:
+                b = (it + j - 1) % STAGES
+                mbarrier.wait(v_empty.index(b), (((it + j - 1) // STAGES) & 1) ^ 1)
+                n0 = _tile_start(p_idx, j - 1, n_off, i_r, BS, BLOCK_N)
+                mbarrier.expect(v_full.index(b), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [v_row + n0, v_col], v_full.index(b), v_smem.index(b))
+        it += n_t
+        tc += 1
+
+
+@gluon.jit
+def _consumer(wg, args,
+              GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    (q_desc, k_desc, v_desc, o, lse, counts, indices,
+     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
+     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+     N, HKV, scale_log2, n_tiles, n_tiles_row, q_smem, k_smem, v_smem, bars) = args
+    q_full, q_empty, k_full, k_empty, v_full, v_empty, sched = bars
+    dtype: gl.constexpr = q_desc.dtype
+    BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    s_zero = gl.zeros([ROWS_PER_WG, BLOCK_N], gl.float32, layout=s_layout)
+    o_d = gl.arange(0, D, layout=col_o)
+    mine = sched.index(wg)
+    other = sched.index(1 - wg)
+    if PINGPONG:
+        # warpgroup 0 issues first: warpgroup 1 opens its turn
+        mbarrier.arrive(other, pred=wg == 1)
+    it = 0
+    tc = 0
+    turn = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t = _selection(
+            t, counts, indices, n_tiles_row, N, HKV, stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+            GROUP, BS, BLOCK_M, BLOCK_N)
+        r0 = i_mt * BLOCK_M + wg * ROWS_PER_WG
+        o_m = r0 + gl.arange(0, ROWS_PER_WG, layout=row_s)
+        m = gl.full([ROWS_PER_WG], float("-inf"), gl.float32, layout=row_s)
+        l = gl.zeros([ROWS_PER_WG], gl.float32, layout=row_s)
+        acc = gl.zeros([ROWS_PER_WG, D], gl.float32, layout=o_layout)
+        p = gl.zeros([ROWS_PER_WG, BLOCK_N], dtype, layout=p_layout)
+        qb = tc % Q_STAGES
+        q = q_smem.index(qb * 2 + wg)
+        mbarrier.wait(q_full.index(qb), (tc // Q_STAGES) & 1)
+
+        if n_t > 0:
+            b = it % STAGES
+            mbarrier.wait(k_full.index(b), (it // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(mine, turn & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(b).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(other)
+                turn += 1
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(b))
+            n0 = i_r * BS + (0 - n_off) * BLOCK_N
+            m, l, p_f, alpha = _softmax_step(s, m, l, 0, n_off, n0, o_m, scale_log2, col_s, BLOCK_N)
+            p = gl.convert_layout(p_f.to(dtype), p_layout)
+
+        for j in range(1, n_t):
+            cur = (it + j) % STAGES
+            prv = (it + j - 1) % STAGES
+            mbarrier.wait(k_full.index(cur), ((it + j) // STAGES) & 1)
+            mbarrier.wait(v_full.index(prv), ((it + j - 1) // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(mine, turn & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(cur).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc_tok = warpgroup_mma(p, v_smem.index(prv), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(other)
+                turn += 1
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(cur))
+            n0 = i_r * BS + (j - n_off) * BLOCK_N
+            m, l, p_f, alpha = _softmax_step(s, m, l, j, n_off, n0, o_m, scale_log2, col_s, BLOCK_N)
+            acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
+            mbarrier.arrive(v_empty.index(prv))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p = gl.convert_layout(p_f.to(dtype), p_layout)
+
+        # every Q K^T of this tile has completed: its Q buffer is free
+        mbarrier.arrive(q_empty.index(qb))
+        if n_t > 0:
+            prv = (it + n_t - 1) % STAGES
+            mbarrier.wait(v_full.index(prv), ((it + n_t - 1) // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(mine, turn & 1)
+            acc_tok = warpgroup_mma(p, v_smem.index(prv), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(other)
+                turn += 1
+            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+            mbarrier.arrive(v_empty.index(prv))
+        it += n_t
+        tc += 1
+
+        # a row with no selected key gives 0 (and lse -inf), as FlashAttention does
+        l_o = gl.convert_layout(l, row_o)
+        l_safe = gl.where(l_o > 0, l_o, 1.0)
+        out = acc * gl.expand_dims(1.0 / l_safe, 1)
+        o_m_o = r0 + gl.arange(0, ROWS_PER_WG, layout=row_o)
+        p_o = o + i_b * stride_ob + i_h * stride_oh + gl.expand_dims(o_m_o.to(gl.int64) * stride_on, 1) + \
+            gl.expand_dims(o_d, 0)
+        gl.store(p_o, out.to(dtype), mask=gl.expand_dims(o_m_o < N, 1))
+        if RETURN_LSE:
+            l_s = gl.where(l > 0, l, 1.0)
+            b_lse = gl.where(l > 0, (m + gl.log2(l_s)) * _LN2, float("-inf"))
+            gl.store(lse + (i_b * (HKV * GROUP) + i_h) * N + o_m, b_lse, mask=o_m < N)
+
+
+@gluon.jit(do_not_specialize=["N_BUCKET"])
+def sparse_attention_fwd_hopper_ws(
+    q_desc, k_desc, v_desc, o, lse, counts, indices,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_cb, stride_ch,
+    stride_ib, stride_ih, stride_ir,
+    N, HKV, scale_log2, N_BUCKET, B,
+    GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
+    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid: (programs,), num_warps 4 (consumer warpgroup 0; warpgroup 1 and the producer warp
+    are the warp-specialised workers).  q_desc tiles are 64 x D, k/v_desc BLOCK_N x D."""
+    dtype: gl.constexpr = q_desc.dtype
+    BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
+    n_tiles_row = B * HKV * GROUP
+    n_tiles = ((N + BLOCK_M - 1) // BLOCK_M) * n_tiles_row
+
+    q_smem = gl.allocate_shared_memory(dtype, [2 * Q_STAGES, ROWS_PER_WG, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+    q_full = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    sched = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for st in gl.static_range(Q_STAGES):
+        mbarrier.init(q_full.index(st), count=1)
+        mbarrier.init(q_empty.index(st), count=2)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(st), count=1)
+        mbarrier.init(k_empty.index(st), count=2)
+        mbarrier.init(v_full.index(st), count=1)
+        mbarrier.init(v_empty.index(st), count=2)
+    for st in gl.static_range(2):
+        mbarrier.init(sched.index(st), count=1)
+    bars = (q_full, q_empty, k_full, k_empty, v_full, v_empty, sched)
+    common = (q_desc, k_desc, v_desc, o, lse, counts, indices,
+              stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+              stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
+              stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+              N, HKV, scale_log2, n_tiles, n_tiles_row,
+              q_smem, k_smem, v_smem, bars)
+    gl.warp_specialize([
+        (_consumer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG)),
+        (_consumer, (1, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG)),
+        (_producer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+# tile configs per head dim: shared memory 2 x D x (Q_STAGES x 128 + 2 x STAGES x BLOCK_N), 16-bit
+_WS_SPACE = {
+    64: [dict(BLOCK_N=128, STAGES=3, Q_STAGES=2, PINGPONG=True)],
+    128: [dict(BLOCK_N=128, STAGES=2, Q_STAGES=2, PINGPONG=True)],
+    256: [dict(BLOCK_N=64, STAGES=2, Q_STAGES=1, PINGPONG=True)],
+}
+
+
+def ws_smem_bytes(D, BLOCK_N, STAGES, Q_STAGES, **_):
+    """Shared memory of a warp-specialised config (16-bit q, k, v tiles)."""
+    return 2 * D * (Q_STAGES * 2 * ROWS_PER_WG + 2 * STAGES * BLOCK_N)
