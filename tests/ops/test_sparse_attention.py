@@ -7,6 +7,7 @@ PyTorch in the input dtype, plus a small floor for fp32 where that error is ~0.
 """
 
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -433,52 +434,40 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
     import flexprefill.ops.sparse_attention_hopper as H
 
     calls = []
-    real = H.launch_hopper
-    monkeypatch.setattr(H, "launch_hopper", lambda *a, **kw: calls.append(a[0].shape[-1]) or real(*a, **kw))
-    monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
-    B, N, Hq, Hkv, bs = 1, 4096, 8, 2, 128
-    for D, used in ((64, True), (128, False), (256, False)):
-        q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
-        sel = _random_selection(B, Hq, N, bs, 0.3, seed=5)
-        kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
-        calls.clear()
-        out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, **kw)  # autotunes (syncs)
-        assert (calls == [D]) == used, (D, calls)
-        _assert_matches(out, lse, q, k, v, sel, D**-0.5)
-    # FLEXPREFILL_HOPPER_KERNEL=0 turns it off, =1 on for head dims 128 and 256 too
-    for flag, D, used in (("0", 64, False), ("1", 128, True), ("1", 256, True)):
-        monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
-        q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
-        calls.clear()
-        sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=D**-0.5)
-        assert (calls == [D]) == used, (flag, D, calls)
-    # =ws: the warp-specialised kernel for every head dim (block size 128; 64 keeps the tiled one)
-    ws_calls = []
-    real_ws = H.launch_hopper_ws
-    monkeypatch.setattr(H, "launch_hopper_ws", lambda *a, **kw: ws_calls.append(a[0].shape[-1]) or real_ws(*a, **kw))
-    monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", "ws")
-    for D in (64, 128, 256):
-        q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
-        calls.clear(), ws_calls.clear()
-        out, lse = sparse_attention(q, k, v, sel.counts, sel.indices, block_size=bs, softmax_scale=D**-0.5,
-                                    return_lse=True)
-        assert ws_calls == [D] and not calls, (D, calls, ws_calls)
-        _assert_matches(out, lse, q, k, v, sel, D**-0.5)
-    q, k, v = _qkv(B, N, Hq, Hkv, 64, BF16, seed=5)
-    sel64 = _random_selection(B, Hq, N, 64, 0.3, seed=5)
-    calls.clear(), ws_calls.clear()
-    sparse_attention(q, k, v, sel64.counts, sel64.indices, block_size=64, softmax_scale=0.125)
-    assert calls == [64] and not ws_calls
-    # no host sync after the first call, and a CUDA graph replays it exactly (both Gluon kernels)
-    for flag, spy in (("ws", ws_calls), (None, calls)):
+    for name in ("launch_hopper", "launch_hopper_ws"):
+        real = getattr(H, name)
+        monkeypatch.setattr(H, name, functools.partial(
+            lambda real, name, *a, **kw: calls.append((name[len("launch_"):], a[0].shape[-1])) or real(*a, **kw),
+            real, name))
+    B, N, Hq, Hkv = 1, 4096, 8, 2
+    sels = {bs: _random_selection(B, Hq, N, bs, 0.3, seed=5) for bs in (64, 128)}
+    # (FLEXPREFILL_HOPPER_KERNEL, head dim, block size) -> the kernel launched (None: Triton)
+    expected = [
+        (None, 64, 128, "hopper"), (None, 128, 128, "hopper_ws"), (None, 256, 128, "hopper_ws"),
+        (None, 64, 64, "hopper"), (None, 128, 64, None),
+        ("0", 64, 128, None), ("0", 128, 128, None),
+        ("1", 128, 128, "hopper"), ("1", 256, 128, "hopper"),
+        ("ws", 64, 128, "hopper_ws"), ("ws", 128, 64, "hopper"),
+    ]
+    for flag, D, bs, kernel in expected:
         if flag is None:
-            monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL")
-        D = 64 if flag is None else 128
+            monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
         q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
-        kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True)
-        calls.clear(), ws_calls.clear()
-        _assert_no_sync_and_graph(lambda: sparse_attention(q, k, v, sel.counts, sel.indices, **kw))
-        assert spy and set(spy) == {D}
+        calls.clear()
+        out, lse = sparse_attention(q, k, v, sels[bs].counts, sels[bs].indices, block_size=bs, softmax_scale=D**-0.5,
+                                    return_lse=True)  # the first call of a shape autotunes (syncs)
+        assert calls == ([(kernel, D)] if kernel else []), (flag, D, bs, calls)
+        _assert_matches(out, lse, q, k, v, sels[bs], D**-0.5)
+    # no host sync after the first call, and a CUDA graph replays it exactly (both Gluon kernels)
+    monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL")
+    for D, kernel in ((64, "hopper"), (128, "hopper_ws")):
+        q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
+        kw = dict(block_size=128, softmax_scale=D**-0.5, return_lse=True)
+        calls.clear()
+        _assert_no_sync_and_graph(lambda: sparse_attention(q, k, v, sels[128].counts, sels[128].indices, **kw))
+        assert calls and set(calls) == {(kernel, D)}
 
 
 def test_hopper_config_space_fits_shared_memory_and_blocks():
@@ -513,7 +502,7 @@ def test_hopper_config_space_fits_shared_memory_and_blocks():
 def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
     # without an sm_90 GPU (or under the interpreter, or with block size 32) the dense path
     # stays on the Triton kernel whatever FLEXPREFILL_HOPPER_KERNEL says
-    from flexprefill.ops.sparse_attention import _gluon_available, _use_hopper_kernel
+    from flexprefill.ops.sparse_attention import _gluon_available, _hopper_kernel
 
     assert _gluon_available()  # CI's triton (>= 3.7) has Gluon's Hopper API
     q, k, v = _qkv(1, 256, 4, 2, 64, F16, seed=0)
@@ -522,6 +511,6 @@ def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
             monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
         else:
             monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
-        assert not _use_hopper_kernel(q, k, v, 32)
+        assert _hopper_kernel(q, k, v, 32) is None
         if not _hopper():
-            assert not _use_hopper_kernel(q, k, v, 128)
+            assert _hopper_kernel(q, k, v, 128) is None

@@ -125,7 +125,7 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
     (the Gluon kernel for Hopper, ``sparse_attention_hopper``; ``kernel="ws"`` in it: the
     warp-specialised persistent one, which takes dict(BLOCK_N, STAGES, Q_STAGES, PINGPONG),
     for block sizes that are multiples of 128; without either, a Gluon kernel is used where
-    ``_use_hopper_kernel`` says so).
+    ``_hopper_kernel`` says so).
 
     ``out`` and ``lse`` may be given (tests poison them to catch unwritten rows).  ``window``:
     a sliding window on top of the selection (then ``indices`` may be narrower than ``nb``:
@@ -142,12 +142,16 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         out = torch.empty(B, N, Hq, D, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
-    if window is None and (hopper_config is not None or (config is None and _use_hopper_kernel(q, k, v, block_size))):
+    hopper = None
+    if window is None and hopper_config is not None:
+        hopper = hopper_config.get("kernel", "tiled")
+    elif window is None and config is None:
+        hopper = _hopper_kernel(q, k, v, block_size)
+    if hopper is not None:
         from .sparse_attention_hopper import launch_hopper, launch_hopper_ws
 
-        hc = dict(hopper_config or {})
-        kernel = hc.pop("kernel", "ws" if os.environ.get("FLEXPREFILL_HOPPER_KERNEL") == "ws" else "tiled")
-        launch = launch_hopper_ws if kernel == "ws" and block_size % 128 == 0 else launch_hopper
+        hc = {key: val for key, val in (hopper_config or {}).items() if key != "kernel"}
+        launch = launch_hopper_ws if hopper == "ws" else launch_hopper
         launch(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
                softmax_scale=softmax_scale, config=hc or None)
         return (out, lse) if return_lse else out
@@ -174,12 +178,14 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
     return (out, lse) if return_lse else out
 
 
-# head dims where the Gluon kernel is the default on Hopper.  On an H200 (results/h200/hopper_kernel/):
-# head dim 64, 32/8 heads at 128k, 5-60% density: 0.92-0.98 of cuDNN's TFLOP/s against the
-# Triton kernel's 0.85-0.93, and SmolLM2's shape end to end 4-14% faster (32k and 128k);
-# head dim 256: +1 to +6 points on the 32/8-head shape, but Gemma 3's 4/1-head shape at 128k
-# was 5% slower on random inputs, so not by default; head dim 128: 1-3 points slower
-HOPPER_DEFAULT_HEAD_DIMS = (64,)
+# the Gluon kernel each head dim takes by default on Hopper (block size a multiple of 128 for
+# "ws"; other block sizes keep the Triton kernel there).  On an H200 (results/h200/hopper_kernel/,
+# 32/8 heads at 128k, 5-60% density, TFLOP/s on the computed blocks over cuDNN's):
+# head dim 64: the tiled kernel 0.91-0.99 against the Triton kernel's 0.86-0.92 (the
+# warp-specialised one 0.79-0.86); head dim 128: the warp-specialised kernel 0.85-0.93 against
+# the Triton kernel's 0.79-0.89 (the tiled one 0.78-0.86); head dim 256: 0.875-0.93 against
+# 0.76-0.92 (tiled 0.80-0.94)
+HOPPER_DEFAULT_KERNELS = {64: "tiled", 128: "ws", 256: "ws"}
 
 
 def _dense_strides(q, k, v, out, counts, indices) -> tuple:
@@ -189,21 +195,27 @@ def _dense_strides(q, k, v, out, counts, indices) -> tuple:
             *indices.stride()[:3])
 
 
-def _use_hopper_kernel(q, k, v, block_size: int) -> bool:
-    """Whether the dense path runs the Gluon kernel for Hopper (``ops.sparse_attention_hopper``):
-    an sm_90 GPU, fp16/bf16, block size 64 or 128, q/k/v addressable by tensor descriptors,
-    head dim in ``HOPPER_DEFAULT_HEAD_DIMS`` (``FLEXPREFILL_HOPPER_KERNEL=1``: any of 64, 128,
-    256; ``=ws``: the same with the warp-specialised kernel where the block size is a multiple
-    of 128; ``=0``: never)."""
+def _hopper_kernel(q, k, v, block_size: int) -> str | None:
+    """Which Gluon kernel for Hopper the dense path runs (``ops.sparse_attention_hopper``):
+    "tiled", "ws" (warp-specialised, persistent; block sizes that are multiples of 128) or
+    None (the Triton kernel).  Needs an sm_90 GPU, fp16/bf16, block size >= 64 and q/k/v
+    addressable by tensor descriptors; then ``HOPPER_DEFAULT_KERNELS`` per head dim, or
+    ``FLEXPREFILL_HOPPER_KERNEL``: ``1`` the tiled kernel for head dims 64, 128, 256, ``ws``
+    the warp-specialised one (tiled under block size 128), ``0`` never."""
     flag = os.environ.get("FLEXPREFILL_HOPPER_KERNEL")
-    dims = (64, 128, 256) if flag in ("1", "ws") else HOPPER_DEFAULT_HEAD_DIMS
     if flag == "0" or interpreting() or block_size < 64:
-        return False
+        return None
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in dims or not _gluon_available():
-        return False
-    return all(_row_view(t, q.shape[-1]) is not None for t in (q, k, v))
+        return None
+    D = q.shape[-1]
+    kernel = {"1": "tiled", "ws": "ws"}.get(flag, HOPPER_DEFAULT_KERNELS.get(D))
+    if kernel == "ws" and block_size % 128:
+        kernel = "tiled" if flag == "ws" else None
+    if kernel is None or D not in (64, 128, 256) or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if not _gluon_available() or any(_row_view(t, D) is None for t in (q, k, v)):
+        return None
+    return kernel
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,8 @@
 """Launcher of the Gluon block-sparse attention kernel for Hopper (``kernels.sparse_attention_hopper``).
 
 Same arguments and outputs as the dense path of ``ops.sparse_attention`` (which calls this
-where ``_use_hopper_kernel`` allows); autotuned per (head dim, block size, length class).
+where ``_hopper_kernel`` picks it); the tiled kernel autotuned per (head dim, block size, length
+class), the warp-specialised one with one config per head dim.
 No host sync.
 """
 
