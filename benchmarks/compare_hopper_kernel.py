@@ -3,11 +3,11 @@
 For head dims 128, 64, 256 (32 query / 8 KV heads, bf16, block size 128) at N (default
 131072) and the suite's random selections (5-60% of the causal blocks, int16 block ids as
 the operator passes them), plus 82% at 32k for head dim 128 (the density of the random-input
-Llama rows of the suite): cuDNN dense SDPA, the autotuned Triton kernel, the Gluon kernel
-with each of its tile configs and autotuned, and the warp-specialised Gluon kernel with and
-without ping-pong.  Each row: ms, efficiency (TFLOP/s on the
-computed blocks over cuDNN's), and the largest |difference| of the Gluon output from the
-Triton kernel's.
+Llama rows of the suite): cuDNN dense SDPA, the autotuned Triton kernel, the tiled Gluon
+kernel with each of its tile configs and autotuned, and the warp-specialised Gluon kernel
+(its default config, then with ping-pong switched, then with the tile schedule switched
+between counter and fixed stride).  Each row: ms, efficiency (TFLOP/s on the computed blocks
+over cuDNN's), and the largest |difference| of each Gluon output from the Triton kernel's.
 Usage: python benchmarks/compare_hopper_kernel.py [N] [head dims] [configs]
 configs: Gluon tile configs to try besides the kernel's own, comma-separated
 BLOCK_MxBLOCK_N[sSTAGES][wWARPS][rMAXNREG], e.g. 128x64s2r128 (register cap 128 per thread:
@@ -77,11 +77,12 @@ def main():
             variants = {"triton": dict(_env="0"), "gluon_tuned": dict(_env="1")}
             for c in hopper_configs(D, BS) + hopper_configs(D, BS, extra_configs):
                 variants[_name(c)] = dict(hopper_config=c)
-            # the warp-specialised persistent kernel, with and without ping-pong
+            # the warp-specialised persistent kernel: its default, with ping-pong, with a fixed stride
             for c in ws_configs(D, BS):
-                for pp in (True, False):
-                    variants[f"ws_n{c['BLOCK_N']}_s{c['STAGES']}_q{c['Q_STAGES']}" + ("_pp" if pp else "")] = dict(
-                        hopper_config=dict(c, kernel="ws", PINGPONG=pp))
+                name = f"ws_n{c['BLOCK_N']}_s{c['STAGES']}_q{c['Q_STAGES']}"
+                variants[name] = dict(hopper_config=dict(c, kernel="ws"))
+                variants[name + "_pingpong"] = dict(hopper_config=dict(c, kernel="ws", PINGPONG=not c["PINGPONG"]))
+                variants[name + "_stride"] = dict(hopper_config=dict(c, kernel="ws", DYNAMIC=not c["DYNAMIC"]))
             r = dict(D=D, N=n, density=causal_density(counts), cudnn_ms=base_ms, cudnn_tflops=base_tf, **stamp)
             for name, extra in variants.items():
                 extra = dict(extra)

@@ -412,9 +412,11 @@ def test_hopper_kernel_matches_reference(B, N, Hq, Hkv, D, bs, dtype, density, l
     empty[:, 0] = ((torch.arange(N, device=DEV) // bs) % 3 == 1)
     sel = dataclasses.replace(sel, counts=counts)
     scale = D**-0.5
-    # the tiled kernel's configs, then the warp-specialised one's with and without ping-pong
-    # (persistent: 33-66 query tiles per (batch, head) here, more tiles than the H200 has SMs)
-    ws = [dict(c, kernel="ws", PINGPONG=pp) for c in ws_configs(D, bs) for pp in (True, False)]
+    # the tiled kernel's configs, then the warp-specialised one's with and without ping-pong,
+    # tiles drawn from a counter or by a fixed stride (persistent: 33-66 query tiles per
+    # (batch, head) here, more tiles than the H200 has SMs)
+    ws = [dict(c, kernel="ws", PINGPONG=pp, DYNAMIC=dyn) for c in ws_configs(D, bs) for pp in (True, False)
+          for dyn in (True, False)]
     assert bool(ws) == (bs % 128 == 0)
     for cfg in hopper_configs(D, bs) + ws:
         for idx in (sel.indices, sel.indices.to(torch.int16)):

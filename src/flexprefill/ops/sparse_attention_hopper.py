@@ -120,7 +120,7 @@ def ws_configs(D: int, block_size: int) -> list[dict]:
 
 def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, config=None):
     """The warp-specialised persistent kernel (``kernels.sparse_attention_hopper_ws``): same
-    arguments as ``launch_hopper``; ``config``: dict(BLOCK_N, STAGES, Q_STAGES, PINGPONG[,
+    arguments as ``launch_hopper``; ``config``: dict(BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC[,
     CONSUMER_REGS]) instead of the head dim's default.  Needs a block size multiple of 128."""
     from .kernels.sparse_attention_hopper_ws import ROWS_PER_WG, sparse_attention_fwd_hopper_ws
 
@@ -136,10 +136,13 @@ def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, sof
     lse_arg = lse if lse is not None else torch.empty(1, dtype=torch.float32, device=q.device)
     n_tiles = triton.cdiv(N, 2 * rows) * B * Hq
     grid = (min(n_tiles, _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())),)
+    # DYNAMIC: the programs take query tiles from a counter (zeroed here, no host sync), so
+    # heads and rows of unequal cost balance out; otherwise a fixed stride over the tiles
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if cfg["DYNAMIC"] else counts
     return sparse_attention_fwd_hopper_ws[grid](
-        *descs, out, lse_arg, counts, indices,
+        *descs, out, lse_arg, counts, indices, counter,
         *_dense_strides(q, k, v, out, counts, indices),
         N, Hkv, softmax_scale * _LOG2E, length_bucket(N), B,
         group, D, block_size, lse is not None,
-        cfg["BLOCK_N"], cfg["STAGES"], cfg["Q_STAGES"], cfg["PINGPONG"], cfg.get("CONSUMER_REGS", 240),
+        cfg["BLOCK_N"], cfg["STAGES"], cfg["Q_STAGES"], cfg["PINGPONG"], cfg["DYNAMIC"], cfg.get("CONSUMER_REGS", 240),
         num_warps=4, maxnreg=_WS_MAXNREG)

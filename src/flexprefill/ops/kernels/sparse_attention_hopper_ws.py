@@ -13,7 +13,10 @@ block size a multiple of 128), with FlashAttention-3's division of labour:
   producer when their wgmma reading it completes; no CTA-wide barrier holds them in lockstep;
 - ``PINGPONG``: the two warpgroups take turns issuing their matmuls (an mbarrier each), so one
   warpgroup's softmax overlaps the other's matmuls;
-- persistent: ``grid`` programs walk the query tiles, longest rows first, with a stride.
+- persistent: one program per SM walks the query tiles, longest rows first; ``DYNAMIC``: each
+  takes the next tile from a global counter (the producer draws it and hands it to the
+  consumers in shared memory with the tile's Q), so heads of unequal density balance out;
+  otherwise a fixed stride.
 
 Needs sm_90 and triton's Gluon ``warp_specialize``; not runnable under the interpreter.
 """
@@ -54,19 +57,51 @@ def _selection(t, counts, indices, n_tiles_row, N, HKV,
 
 
 @gluon.jit
+def _first_tile(tile_counter, DYNAMIC: gl.constexpr):
+    if DYNAMIC:
+        return gl.atomic_add(tile_counter, 1)
+    else:
+        return gl.program_id(0)
+
+
+@gluon.jit
+def _next_tile(t, tile_counter, DYNAMIC: gl.constexpr):
+    if DYNAMIC:
+        return gl.atomic_add(tile_counter, 1)
+    else:
+        return t + gl.num_programs(0)
+
+
+@gluon.jit
+def _put_tile(slot, t):
+    """The producer hands a tile id to the consumers through shared memory (before the arrive
+    on the slot's Q barrier that releases it)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    slot.store(gl.full([1], t, gl.int32, layout=layout))
+
+
+@gluon.jit
+def _get_tile(slot):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    return gl.max(slot.load(layout), 0)
+
+
+@gluon.jit
 def _producer(wg, args,
               GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+              DYNAMIC: gl.constexpr):
     (q_desc, k_desc, v_desc, o, lse, counts, indices,
      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
      stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
      stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-     N, HKV, scale_log2, n_tiles, n_tiles_row, q_smem, k_smem, v_smem, bars) = args
+     N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter, q_smem, k_smem, v_smem, tile_smem, bars) = args
     q_full, q_empty, k_full, k_empty, v_full, v_empty, sched = bars
     BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
     it = 0
     tc = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    t = _first_tile(tile_counter, DYNAMIC)
+    while t < n_tiles:
         i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t = _selection(
             t, counts, indices, n_tiles_row, N, HKV, stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
             GROUP, BS, BLOCK_M, BLOCK_N)
@@ -82,6 +117,8 @@ def _producer(wg, args,
 
         qb = tc % Q_STAGES
         mbarrier.wait(q_empty.index(qb), ((tc // Q_STAGES) & 1) ^ 1)
+        if DYNAMIC:
+            _put_tile(tile_smem.index(qb), t)
         mbarrier.expect(q_full.index(qb), 2 * q_desc.block_type.nbytes)
         for h in gl.static_range(2):
             tma.async_copy_global_to_shared(q_desc, [q_row + h * ROWS_PER_WG, q_col], q_full.index(qb),
@@ -102,17 +139,25 @@ def _producer(wg, args,
                 tma.async_copy_global_to_shared(v_desc, [v_row + n0, v_col], v_full.index(b), v_smem.index(b))
         it += n_t
         tc += 1
+        t = _next_tile(t, tile_counter, DYNAMIC)
+    if DYNAMIC:
+        # no tile left: the consumers read a tile id past the last one from the next Q slot
+        qb = tc % Q_STAGES
+        mbarrier.wait(q_empty.index(qb), ((tc // Q_STAGES) & 1) ^ 1)
+        _put_tile(tile_smem.index(qb), t)
+        mbarrier.arrive(q_full.index(qb))
 
 
 @gluon.jit
 def _consumer(wg, args,
               GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+              DYNAMIC: gl.constexpr):
     (q_desc, k_desc, v_desc, o, lse, counts, indices,
      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
      stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
      stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-     N, HKV, scale_log2, n_tiles, n_tiles_row, q_smem, k_smem, v_smem, bars) = args
+     N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter, q_smem, k_smem, v_smem, tile_smem, bars) = args
     q_full, q_empty, k_full, k_empty, v_full, v_empty, sched = bars
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
@@ -135,7 +180,12 @@ def _consumer(wg, args,
     it = 0
     tc = 0
     turn = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    if DYNAMIC:
+        mbarrier.wait(q_full.index(0), 0)
+        t = _get_tile(tile_smem.index(0))
+    else:
+        t = gl.program_id(0)
+    while t < n_tiles:
         i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t = _selection(
             t, counts, indices, n_tiles_row, N, HKV, stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
             GROUP, BS, BLOCK_M, BLOCK_N)
@@ -147,7 +197,8 @@ def _consumer(wg, args,
         p = gl.zeros([ROWS_PER_WG, BLOCK_N], dtype, layout=p_layout)
         qb = tc % Q_STAGES
         q = q_smem.index(qb * 2 + wg)
-        mbarrier.wait(q_full.index(qb), (tc // Q_STAGES) & 1)
+        if not DYNAMIC:  # (dynamic: waited for before reading the tile id)
+            mbarrier.wait(q_full.index(qb), (tc // Q_STAGES) & 1)
 
         if n_t > 0:
             b = it % STAGES
@@ -213,11 +264,17 @@ def _consumer(wg, args,
             l_s = gl.where(l > 0, l, 1.0)
             b_lse = gl.where(l > 0, (m + gl.log2(l_s)) * _LN2, float("-inf"))
             gl.store(lse + (i_b * (HKV * GROUP) + i_h) * N + o_m, b_lse, mask=o_m < N)
+        if DYNAMIC:
+            qn = tc % Q_STAGES
+            mbarrier.wait(q_full.index(qn), (tc // Q_STAGES) & 1)
+            t = _get_tile(tile_smem.index(qn))
+        else:
+            t += gl.num_programs(0)
 
 
 @gluon.jit(do_not_specialize=["N_BUCKET"])
 def sparse_attention_fwd_hopper_ws(
-    q_desc, k_desc, v_desc, o, lse, counts, indices,
+    q_desc, k_desc, v_desc, o, lse, counts, indices, tile_counter,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -227,7 +284,7 @@ def sparse_attention_fwd_hopper_ws(
     N, HKV, scale_log2, N_BUCKET, B,
     GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Grid: (programs,), num_warps 4 (consumer warpgroup 0; warpgroup 1 and the producer warp
     are the warp-specialised workers).  q_desc tiles are 64 x D, k/v_desc BLOCK_N x D."""
@@ -246,6 +303,7 @@ def sparse_attention_fwd_hopper_ws(
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     sched = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    tile_smem = gl.allocate_shared_memory(gl.int32, [Q_STAGES, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     for st in gl.static_range(Q_STAGES):
         mbarrier.init(q_full.index(st), count=1)
         mbarrier.init(q_empty.index(st), count=2)
@@ -261,12 +319,12 @@ def sparse_attention_fwd_hopper_ws(
               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
               stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-              N, HKV, scale_log2, n_tiles, n_tiles_row,
-              q_smem, k_smem, v_smem, bars)
+              N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
+              q_smem, k_smem, v_smem, tile_smem, bars)
     gl.warp_specialize([
-        (_consumer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG)),
-        (_consumer, (1, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG)),
-        (_producer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG)),
+        (_consumer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC)),
+        (_consumer, (1, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC)),
+        (_producer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -275,9 +333,9 @@ def sparse_attention_fwd_hopper_ws(
 # it was 0-3 points behind at head dim 128 and 256 (the intra-warpgroup overlap already keeps
 # the tensor cores busy) and 2-10 points behind at 64
 _WS_SPACE = {
-    64: [dict(BLOCK_N=128, STAGES=3, Q_STAGES=2, PINGPONG=False)],
-    128: [dict(BLOCK_N=128, STAGES=2, Q_STAGES=2, PINGPONG=False)],
-    256: [dict(BLOCK_N=64, STAGES=2, Q_STAGES=1, PINGPONG=False)],
+    64: [dict(BLOCK_N=128, STAGES=3, Q_STAGES=2, PINGPONG=False, DYNAMIC=True)],
+    128: [dict(BLOCK_N=128, STAGES=2, Q_STAGES=2, PINGPONG=False, DYNAMIC=True)],
+    256: [dict(BLOCK_N=64, STAGES=2, Q_STAGES=1, PINGPONG=False, DYNAMIC=True)],
 }
 
 
