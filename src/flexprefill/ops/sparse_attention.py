@@ -182,9 +182,9 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
 # "ws"; other block sizes keep the Triton kernel there).  On an H200 (results/h200/hopper_kernel/,
 # 32/8 heads at 128k, 5-60% density, TFLOP/s on the computed blocks over cuDNN's):
 # head dim 64: the tiled kernel 0.91-0.99 against the Triton kernel's 0.86-0.92 (the
-# warp-specialised one 0.79-0.86); head dim 128: the warp-specialised kernel 0.85-0.93 against
-# the Triton kernel's 0.79-0.89 (the tiled one 0.78-0.86); head dim 256: 0.875-0.93 against
-# 0.76-0.92 (tiled 0.80-0.94)
+# warp-specialised one 0.79-0.86; edc4ab4); head dim 128: the warp-specialised kernel
+# 0.87-0.95 against the Triton kernel's 0.77-0.90 (the tiled one 0.78-0.87; ws_7695ba9/);
+# head dim 256: 0.90-0.93 against 0.79-0.92 (tiled 0.81-0.94)
 HOPPER_DEFAULT_KERNELS = {64: "tiled", 128: "ws", 256: "ws"}
 
 
