@@ -516,3 +516,49 @@ def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
         assert _hopper_kernel(q, k, v, 32) is None
         if not _hopper():
             assert _hopper_kernel(q, k, v, 128) is None
+
+
+def test_hopper_launchers_pass_the_kernels_parameters(monkeypatch):
+    # runs on the CPU (the Gluon kernels cannot): each launcher's call binds to its kernel's
+    # signature, constexprs included, so a parameter added to one side only fails here
+    import inspect
+
+    import flexprefill.ops.kernels.sparse_attention_hopper as KT
+    import flexprefill.ops.kernels.sparse_attention_hopper_ws as KW
+    import flexprefill.ops.sparse_attention_hopper as H
+
+    calls = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                options = {k: kwargs.pop(k) for k in ("maxnreg", ) if k in kwargs}
+                bound = inspect.signature(self.kernel.fn).bind(*args, **kwargs)
+                calls.append((self.kernel.fn.__name__, grid, bound.arguments, options))
+
+            return launch
+
+    monkeypatch.setattr(KT, "sparse_attention_fwd_hopper", Spy(KT.sparse_attention_fwd_hopper))
+    monkeypatch.setattr(KW, "sparse_attention_fwd_hopper_ws", Spy(KW.sparse_attention_fwd_hopper_ws))
+    monkeypatch.setattr(H, "_num_sms", lambda device: 132)
+    B, N, Hq, Hkv, D, bs = 2, 1000, 8, 2, 128, 128
+    q, k, v = _qkv(B, N, Hq, Hkv, D, torch.bfloat16, seed=0)
+    sel = _random_selection(B, Hq, N, bs, 0.5, seed=0)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, N)
+    for launch, cfg in ((H.launch_hopper, H.hopper_configs(D, bs)[0]), (H.launch_hopper_ws, None)):
+        calls.clear()
+        launch(q, k, v, sel.counts, sel.indices, out, lse, block_size=bs, softmax_scale=D**-0.5, config=cfg)
+        (name, grid, args, options), = calls
+        assert args["N"] == N and args["HKV"] == Hkv and args["GROUP"] == Hq // Hkv and args["D"] == D
+        assert args["BS"] == bs and args["RETURN_LSE"] is True and args["lse"] is lse and args["o"] is out
+        if name.endswith("_ws"):
+            # one program per SM (fewer when there are fewer query tiles), 4 warps + workers
+            assert grid == (min(132, math.ceil(N / 128) * B * Hq), ) and args["num_warps"] == 4
+            assert options == {"maxnreg": 168} and args["DYNAMIC"] and args["tile_counter"].tolist() == [0]
+            assert args["B"] == B and args["q_desc"].block_shape == [64, D]
+        else:
+            assert grid == (math.ceil(N / cfg["BLOCK_M"]) * (Hq // Hkv), B * Hkv)

@@ -97,8 +97,8 @@ def launch_hopper(q, k, v, counts, indices, out, lse, *, block_size: int, softma
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # registers per thread: 3 warpgroups (2 consumers, the producer warp's padded group) share the
@@ -135,14 +135,14 @@ def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, sof
     descs = (_descriptor(q, D, rows), _descriptor(k, D, cfg["BLOCK_N"]), _descriptor(v, D, cfg["BLOCK_N"]))
     lse_arg = lse if lse is not None else torch.empty(1, dtype=torch.float32, device=q.device)
     n_tiles = triton.cdiv(N, 2 * rows) * B * Hq
-    grid = (min(n_tiles, _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())),)
+    grid = (min(n_tiles, _num_sms(q.device)),)
     # DYNAMIC: the programs take query tiles from a counter (zeroed here, no host sync), so
     # heads and rows of unequal cost balance out; otherwise a fixed stride over the tiles
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if cfg["DYNAMIC"] else counts
     return sparse_attention_fwd_hopper_ws[grid](
         *descs, out, lse_arg, counts, indices, counter,
         *_dense_strides(q, k, v, out, counts, indices),
-        N, Hkv, softmax_scale * _LOG2E, length_bucket(N), B,
+        N, Hkv, softmax_scale * _LOG2E, B,
         group, D, block_size, lse is not None,
         cfg["BLOCK_N"], cfg["STAGES"], cfg["Q_STAGES"], cfg["PINGPONG"], cfg["DYNAMIC"], cfg.get("CONSUMER_REGS", 240),
         num_warps=4, maxnreg=_WS_MAXNREG)

@@ -272,7 +272,7 @@ def _consumer(wg, args,
             t += gl.num_programs(0)
 
 
-@gluon.jit(do_not_specialize=["N_BUCKET"])
+@gluon.jit
 def sparse_attention_fwd_hopper_ws(
     q_desc, k_desc, v_desc, o, lse, counts, indices, tile_counter,
     stride_qb, stride_qn, stride_qh,
@@ -281,7 +281,7 @@ def sparse_attention_fwd_hopper_ws(
     stride_ob, stride_on, stride_oh,
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_ir,
-    N, HKV, scale_log2, N_BUCKET, B,
+    N, HKV, scale_log2, B,
     GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
     DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
