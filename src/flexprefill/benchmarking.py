@@ -559,7 +559,7 @@ def make_method_fn(method: str, case: Case, *, sel: BlockSelection, cfg: FlexPre
         counts, bs = sel.counts, sel.block_size
         indices = sel.indices.to(compact_index_dtype(counts.shape[-1]))
         return (lambda: sparse_attention(q, k, v, counts, indices, block_size=bs, softmax_scale=scale),
-                f"{str(indices.dtype).replace('torch.', '')} block ids")
+                f"{_kernel_name(q, k, v, bs)} kernel, {str(indices.dtype).replace('torch.', '')} block ids")
     if method == "selection":
         return lambda: _select(case, cfg), "select_blocks_fast" if cuda else "reference.select_blocks"
     if method == "flexprefill":
@@ -568,6 +568,14 @@ def make_method_fn(method: str, case: Case, *, sel: BlockSelection, cfg: FlexPre
         whole = cfg.replace(min_seq_len=0)
         return lambda: flex_prefill_attention(q, k, v, config=whole, softmax_scale=scale), "selection included"
     raise ValueError(f"unknown method {method!r}; accepted: {METHODS + ('sdpa',)}")
+
+
+def _kernel_name(q, k, v, block_size: int) -> str:
+    """Which block-sparse kernel the ``triton_kernel`` method runs on these inputs (the name
+    predates the Gluon kernels for Hopper): "triton", "gluon-tiled" or "gluon-ws"."""
+    from .ops.sparse_attention import kernel_name
+
+    return kernel_name(q, k, v, block_size)
 
 
 def _first_line(e: BaseException) -> str:
@@ -1107,6 +1115,7 @@ def _efficiency_at(shape, N, dtype, device, args, stamp, sparse_attention) -> li
 
                 indices = indices.to(compact_index_dtype(counts.shape[-1]))
             row["index_dtype"] = str(indices.dtype).replace("torch.", "")
+            row["kernel"] = _kernel_name(q, k, v, args.block_size)
             ms, reps = time_ms(lambda: sparse_attention(q, k, v, counts, indices, block_size=args.block_size, softmax_scale=scale),
                                device=device, budget_ms=args.rep_ms)
             tflops = attention_flops(pairs, shape.head_dim) / (ms * 1e-3) / 1e12
@@ -1241,7 +1250,8 @@ def run_gqa_note(args, state) -> None:
         for hkv, (kk, vv) in ((shape.kv_heads, (k, v)), (shape.q_heads, (k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)))):
             row = dict(mode="gqa", shape=f"{shape.q_heads}/{hkv}/{shape.head_dim}", Hq=shape.q_heads, Hkv=hkv, D=shape.head_dim,
                        B=1, N=N, input="synthetic", dtype=str(dtype).replace("torch.", ""), block_size=cfg.block_size,
-                       density=causal_density(sel.counts), pairs=pairs, method="triton_kernel", **stamp)
+                       density=causal_density(sel.counts), pairs=pairs, method="triton_kernel",
+                       kernel=_kernel_name(q, kk, vv, sel.block_size), **stamp)
             try:
                 ms, reps = time_ms(lambda: sparse_attention(q, kk, vv, sel.counts, sel.indices, block_size=sel.block_size,
                                                             softmax_scale=scale), device=device, budget_ms=args.rep_ms)

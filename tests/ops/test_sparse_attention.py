@@ -16,7 +16,7 @@ import torch
 from flexprefill import reference as R
 from flexprefill.config import FlexPrefillConfig
 from flexprefill.ops.dense import dense_causal_attention, full_causal_selection
-from flexprefill.ops.sparse_attention import _launch, sparse_attention
+from flexprefill.ops.sparse_attention import _launch, kernel_name, sparse_attention
 from flexprefill.selection import mask_to_selection
 from flexprefill.synthetic import structured_qkv
 
@@ -461,6 +461,7 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
         out, lse = sparse_attention(q, k, v, sels[bs].counts, sels[bs].indices, block_size=bs, softmax_scale=D**-0.5,
                                     return_lse=True)  # the first call of a shape autotunes (syncs)
         assert calls == ([(kernel, D)] if kernel else []), (flag, D, bs, calls)
+        assert kernel_name(q, k, v, bs) == {"hopper": "gluon-tiled", "hopper_ws": "gluon-ws", None: "triton"}[kernel]
         _assert_matches(out, lse, q, k, v, sels[bs], D**-0.5)
     # no host sync after the first call, and a CUDA graph replays it exactly (both Gluon kernels)
     monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL")
@@ -504,7 +505,7 @@ def test_hopper_config_space_fits_shared_memory_and_blocks():
 def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
     # without an sm_90 GPU (or under the interpreter, or with block size 32) the dense path
     # stays on the Triton kernel whatever FLEXPREFILL_HOPPER_KERNEL says
-    from flexprefill.ops.sparse_attention import _gluon_available, _hopper_kernel
+    from flexprefill.ops.sparse_attention import _gluon_available, _hopper_kernel, kernel_name
 
     assert _gluon_available()  # CI's triton (>= 3.7) has Gluon's Hopper API
     q, k, v = _qkv(1, 256, 4, 2, 64, F16, seed=0)
@@ -513,9 +514,9 @@ def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
             monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
         else:
             monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
-        assert _hopper_kernel(q, k, v, 32) is None
+        assert _hopper_kernel(q, k, v, 32) is None and kernel_name(q, k, v, 32) == "triton"
         if not _hopper():
-            assert _hopper_kernel(q, k, v, 128) is None
+            assert _hopper_kernel(q, k, v, 128) is None and kernel_name(q, k, v, 128) == "triton"
 
 
 def test_hopper_launchers_pass_the_kernels_parameters(monkeypatch):

@@ -218,6 +218,12 @@ def _hopper_kernel(q, k, v, block_size: int) -> str | None:
     return kernel
 
 
+def kernel_name(q, k, v, block_size: int) -> str:
+    """The kernel a dense (non-packed, non-windowed) ``sparse_attention`` call on these inputs
+    runs: "gluon-ws", "gluon-tiled" (Hopper) or "triton"; benchmarks record it with their rows."""
+    return {"ws": "gluon-ws", "tiled": "gluon-tiled", None: "triton"}[_hopper_kernel(q, k, v, block_size)]
+
+
 @functools.lru_cache(maxsize=None)
 def _gluon_available() -> bool:
     """Whether this triton has Gluon's Hopper API (triton >= 3.5); older ones keep the Triton kernel."""
