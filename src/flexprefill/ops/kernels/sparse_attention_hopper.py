@@ -34,6 +34,21 @@ def _tile_start(p_idx, j, n_off, i_r, BS: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _origins(b_q, b_kv, i_h, i_hk, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+             stride_vb, stride_vn, stride_vh):
+    """Where head i_h's q and kv head i_hk's k and v start, as (row, column) of their tensor
+    descriptors, which view q, k, v as [rows, stride of the token dim] (the launcher checked
+    the layouts): row off // stride_n, column off % stride_n, off = b x stride_b + head x
+    stride_h.  b_q, b_kv: the batch index (packed sequences: their first row, stride_b = stride_n)."""
+    off_q = b_q * stride_qb + i_h * stride_qh
+    off_k = b_kv * stride_kb + i_hk * stride_kh
+    off_v = b_kv * stride_vb + i_hk * stride_vh
+    return ((off_q // stride_qn).to(gl.int32), (off_q % stride_qn).to(gl.int32),
+            (off_k // stride_kn).to(gl.int32), (off_k % stride_kn).to(gl.int32),
+            (off_v // stride_vn).to(gl.int32), (off_v % stride_vn).to(gl.int32))
+
+
+@gluon.jit
 def _load_tile(desc, bar, smem, row0, col, n0, pred):
     mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(desc, [row0 + n0, col], bar, smem, pred=pred)
@@ -79,17 +94,9 @@ def sparse_attention_fwd_hopper(
     i_r = i_mt // (BS // BLOCK_M)
     R: gl.constexpr = BS // BLOCK_N
 
-    # descriptors view q, k, v as [rows, stride of the token dim]; this (sequence, head) starts
-    # at row off // stride_n, column off % stride_n (the launcher checked the layouts)
-    off_q = i_b * stride_qb + i_h * stride_qh
-    off_k = i_b * stride_kb + i_hk * stride_kh
-    off_v = i_b * stride_vb + i_hk * stride_vh
-    q_row = (off_q // stride_qn).to(gl.int32) + i_mt * BLOCK_M
-    q_col = (off_q % stride_qn).to(gl.int32)
-    k_row = (off_k // stride_kn).to(gl.int32)
-    k_col = (off_k % stride_kn).to(gl.int32)
-    v_row = (off_v // stride_vn).to(gl.int32)
-    v_col = (off_v % stride_vn).to(gl.int32)
+    q_row, q_col, k_row, k_col, v_row, v_col = _origins(i_b, i_b, i_h, i_hk, stride_qb, stride_qn, stride_qh,
+                                                        stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh)
+    q_row += i_mt * BLOCK_M
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BLOCK_N, 16])

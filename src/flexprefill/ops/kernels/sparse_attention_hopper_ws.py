@@ -25,7 +25,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .sparse_attention_hopper import _LN2, _softmax_step, _tile_start
+from .sparse_attention_hopper import _LN2, _origins, _softmax_step, _tile_start
 
 ROWS_PER_WG = gl.constexpr(64)
 
@@ -105,15 +105,10 @@ def _producer(wg, args,
         i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t = _selection(
             t, counts, indices, n_tiles_row, N, HKV, stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
             GROUP, BS, BLOCK_M, BLOCK_N)
-        off_q = i_b * stride_qb + i_h * stride_qh
-        off_k = i_b * stride_kb + i_hk * stride_kh
-        off_v = i_b * stride_vb + i_hk * stride_vh
-        q_row = (off_q // stride_qn).to(gl.int32) + i_mt * BLOCK_M
-        q_col = (off_q % stride_qn).to(gl.int32)
-        k_row = (off_k // stride_kn).to(gl.int32)
-        k_col = (off_k % stride_kn).to(gl.int32)
-        v_row = (off_v // stride_vn).to(gl.int32)
-        v_col = (off_v % stride_vn).to(gl.int32)
+        q_row, q_col, k_row, k_col, v_row, v_col = _origins(
+            i_b, i_b, i_h, i_hk, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+            stride_vb, stride_vn, stride_vh)
+        q_row += i_mt * BLOCK_M
 
         qb = tc % Q_STAGES
         mbarrier.wait(q_empty.index(qb), ((tc // Q_STAGES) & 1) ^ 1)
