@@ -519,6 +519,26 @@ def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
             assert _hopper_kernel(q, k, v, 128) is None and kernel_name(q, k, v, 128) == "triton"
 
 
+def test_hopper_kernel_policy():
+    # runs on the CPU: which Hopper kernel each (FLEXPREFILL_HOPPER_KERNEL, head dim, block
+    # size, triton with the warp-specialize API) gets; None = the Triton kernel
+    from flexprefill.ops.sparse_attention import _hopper_policy, _ws_available
+
+    assert _ws_available()  # CI's triton (>= 3.7) has Gluon's list-form warp_specialize
+    table = {
+        (None, 64, 128, True): "tiled", (None, 128, 128, True): "ws", (None, 256, 128, True): "ws",
+        (None, 64, 64, True): "tiled", (None, 128, 64, True): None, (None, 256, 64, True): None,
+        (None, 128, 128, False): None, (None, 256, 128, False): None, (None, 64, 128, False): "tiled",
+        (None, 80, 128, True): None, (None, 128, 32, True): None,
+        ("0", 64, 128, True): None, ("0", 128, 128, True): None,
+        ("1", 64, 128, True): "tiled", ("1", 128, 128, True): "tiled", ("1", 256, 64, True): "tiled",
+        ("ws", 64, 128, True): "ws", ("ws", 128, 64, True): "tiled", ("ws", 256, 128, False): "tiled",
+        ("ws", 96, 128, True): None,
+    }
+    for (flag, D, bs, ws_ok), kernel in table.items():
+        assert _hopper_policy(flag, D, bs, ws_ok) == kernel, (flag, D, bs, ws_ok)
+
+
 def test_hopper_launchers_pass_the_kernels_parameters(monkeypatch):
     # runs on the CPU (the Gluon kernels cannot): each launcher's call binds to its kernel's
     # signature, constexprs included, so a parameter added to one side only fails here

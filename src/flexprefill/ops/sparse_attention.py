@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 import os
 
@@ -197,25 +198,47 @@ def _dense_strides(q, k, v, out, counts, indices) -> tuple:
 
 def _hopper_kernel(q, k, v, block_size: int) -> str | None:
     """Which Gluon kernel for Hopper the dense path runs (``ops.sparse_attention_hopper``):
-    "tiled", "ws" (warp-specialised, persistent; block sizes that are multiples of 128) or
-    None (the Triton kernel).  Needs an sm_90 GPU, fp16/bf16, block size >= 64 and q/k/v
-    addressable by tensor descriptors; then ``HOPPER_DEFAULT_KERNELS`` per head dim, or
-    ``FLEXPREFILL_HOPPER_KERNEL``: ``1`` the tiled kernel for head dims 64, 128, 256, ``ws``
-    the warp-specialised one (tiled under block size 128), ``0`` never."""
-    flag = os.environ.get("FLEXPREFILL_HOPPER_KERNEL")
-    if flag == "0" or interpreting() or block_size < 64:
-        return None
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+    "tiled", "ws" (warp-specialised, persistent) or None (the Triton kernel).  Needs an sm_90
+    GPU, fp16/bf16, q/k/v addressable by tensor descriptors and triton's Gluon; then
+    ``_hopper_policy``."""
+    if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return None
     D = q.shape[-1]
-    kernel = {"1": "tiled", "ws": "ws"}.get(flag, HOPPER_DEFAULT_KERNELS.get(D))
-    if kernel == "ws" and block_size % 128:
-        kernel = "tiled" if flag == "ws" else None
-    if kernel is None or D not in (64, 128, 256) or q.dtype not in (torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float16, torch.bfloat16) or not _gluon_available():
         return None
-    if not _gluon_available() or any(_row_view(t, D) is None for t in (q, k, v)):
+    kernel = _hopper_policy(os.environ.get("FLEXPREFILL_HOPPER_KERNEL"), D, block_size, _ws_available())
+    if kernel is None or any(_row_view(t, D) is None for t in (q, k, v)):
         return None
     return kernel
+
+
+def _hopper_policy(flag: str | None, D: int, block_size: int, ws_ok: bool) -> str | None:
+    """The Hopper kernel for head dim ``D`` and a block size: ``HOPPER_DEFAULT_KERNELS``, or
+    ``FLEXPREFILL_HOPPER_KERNEL`` (``flag``): ``1`` the tiled kernel for head dims 64, 128, 256,
+    ``ws`` the warp-specialised one, ``0`` none.  The warp-specialised kernel needs block sizes
+    that are multiples of 128 and a triton whose Gluon has the list form of ``warp_specialize``
+    (``ws_ok``); without them ``ws`` falls back to the tiled kernel and the defaults to the
+    Triton kernel (at head dims 128 and 256 the tiled kernel measured no faster than it)."""
+    if flag == "0" or block_size < 64 or D not in (64, 128, 256):
+        return None
+    kernel = {"1": "tiled", "ws": "ws"}.get(flag, HOPPER_DEFAULT_KERNELS.get(D))
+    if kernel == "ws" and (block_size % 128 or not ws_ok):
+        kernel = "tiled" if flag == "ws" else None
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _ws_available() -> bool:
+    """Whether this triton can build the warp-specialised kernel: Gluon's ``warp_specialize``
+    taking a list of (function, arguments) (triton 3.6, 3.7; 3.5 had another signature)."""
+    if not _gluon_available():
+        return False
+    try:
+        from triton.experimental.gluon import language as gl
+
+        return next(iter(inspect.signature(gl.warp_specialize).parameters)) == "functions_and_args"
+    except (ImportError, AttributeError, TypeError, ValueError, StopIteration):
+        return False
 
 
 def kernel_name(q, k, v, block_size: int) -> str:
