@@ -209,3 +209,40 @@ def test_window_mode_cpu(tmp_path, monkeypatch, capsys):
     assert k["ms"] > 0 and k["speedup_vs_sdpa_masked"] > 0 and k["max_abs_err"] < 1e-4 and k["window"] == 100
     assert "Sliding-window layers" in (tmp_path / "results.md").read_text()
     assert "sliding-window layers" in capsys.readouterr().out
+
+
+def test_plot_hopper_kernels_picks_the_kernels_and_draws(tmp_path):
+    # benchmarks/plot_hopper_kernels.py on two small result files: per head dim the later file
+    # wins, the longest N is drawn, the warp-specialised series is the default config only
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_hopper_kernels.py"
+    spec = importlib.util.spec_from_file_location("plot_hopper_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(D, N, d, commit, **eff):
+        return dict(D=D, N=N, density=d, commit=commit, gpu="GPU", **{f"efficiency_{k}": v for k, v in eff.items()})
+
+    old = [row(64, 131072, 0.1, "a", triton=0.8, gluon_tuned=0.9, ws_n128_s3_q2=0.7),
+           row(128, 131072, 0.1, "a", triton=0.5)]
+    new = [row(128, 131072, 0.05, "b", triton=0.77, gluon_tuned=0.78, ws_n128_s2_q2=0.87, ws_n128_s2_q2_pingpong=0.88),
+           row(128, 131072, 0.6, "b", triton=0.9, gluon_tuned=0.87, ws_n128_s2_q2=0.95, ws_n128_s2_q2_stride=0.91),
+           row(128, 32768, 0.82, "b", triton=0.84, ws_n128_s2_q2=0.94)]
+    files = []
+    for i, rows in enumerate((old, new)):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(rows))
+    by_dim = mod.panels([str(f) for f in files])
+    assert sorted(by_dim) == [64, 128]
+    assert [r["commit"] for r in by_dim[128]] == ["b", "b"] and [r["N"] for r in by_dim[128]] == [131072] * 2
+    s = mod.series(by_dim[128])
+    assert s["warp-specialised Gluon kernel"] == ([0.05, 0.6], [0.87, 0.95])
+    assert s["Triton kernel"] == ([0.05, 0.6], [0.77, 0.9]) and s["tiled Gluon kernel"][1] == [0.78, 0.87]
+    assert mod.series(by_dim[64])["warp-specialised Gluon kernel"] == ([0.1], [0.7])
+    out = tmp_path / "eff.png"
+    assert mod.main([str(out)] + [str(f) for f in files]) == 0
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert mod.main([str(out)]) == 2
