@@ -10,8 +10,9 @@ between counter and fixed stride).  Each row: ms, efficiency (TFLOP/s on the com
 over cuDNN's), and the largest |difference| of each Gluon output from the Triton kernel's.
 Usage: python benchmarks/compare_hopper_kernel.py [N] [head dims] [configs]
 configs: Gluon tile configs to try besides the kernel's own, comma-separated
-BLOCK_MxBLOCK_N[sSTAGES][wWARPS][rMAXNREG], e.g. 128x64s2r128 (register cap 128 per thread:
-two CTAs of 8 warps per SM); a config that does not fit a head dim's shared memory is skipped.
+BLOCK_MxBLOCK_N[sSTAGES][rMAXNREG], e.g. 128x64s2r128 (register cap 128 per thread: two CTAs
+of 8 warps per SM; the warps are always BLOCK_M / 16, one warpgroup per 64 rows); a config
+that does not fit a head dim's shared memory is skipped.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ def _cases(N, dims):
 def _parse_configs(text):
     configs = []
     for item in filter(None, text.split(",")):
-        m = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:w(\d+))?(?:r(\d+))?", item.strip())
+        m = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:r(\d+))?", item.strip())
         if not m:
-            raise SystemExit(f"configs: cannot read {item!r}; expected e.g. 128x64s2w8r128")
-        bm, bn, st, w, r = m.groups()
-        c = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), STAGES=int(st or 2), num_warps=int(w or int(bm) // 16))
+            raise SystemExit(f"configs: cannot read {item!r}; expected e.g. 128x64s2r128")
+        bm, bn, st, r = m.groups()
+        c = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), STAGES=int(st or 2), num_warps=int(bm) // 16)
         if r:
             c["maxnreg"] = int(r)
         configs.append(c)

@@ -49,6 +49,44 @@ def _origins(b_q, b_kv, i_h, i_hk, stride_qb, stride_qn, stride_qh, stride_kb, s
 
 
 @gluon.jit
+def _block_list(counts, indices, i_b, i_h, i_r, i_mt, N, stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+                BS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Query tile i_mt's key tiles, (p_idx, n_off, n_t): its block row's selection ``p_idx``
+    (ascending and causal, so a selected diagonal block is the last entry), ``n_off`` tiles of
+    the off-diagonal blocks, then the diagonal block's tiles up to the tile's last row, ``n_t``
+    in all (``_tile_start`` gives each tile's first key)."""
+    p_idx = indices + i_b * stride_ib + i_h * stride_ih + i_r * stride_ir
+    n_sel = gl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r)
+    last = gl.load(p_idx + gl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
+    has_diag = last == i_r
+    n_off = (n_sel - has_diag.to(gl.int32)) * (BS // BLOCK_N)
+    q_hi = gl.minimum((i_mt + 1) * BLOCK_M, N)
+    n_t = n_off + gl.where(has_diag, (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N, 0)
+    return p_idx, n_off, n_t
+
+
+@gluon.jit
+def _write_out(acc, m, l, o, lse, i_b, i_h, r0, N, HKV, stride_ob, stride_on, stride_oh,
+               GROUP: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr, RETURN_LSE: gl.constexpr,
+               row_s: gl.constexpr, row_o: gl.constexpr, col_o: gl.constexpr):
+    """Normalise and store rows [r0, r0 + ROWS) of head i_h (those below N), and their lse; a
+    row with no selected key gives 0 (and lse -inf), as FlashAttention does."""
+    l_o = gl.convert_layout(l, row_o)
+    l_safe = gl.where(l_o > 0, l_o, 1.0)
+    out = acc * gl.expand_dims(1.0 / l_safe, 1)
+    o_m_o = r0 + gl.arange(0, ROWS, layout=row_o)
+    o_d = gl.arange(0, D, layout=col_o)
+    p_o = o + i_b * stride_ob + i_h * stride_oh + gl.expand_dims(o_m_o.to(gl.int64) * stride_on, 1) + \
+        gl.expand_dims(o_d, 0)
+    gl.store(p_o, out.to(o.dtype.element_ty), mask=gl.expand_dims(o_m_o < N, 1))
+    if RETURN_LSE:
+        o_m = r0 + gl.arange(0, ROWS, layout=row_s)
+        l_s = gl.where(l > 0, l, 1.0)
+        b_lse = gl.where(l > 0, (m + gl.log2(l_s)) * _LN2, float("-inf"))
+        gl.store(lse + (i_b * (HKV * GROUP) + i_h) * N + o_m, b_lse, mask=o_m < N)
+
+
+@gluon.jit
 def _load_tile(desc, bar, smem, row0, col, n0, pred):
     mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
     tma.async_copy_global_to_shared(desc, [row0 + n0, col], bar, smem, pred=pred)
@@ -92,7 +130,6 @@ def sparse_attention_fwd_hopper(
     i_h = i_hk * GROUP + i_g
     i_mt = n_mt - 1 - i_p // GROUP
     i_r = i_mt // (BS // BLOCK_M)
-    R: gl.constexpr = BS // BLOCK_N
 
     q_row, q_col, k_row, k_col, v_row, v_col = _origins(i_b, i_b, i_h, i_hk, stride_qb, stride_qn, stride_qh,
                                                         stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh)
@@ -122,15 +159,9 @@ def sparse_attention_fwd_hopper(
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
 
-    # the selection of this query block: ascending and causal, so a selected diagonal block
-    # is the last entry; its tiles up to this query tile's last row come after the others
-    p_idx = indices + i_b * stride_ib + i_h * stride_ih + i_r * stride_ir
-    n_sel = gl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r)
-    last = gl.load(p_idx + gl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
-    has_diag = last == i_r
-    n_off = (n_sel - has_diag.to(gl.int32)) * R
-    q_hi = gl.minimum((i_mt + 1) * BLOCK_M, N)
-    n_t = n_off + gl.where(has_diag, (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N, 0)
+    # the selection of this query block (after the Q load is issued: its latency overlaps them)
+    p_idx, n_off, n_t = _block_list(counts, indices, i_b, i_h, i_r, i_mt, N, stride_cb, stride_ch, stride_ib,
+                                    stride_ih, stride_ir, BS, BLOCK_M, BLOCK_N)
 
     for st in gl.static_range(STAGES):
         n_first = _tile_start(p_idx, st, n_off, i_r, BS, BLOCK_N)
@@ -184,19 +215,8 @@ def sparse_attention_fwd_hopper(
         mbarrier.wait(v_bar.index(prv), ((n_t - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(prv), acc)
 
-    # a row with no selected key gives 0 (and lse -inf), as FlashAttention does
-    l_o = gl.convert_layout(l, row_o)
-    l_safe = gl.where(l_o > 0, l_o, 1.0)
-    out = acc * gl.expand_dims(1.0 / l_safe, 1)
-    o_m_o = i_mt * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
-    o_d = gl.arange(0, D, layout=col_o)
-    p_o = o + i_b * stride_ob + i_h * stride_oh + gl.expand_dims(o_m_o.to(gl.int64) * stride_on, 1) + \
-        gl.expand_dims(o_d, 0)
-    gl.store(p_o, out.to(dtype), mask=gl.expand_dims(o_m_o < N, 1))
-    if RETURN_LSE:
-        l_s = gl.where(l > 0, l, 1.0)
-        b_lse = gl.where(l > 0, (m + gl.log2(l_s)) * _LN2, float("-inf"))
-        gl.store(lse + (i_b * (HKV * GROUP) + i_h) * N + o_m, b_lse, mask=o_m < N)
+    _write_out(acc, m, l, o, lse, i_b, i_h, i_mt * BLOCK_M, N, HKV, stride_ob, stride_on, stride_oh,
+               GROUP, D, BLOCK_M, RETURN_LSE, row_s, row_o, col_o)
     mbarrier.invalidate(q_bar)
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(k_bar.index(st))

@@ -25,7 +25,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .sparse_attention_hopper import _LN2, _origins, _softmax_step, _tile_start
+from .sparse_attention_hopper import _block_list, _origins, _softmax_step, _tile_start, _write_out
 
 ROWS_PER_WG = gl.constexpr(64)
 
@@ -45,14 +45,8 @@ def _selection(t, counts, indices, n_tiles_row, N, HKV,
     i_hk = (i_bk % HKV).to(gl.int64)
     i_h = i_hk * GROUP + i_g
     i_r = i_mt // (BS // BLOCK_M)
-    R: gl.constexpr = BS // BLOCK_N
-    p_idx = indices + i_b * stride_ib + i_h * stride_ih + i_r * stride_ir
-    n_sel = gl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r)
-    last = gl.load(p_idx + gl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
-    has_diag = last == i_r
-    n_off = (n_sel - has_diag.to(gl.int32)) * R
-    q_hi = gl.minimum((i_mt + 1) * BLOCK_M, N)
-    n_t = n_off + gl.where(has_diag, (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N, 0)
+    p_idx, n_off, n_t = _block_list(counts, indices, i_b, i_h, i_r, i_mt, N, stride_cb, stride_ch, stride_ib,
+                                    stride_ih, stride_ir, BS, BLOCK_M, BLOCK_N)
     return i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t
 
 
@@ -166,7 +160,6 @@ def _consumer(wg, args,
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     s_zero = gl.zeros([ROWS_PER_WG, BLOCK_N], gl.float32, layout=s_layout)
-    o_d = gl.arange(0, D, layout=col_o)
     mine = sched.index(wg)
     other = sched.index(1 - wg)
     if PINGPONG:
@@ -247,18 +240,8 @@ def _consumer(wg, args,
         it += n_t
         tc += 1
 
-        # a row with no selected key gives 0 (and lse -inf), as FlashAttention does
-        l_o = gl.convert_layout(l, row_o)
-        l_safe = gl.where(l_o > 0, l_o, 1.0)
-        out = acc * gl.expand_dims(1.0 / l_safe, 1)
-        o_m_o = r0 + gl.arange(0, ROWS_PER_WG, layout=row_o)
-        p_o = o + i_b * stride_ob + i_h * stride_oh + gl.expand_dims(o_m_o.to(gl.int64) * stride_on, 1) + \
-            gl.expand_dims(o_d, 0)
-        gl.store(p_o, out.to(dtype), mask=gl.expand_dims(o_m_o < N, 1))
-        if RETURN_LSE:
-            l_s = gl.where(l > 0, l, 1.0)
-            b_lse = gl.where(l > 0, (m + gl.log2(l_s)) * _LN2, float("-inf"))
-            gl.store(lse + (i_b * (HKV * GROUP) + i_h) * N + o_m, b_lse, mask=o_m < N)
+        _write_out(acc, m, l, o, lse, i_b, i_h, r0, N, HKV, stride_ob, stride_on, stride_oh,
+                   GROUP, D, ROWS_PER_WG, RETURN_LSE, row_s, row_o, col_o)
         if DYNAMIC:
             qn = tc % Q_STAGES
             mbarrier.wait(q_full.index(qn), (tc // Q_STAGES) & 1)
