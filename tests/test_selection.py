@@ -351,6 +351,43 @@ def test_whole_search_graph_follows_the_inputs(monkeypatch):
     S.clear_graph_cache()
 
 
+@pytest.mark.gpu
+def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
+    """Cached graphs of different shapes share one memory pool (each may reuse the others'
+    temporaries): replays interleaved across shapes still equal the eager search, and the
+    pool keeps less than the private pools of the same graphs."""
+    from flexprefill.ops import selection as S
+
+    cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
+    shapes = [(3000, 9, 3, 64), (5000, 9, 3, 64), (4200, 4, 1, 128), (7000, 8, 2, 64)]
+    inputs = {s: structured_qkv(1, s[0], *s[1:], seed=s[0], dtype=torch.bfloat16, device="cuda")[:2] for s in shapes}
+    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+    want = {s: S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125) for s, (q, k) in inputs.items()}
+    monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+    reserved = {}
+    for mode in ("private", "shared"):
+        monkeypatch.setenv("FLEXPREFILL_GRAPH_POOL", mode)
+        S.clear_graph_cache()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        r0 = torch.cuda.memory_reserved()
+        for _ in range(2):  # captured, then replayed in turn: A B C D A B C D
+            for s, (q, k) in inputs.items():
+                got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+                assert torch.equal(got.counts, want[s].counts) and torch.equal(got.indices, want[s].indices)
+                assert torch.equal(got.js_distance, want[s].js_distance)
+        for s, (q, k) in reversed(list(inputs.items())):  # other order
+            got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+            assert torch.equal(got.counts, want[s].counts) and torch.equal(got.indices, want[s].indices)
+        assert len(S._graphs) == len(shapes) and not S._ungraphable
+        del got
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        reserved[mode] = torch.cuda.memory_reserved() - r0
+    assert reserved["shared"] < reserved["private"], reserved
+    S.clear_graph_cache()
+
+
 def test_head_chunking_does_not_change_the_selection(monkeypatch):
     """The assembly processes heads a chunk at a time (smaller chunks inside a CUDA graph): same result."""
 

@@ -510,11 +510,30 @@ def _graph_pays(bh: int, nb: int) -> bool:
 
 
 _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
+# One memory pool per device shared by every cached search graph: a graph's temporaries are
+# only live during its replay and every replay's outputs are cloned at once on the same
+# stream, so graphs of different shapes may reuse each other's memory; the cache then keeps
+# the largest graph's pool instead of the sum over up to _GRAPH_CACHE shapes.  (Replays of
+# two shapes on two streams at once would race; so would two replays of one shape with
+# private pools, as both write the graph's static outputs.)  FLEXPREFILL_GRAPH_POOL=private:
+# one pool per graph, as before.
+_pools: dict = {}
 
 
 def clear_graph_cache() -> None:
-    """Drop the cached CUDA graphs of the pattern search (frees their memory pools)."""
+    """Drop the cached CUDA graphs of the pattern search (frees their memory pool)."""
     _graphs.clear()
+    _pools.clear()
+
+
+def _graph_pool(device):
+    """The shared pool handle of ``device`` (None: a private pool per graph)."""
+    if os.environ.get("FLEXPREFILL_GRAPH_POOL", "shared") == "private":
+        return None
+    key = torch.device(device).index
+    if key not in _pools:
+        _pools[key] = torch.cuda.graph_pool_handle()
+    return _pools[key]
 
 
 def _graphs_enabled() -> bool:
@@ -543,7 +562,7 @@ def _capture(key, device, fallback: str, run):
         with torch.cuda.stream(side):
             run()
         stream.wait_stream(side)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=_graph_pool(device)):
             outs = run()
     except Exception as e:  # a capture this torch/triton/driver refuses
         import warnings

@@ -1,0 +1,175 @@
+"""What the pattern search's cached CUDA graph keeps on the device, and what it needs (JSON to $OUT).
+
+For each layer shape (Hq/Hkv/D) and length, the operator's first call captures the search's
+graph with the CUDA allocator's history recorded.  Reported per case:
+
+* ``pool_mb``: device memory the cached graph keeps (``cached_graph_pool_mb``: reserved bytes
+  before and after dropping it);
+* ``segments_mb`` / ``peak_live_mb``: the graph pool's segments and the peak of the bytes
+  live in them during the capture (the rest is the allocator's rounding: allocations of 1-10
+  MB take 20 MB segments);
+* ``top``: the allocations live at that peak, by the flexprefill source line that made them;
+* ``search_ms`` / ``operator_ms`` / ``cudnn_ms`` (``do_bench``) for the head-chunk size of the
+  query-aware ranking inside the graph (``chunks``, elements; default: the library's);
+* ``multi``: the memory kept after caching graphs of four lengths with one shared pool (the
+  default) and with one pool per graph (``FLEXPREFILL_GRAPH_POOL=private``).
+
+Usage: python benchmarks/search_pool.py [lengths] [shapes] [chunks]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+from triton.testing import do_bench
+
+import flexprefill as fp
+from flexprefill.benchmarking import cached_graph_pool_mb, cudnn_reference, env_stamp, structured_qkv_device
+from flexprefill.ops import selection as S
+
+MB = 2**20
+
+
+def _fresh():
+    S.clear_graph_cache()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def _origin(frames) -> str:
+    for fr in frames or []:
+        name = fr.get("filename", "")
+        if "flexprefill" in name and "benchmarks" not in name:
+            return f"{name.split('flexprefill/')[-1]}:{fr.get('line')} {fr.get('name')}"
+    return "other"
+
+
+def pool_breakdown(snapshot) -> dict:
+    """Segments of non-default pools, and the peak of live bytes in them over the trace."""
+    segs = [s for s in snapshot["segments"] if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)]
+    ranges = [(s["address"], s["address"] + s["total_size"]) for s in segs]
+
+    def in_pool(addr):
+        return any(a <= addr < b for a, b in ranges)
+
+    live, cur, peak, at_peak = {}, 0, 0, {}
+    for tr in snapshot.get("device_traces", []):
+        for ev in tr:
+            act, addr = ev.get("action"), ev.get("addr")
+            if act == "alloc" and in_pool(addr):
+                live[addr] = (ev["size"], _origin(ev.get("frames")))
+                cur += ev["size"]
+                if cur > peak:
+                    peak, at_peak = cur, dict(live)
+            elif act in ("free_completed",) and addr in live:
+                cur -= live.pop(addr)[0]
+    by_line = defaultdict(int)
+    for size, where in at_peak.values():
+        by_line[where] += size
+    top = sorted(by_line.items(), key=lambda kv: -kv[1])[:12]
+    return dict(segments_mb=sum(s["total_size"] for s in segs) / MB, num_segments=len(segs),
+                segment_sizes_mb=sorted((s["total_size"] / MB for s in segs), reverse=True)[:12],
+                peak_live_mb=peak / MB, top=[dict(where=w, mb=b / MB) for w, b in top])
+
+
+def case(q, k, v, cfg, scale, chunk):
+    if chunk:
+        S._GRAPH_CHUNK_ELEMS_LARGE = S._GRAPH_CHUNK_ELEMS = chunk
+    _fresh()
+    op = lambda: fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale)  # noqa: E731
+    torch.cuda.memory._record_memory_history(max_entries=200000)
+    op()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    row = pool_breakdown(snap)
+    op_ms = do_bench(op, warmup=3, rep=100)
+    N = q.shape[1]
+    idx = S.compact_index_dtype(-(-N // cfg.block_size))
+    search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale, index_dtype=idx)  # noqa: E731
+    search_ms = do_bench(search, warmup=3, rep=100)
+    row["graphs"] = [key[0] for key in S._graphs]
+    row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=cached_graph_pool_mb())
+    return row
+
+
+def multi(shape, lengths, cfg) -> dict:
+    """Memory kept by the graphs of several lengths of one shape, shared pool vs private pools."""
+    Hq, Hkv, D = shape
+    res = {}
+    for mode in ("shared", "private"):
+        os.environ["FLEXPREFILL_GRAPH_POOL"] = mode
+        _fresh()
+        r0 = torch.cuda.memory_reserved()
+        for N in lengths:
+            q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
+            fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=D**-0.5)
+            del q, k, v
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        res[mode] = dict(graphs=len(S._graphs), kept_mb=(torch.cuda.memory_reserved() - r0) / MB)
+    os.environ.pop("FLEXPREFILL_GRAPH_POOL", None)
+    _fresh()
+    return res
+
+
+def main():
+    lens = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "32768,131072").split(",")]
+    shapes = [tuple(int(v) for v in s.split("/")) for s in (sys.argv[2] if len(sys.argv) > 2 else "9/3/64,4/1/256,32/8/128").split(",")]
+    chunks = [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0,1048576,524288,262144").split(",")]
+    out = os.environ.get("OUT", "./out")
+    os.makedirs(out, exist_ok=True)
+    stamp = env_stamp()
+    path = os.path.join(out, f"search_pool_{stamp.get('commit', 'unknown')}.json")
+    defaults = (S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS)
+    res = dict(env=stamp, default_chunks=defaults, rows=[], multi={})
+    cfg = fp.FlexPrefillConfig(min_seq_len=0)
+    try:
+        for Hq, Hkv, D in shapes:
+            for N in lens:
+                q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
+                scale = D**-0.5
+                qkv_mb = (q.numel() + k.numel() + v.numel()) * q.element_size() / MB
+                dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
+                for chunk in chunks:
+                    S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
+                    row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, chunk=chunk or "default", qkv_mb=qkv_mb, cudnn_ms=dense_ms, **stamp)
+                    try:
+                        row.update(case(q, k, v, cfg, scale, chunk))
+                    except Exception as e:  # noqa: BLE001 - one case's failure is a row
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    if "pool_mb" in row:
+                        row["pool_frac_qkv"] = row["pool_mb"] / qkv_mb
+                        row["search_share_of_cudnn"] = row["search_ms"] / dense_ms
+                    res["rows"].append(row)
+                    print(f"{row['shape']:9s} {N:7d} chunk {str(row['chunk']):8s} " + (
+                        f"pool {row['pool_mb']:6.1f} MB ({row['pool_frac_qkv']:.0%} of qkv {qkv_mb:.0f}) segs {row['segments_mb']:.1f} "
+                        f"peak live {row['peak_live_mb']:.1f}  search {row['search_ms']:.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "
+                        f"{dense_ms:.2f}) op {row['operator_ms']:.3f}" if "pool_mb" in row else row.get("error", "")), flush=True)
+                    if chunk == chunks[0] and "top" in row:
+                        for t in row["top"][:6]:
+                            print(f"      {t['mb']:7.2f} MB  {t['where']}", flush=True)
+                S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
+                del q, k, v
+                _fresh()
+            try:
+                res["multi"][f"{Hq}/{Hkv}/{D}"] = m = multi((Hq, Hkv, D), [16384, 24576, 32768, 65536], cfg)
+                print(f"{Hq}/{Hkv}/{D} four lengths cached: {m}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                res["multi"][f"{Hq}/{Hkv}/{D}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    finally:
+        S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
