@@ -583,3 +583,19 @@ def test_hopper_launchers_pass_the_kernels_parameters(monkeypatch):
             assert args["B"] == B and args["q_desc"].block_shape == [64, D]
         else:
             assert grid == (math.ceil(N / cfg["BLOCK_M"]) * (Hq // Hkv), B * Hkv)
+    # packed sequences: [total, H, D] rows, per-sequence bounds, lse [Hq, total_q]
+    S, total_q, total_k = 3, 700, 1500
+    qp, kp, vp = q.reshape(-1, Hq, D)[:total_q], k.reshape(-1, Hkv, D)[:total_k], v.reshape(-1, Hkv, D)[:total_k]
+    bounds = [torch.tensor(b, dtype=torch.int32) for b in ([0, 300, 400], [300, 400, 700], [0, 500, 900], [500, 900, 1500])]
+    nb = math.ceil(600 / bs)
+    counts = torch.ones(S, Hq, nb, dtype=torch.int32)
+    indices = torch.zeros(S, Hq, nb, nb, dtype=torch.int16)
+    outp, lsep = torch.empty_like(qp), torch.empty(Hq, total_q)
+    calls.clear()
+    H.launch_hopper_ws(qp, kp, vp, counts, indices, outp, lsep, block_size=bs, softmax_scale=D**-0.5,
+                       varlen=(*bounds, 300, 600))
+    (name, grid, args, options), = calls
+    assert args["VARLEN"] and args["B"] == S and args["N_MT"] == math.ceil(300 / 128) + 1 and args["N"] == 600
+    assert args["stride_lh"] == total_q and args["stride_qb"] == 0 and args["stride_qn"] == Hq * D
+    assert args["q_starts"] is bounds[0] and args["k_ends"] is bounds[3] and args["o"] is outp
+    assert grid == (min(132, args["N_MT"] * S * Hq), )

@@ -119,6 +119,41 @@ def test_varlen_attention_matches_reference(Hq, Hkv, D, bs, dtype, tiles):
     torch.testing.assert_close(lse, ref_lse, atol=2e-3 if dtype != F32 else 1e-5, rtol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv,D,dtype", [(8, 2, 128, BF16), (4, 1, 256, BF16), (6, 3, 64, F16)],
+                         ids=["H8/2-D128-bf16", "H4/1-D256-bf16", "H6/3-D64-fp16"])
+def test_varlen_hopper_ws_kernel_matches_reference(Hq, Hkv, D, dtype):
+    # the warp-specialised Gluon kernel on packed sequences (Hopper only): every variant, int32
+    # and int16 ids; a longer chunk gives each sequence several tiles and more tiles than SMs
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the Gluon kernels need an sm_90 GPU")
+    from flexprefill.ops.sparse_attention_hopper import ws_configs
+
+    seqs = SEQS + [(700, 1500)]
+    q, k, v, cu_q, cu_k, max_q, max_k = _packed(seqs, Hq, Hkv, D, dtype, seed=D)
+    sel = _random_selection(cu_q, cu_k, Hq, max_k, 128, 0.4, seed=D)
+    scale = 0.8 / math.sqrt(D)
+    ref, ref_lse = R.block_sparse_attention_varlen(q.float(), k.float(), v.float(), sel, cu_q, cu_k, softmax_scale=scale,
+                                                   return_lse=True)
+    tol = 2 * (_torch_in_dtype(q, k, v, cu_q, cu_k, sel, scale).float() - ref.float()).abs().max().item()
+    configs = [dict(c, PINGPONG=pp, DYNAMIC=dyn) for c in ws_configs(D, 128) for pp in (False, True) for dyn in (True, False)]
+    assert configs
+    for cfg in configs:
+        for idx in (sel.indices, sel.indices.to(torch.int16)):
+            out = torch.full_like(q, float("nan"))
+            lse = torch.full((Hq, q.shape[0]), float("nan"), device=DEV)
+            sparse_attention_varlen(q, k, v, sel.counts, idx, *_bounds(cu_q, cu_k), max_q, max_k, block_size=128,
+                                    softmax_scale=scale, return_lse=True, out=out, lse=lse, hopper_config=cfg)
+            assert not out.isnan().any() and not lse.isnan().any(), ("unwritten rows", cfg)
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err <= tol, (f"output error {err:.3g} > {tol:.3g}", cfg)
+            torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-3)
+    # the default path takes it at head dims 128 and 256 (block size 128, no window)
+    from flexprefill.ops.sparse_attention import _hopper_kernel
+
+    assert (_hopper_kernel(q, k, v, 128) == "ws") == (D != 64)
+
+
 def test_varlen_rep_scores_equal_each_sequence_alone():
     seqs = [(300, 300), (20, 20), (100, 100)]
     q, k, _, cu_q, cu_k, _, max_k = _packed(seqs, 4, 2, 64, F32, seed=3)

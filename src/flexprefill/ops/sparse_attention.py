@@ -284,6 +284,7 @@ def _run(args, grid, BD, block_size, config, descs):
 def sparse_attention_varlen(
     q, k, v, counts, indices, q_starts, q_ends, k_starts, k_ends, max_seqlen_q: int, max_seqlen_k: int, *,
     block_size: int, softmax_scale: float, return_lse: bool = False, config=None, out=None, lse=None, window=None,
+    hopper_config=None,
 ):
     """Block-sparse causal attention of packed sequences (chunks over a cached prefix).
 
@@ -297,7 +298,10 @@ def sparse_attention_varlen(
             its ``n_q`` queries are the last ``n_q`` of its ``n_k`` positions
             (``n_q <= n_k``, lengths at most the maxima: not checked, no host sync).
         max_seqlen_q, max_seqlen_k: Python ints, the grid size.
-        config: dict(BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning.
+        config: dict(BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning (the
+            Triton kernel); ``hopper_config``: a config of the warp-specialised Gluon kernel
+            (``ops.sparse_attention_hopper.ws_configs``), which otherwise runs where
+            ``_hopper_kernel`` picks it (Hopper, no window, block size a multiple of 128).
         window: a sliding window on absolute positions on top of the selection (``indices``
             may then be narrower than ``max_nb``).
         out, lse: preallocated outputs (rows outside every sequence are left as given).
@@ -315,6 +319,13 @@ def sparse_attention_varlen(
         out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(Hq, total_q, dtype=torch.float32, device=q.device)
+    if window is None and (hopper_config is not None or (config is None and _hopper_kernel(q, k, v, block_size) == "ws")):
+        from .sparse_attention_hopper import launch_hopper_ws
+
+        launch_hopper_ws(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
+                         softmax_scale=softmax_scale, config=hopper_config,
+                         varlen=(q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k))
+        return (out, lse) if return_lse else out
     lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)
     BD = max(64, triton.next_power_of_2(D))
     group = Hq // Hkv

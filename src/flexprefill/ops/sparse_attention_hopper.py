@@ -118,14 +118,18 @@ def ws_configs(D: int, block_size: int) -> list[dict]:
             if ws_smem_bytes(D, **c) <= SMEM_LIMIT]
 
 
-def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, config=None):
+def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, config=None,
+                     varlen=None):
     """The warp-specialised persistent kernel (``kernels.sparse_attention_hopper_ws``): same
     arguments as ``launch_hopper``; ``config``: dict(BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC[,
-    CONSUMER_REGS]) instead of the head dim's default.  Needs a block size multiple of 128."""
+    CONSUMER_REGS]) instead of the head dim's default.  Needs a block size multiple of 128.
+    ``varlen``: (q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k) for packed
+    q [total_q, Hq, D], k/v [total_k, Hkv, D], out likewise and lse [Hq, total_q], as
+    ``ops.sparse_attention.sparse_attention_varlen`` takes them (checked by the caller)."""
     from .kernels.sparse_attention_hopper_ws import ROWS_PER_WG, sparse_attention_fwd_hopper_ws
 
-    B, N, Hq, D = q.shape
-    Hkv = k.shape[2]
+    Hq, D = q.shape[-2:]
+    Hkv = k.shape[-2]
     group = Hq // Hkv
     configs = ws_configs(D, block_size)
     if not configs:
@@ -134,15 +138,28 @@ def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, sof
     rows = int(ROWS_PER_WG)
     descs = (_descriptor(q, D, rows), _descriptor(k, D, cfg["BLOCK_N"]), _descriptor(v, D, cfg["BLOCK_N"]))
     lse_arg = lse if lse is not None else torch.empty(1, dtype=torch.float32, device=q.device)
-    n_tiles = triton.cdiv(N, 2 * rows) * B * Hq
-    grid = (min(n_tiles, _num_sms(q.device)),)
+    if varlen is None:
+        B, N = q.shape[:2]
+        strides = _dense_strides(q, k, v, out, counts, indices)
+        # the packed-sequence arguments are unused (pointers stand in)
+        bounds = (counts, counts, counts, counts, 0, 0)
+        n_tiles = triton.cdiv(N, 2 * rows) * B * Hq
+    else:
+        q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k = varlen
+        B, N = q_starts.shape[0], max_seqlen_k
+        strides = (0, *q.stride()[:2], 0, *k.stride()[:2], 0, *v.stride()[:2], 0, *out.stride()[:2],
+                   *counts.stride()[:2], *indices.stride()[:3])
+        # a chunk's queries span at most cdiv(n_q, 128) + 1 tiles aligned to absolute positions
+        n_mt = triton.cdiv(max_seqlen_q, 2 * rows) + 1
+        bounds = (q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if lse is not None else 0, n_mt)
+        n_tiles = n_mt * B * Hq
+    grid = (max(1, min(n_tiles, _num_sms(q.device))),)
     # DYNAMIC: the programs take query tiles from a counter (zeroed here, no host sync), so
     # heads and rows of unequal cost balance out; otherwise a fixed stride over the tiles
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if cfg["DYNAMIC"] else counts
     return sparse_attention_fwd_hopper_ws[grid](
-        *descs, out, lse_arg, counts, indices, counter,
-        *_dense_strides(q, k, v, out, counts, indices),
-        N, Hkv, softmax_scale * _LOG2E, B,
+        *descs, out, lse_arg, counts, indices, counter, *strides,
+        N, Hkv, softmax_scale * _LOG2E, B, *bounds,
         group, D, block_size, lse is not None,
-        cfg["BLOCK_N"], cfg["STAGES"], cfg["Q_STAGES"], cfg["PINGPONG"], cfg["DYNAMIC"], cfg.get("CONSUMER_REGS", 240),
-        num_warps=4, maxnreg=_WS_MAXNREG)
+        cfg["BLOCK_N"], cfg["STAGES"], cfg["Q_STAGES"], cfg["PINGPONG"], cfg["DYNAMIC"], varlen is not None,
+        cfg.get("CONSUMER_REGS", 240), num_warps=4, maxnreg=_WS_MAXNREG)

@@ -25,29 +25,71 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .sparse_attention_hopper import _block_list, _origins, _softmax_step, _tile_start, _write_out
+from .sparse_attention_hopper import _LN2, _origins, _softmax_step, _tile_start
 
 ROWS_PER_WG = gl.constexpr(64)
 
 
 @gluon.jit
-def _selection(t, counts, indices, n_tiles_row, N, HKV,
-               stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-               GROUP: gl.constexpr, BS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Tile t's coordinates and selection: (i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t)."""
-    per_row = n_tiles_row  # query tiles per tile row: batch x heads
-    n_mt = (N + BLOCK_M - 1) // BLOCK_M
-    i_mt = n_mt - 1 - t // per_row
-    rem = t % per_row
+def _tile(t, args, GROUP: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):
+    """Query tile t of the walk (rows top-down, longest first; a kv group's heads adjacent):
+    (i_b, i_h, i_mt, i_r, p_idx, n_off, n_t, P, n_k, row0, q_row, q_col, k_row, k_col, v_row,
+    v_col).  Positions are absolute: rows [P, n_k) are queries (dense: P = 0, n_k = N), the
+    query at position p is packed row row0 + p; q/k/v_row and _col address the descriptors."""
+    (q_desc, k_desc, v_desc, o, lse, counts, indices,
+     stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+     stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
+     stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
+     N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
+     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
+     q_smem, k_smem, v_smem, tile_smem, bars) = args
+    BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
+    R: gl.constexpr = BS // BLOCK_N
+    rank = t // n_tiles_row
+    rem = t % n_tiles_row
     i_g = rem % GROUP
     i_bk = rem // GROUP
     i_b = (i_bk // HKV).to(gl.int64)
     i_hk = (i_bk % HKV).to(gl.int64)
     i_h = i_hk * GROUP + i_g
-    i_r = i_mt // (BS // BLOCK_M)
-    p_idx, n_off, n_t = _block_list(counts, indices, i_b, i_h, i_r, i_mt, N, stride_cb, stride_ch, stride_ib,
-                                    stride_ih, stride_ir, BS, BLOCK_M, BLOCK_N)
-    return i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t
+    if VARLEN:
+        # sequence i_b: queries are the last n_q of its n_k positions, q rows from q_starts,
+        # k/v rows from k_starts; its tiles are aligned to absolute positions from P's tile,
+        # N_MT of them, those past n_k empty
+        q0 = gl.load(q_starts + i_b).to(gl.int64)
+        k0 = gl.load(k_starts + i_b).to(gl.int64)
+        n_k = gl.load(k_ends + i_b) - k0.to(gl.int32)
+        P = n_k - (gl.load(q_ends + i_b) - q0.to(gl.int32))
+        i_mt = P // BLOCK_M + N_MT - 1 - rank
+        live = i_mt * BLOCK_M < n_k
+        i_r = gl.where(live, i_mt // (BS // BLOCK_M), 0)
+        row0 = q0 - P
+        # a sequence's first row stands for the batch index, with the row stride as batch stride
+        q_row, q_col, k_row, k_col, v_row, v_col = _origins(
+            q0, k0, i_h, i_hk, stride_qn, stride_qn, stride_qh, stride_kn, stride_kn, stride_kh,
+            stride_vn, stride_vn, stride_vh)
+        q_row += i_mt * BLOCK_M - P
+    else:
+        n_k = N
+        P = 0
+        i_mt = (N + BLOCK_M - 1) // BLOCK_M - 1 - rank
+        live = i_mt >= 0
+        i_r = i_mt // (BS // BLOCK_M)
+        row0 = i_b * 0
+        q_row, q_col, k_row, k_col, v_row, v_col = _origins(
+            i_b, i_b, i_h, i_hk, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+            stride_vb, stride_vn, stride_vh)
+        q_row += i_mt * BLOCK_M
+    # the selection of this query block: ascending and causal, so a selected diagonal block is
+    # the last entry; its key tiles up to this query tile's last row come after the others
+    p_idx = indices + i_b * stride_ib + i_h * stride_ih + i_r * stride_ir
+    n_sel = gl.load(counts + i_b * stride_cb + i_h * stride_ch + i_r, mask=live, other=0)
+    last = gl.load(p_idx + gl.maximum(n_sel - 1, 0), mask=n_sel > 0, other=-1)
+    has_diag = last == i_r
+    n_off = (n_sel - has_diag.to(gl.int32)) * R
+    q_hi = gl.minimum((i_mt + 1) * BLOCK_M, n_k)
+    n_t = n_off + gl.where(has_diag, (q_hi - i_r * BS + BLOCK_N - 1) // BLOCK_N, 0)
+    return i_b, i_h, i_mt, i_r, p_idx, n_off, n_t, P, n_k, row0, q_row, q_col, k_row, k_col, v_row, v_col
 
 
 @gluon.jit
@@ -84,25 +126,21 @@ def _get_tile(slot):
 def _producer(wg, args,
               GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              DYNAMIC: gl.constexpr):
+              DYNAMIC: gl.constexpr, VARLEN: gl.constexpr):
     (q_desc, k_desc, v_desc, o, lse, counts, indices,
      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
      stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
      stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-     N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter, q_smem, k_smem, v_smem, tile_smem, bars) = args
+     N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
+     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
+     q_smem, k_smem, v_smem, tile_smem, bars) = args
     q_full, q_empty, k_full, k_empty, v_full, v_empty, sched = bars
-    BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
     it = 0
     tc = 0
     t = _first_tile(tile_counter, DYNAMIC)
     while t < n_tiles:
-        i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t = _selection(
-            t, counts, indices, n_tiles_row, N, HKV, stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-            GROUP, BS, BLOCK_M, BLOCK_N)
-        q_row, q_col, k_row, k_col, v_row, v_col = _origins(
-            i_b, i_b, i_h, i_hk, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
-            stride_vb, stride_vn, stride_vh)
-        q_row += i_mt * BLOCK_M
+        (i_b, i_h, i_mt, i_r, p_idx, n_off, n_t, P, n_k, row0,
+         q_row, q_col, k_row, k_col, v_row, v_col) = _tile(t, args, GROUP, BS, BLOCK_N, VARLEN)
 
         qb = tc % Q_STAGES
         mbarrier.wait(q_empty.index(qb), ((tc // Q_STAGES) & 1) ^ 1)
@@ -141,12 +179,14 @@ def _producer(wg, args,
 def _consumer(wg, args,
               GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              DYNAMIC: gl.constexpr):
+              DYNAMIC: gl.constexpr, VARLEN: gl.constexpr):
     (q_desc, k_desc, v_desc, o, lse, counts, indices,
      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
      stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
      stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-     N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter, q_smem, k_smem, v_smem, tile_smem, bars) = args
+     N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
+     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
+     q_smem, k_smem, v_smem, tile_smem, bars) = args
     q_full, q_empty, k_full, k_empty, v_full, v_empty, sched = bars
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
@@ -160,6 +200,7 @@ def _consumer(wg, args,
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
     s_zero = gl.zeros([ROWS_PER_WG, BLOCK_N], gl.float32, layout=s_layout)
+    o_d = gl.arange(0, D, layout=col_o)
     mine = sched.index(wg)
     other = sched.index(1 - wg)
     if PINGPONG:
@@ -174,9 +215,8 @@ def _consumer(wg, args,
     else:
         t = gl.program_id(0)
     while t < n_tiles:
-        i_b, i_h, i_hk, i_mt, i_r, p_idx, n_off, n_t = _selection(
-            t, counts, indices, n_tiles_row, N, HKV, stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
-            GROUP, BS, BLOCK_M, BLOCK_N)
+        (i_b, i_h, i_mt, i_r, p_idx, n_off, n_t, P, n_k, row0,
+         q_row, q_col, k_row, k_col, v_row, v_col) = _tile(t, args, GROUP, BS, BLOCK_N, VARLEN)
         r0 = i_mt * BLOCK_M + wg * ROWS_PER_WG
         o_m = r0 + gl.arange(0, ROWS_PER_WG, layout=row_s)
         m = gl.full([ROWS_PER_WG], float("-inf"), gl.float32, layout=row_s)
@@ -240,8 +280,24 @@ def _consumer(wg, args,
         it += n_t
         tc += 1
 
-        _write_out(acc, m, l, o, lse, i_b, i_h, r0, N, HKV, stride_ob, stride_on, stride_oh,
-                   GROUP, D, ROWS_PER_WG, RETURN_LSE, row_s, row_o, col_o)
+        # a row with no selected key gives 0 (and lse -inf), as FlashAttention does
+        l_o = gl.convert_layout(l, row_o)
+        l_safe = gl.where(l_o > 0, l_o, 1.0)
+        out = acc * gl.expand_dims(1.0 / l_safe, 1)
+        # query rows are positions [P, n_k): packed row row0 + position (dense: row0 = 0)
+        o_m_o = r0 + gl.arange(0, ROWS_PER_WG, layout=row_o)
+        p_o = o + i_b * stride_ob + i_h * stride_oh + gl.expand_dims((row0 + o_m_o) * stride_on, 1) + \
+            gl.expand_dims(o_d, 0)
+        gl.store(p_o, out.to(dtype), mask=gl.expand_dims((o_m_o >= P) & (o_m_o < n_k), 1))
+        if RETURN_LSE:
+            l_s = gl.where(l > 0, l, 1.0)
+            b_lse = gl.where(l > 0, (m + gl.log2(l_s)) * _LN2, float("-inf"))
+            if VARLEN:
+                # FlashAttention's varlen layout [Hq, total_q]
+                p_lse = lse + i_h * stride_lh + row0 + o_m
+            else:
+                p_lse = lse + (i_b * (HKV * GROUP) + i_h) * N + o_m
+            gl.store(p_lse, b_lse, mask=(o_m >= P) & (o_m < n_k))
         if DYNAMIC:
             qn = tc % Q_STAGES
             mbarrier.wait(q_full.index(qn), (tc // Q_STAGES) & 1)
@@ -260,16 +316,20 @@ def sparse_attention_fwd_hopper_ws(
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_ir,
     N, HKV, scale_log2, B,
+    q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
     GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-    DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    DYNAMIC: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Grid: (programs,), num_warps 4 (consumer warpgroup 0; warpgroup 1 and the producer warp
     are the warp-specialised workers).  q_desc tiles are 64 x D, k/v_desc BLOCK_N x D."""
     dtype: gl.constexpr = q_desc.dtype
     BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
     n_tiles_row = B * HKV * GROUP
-    n_tiles = ((N + BLOCK_M - 1) // BLOCK_M) * n_tiles_row
+    if VARLEN:
+        n_tiles = N_MT * n_tiles_row
+    else:
+        n_tiles = ((N + BLOCK_M - 1) // BLOCK_M) * n_tiles_row
 
     q_smem = gl.allocate_shared_memory(dtype, [2 * Q_STAGES, ROWS_PER_WG, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], k_desc.layout)
@@ -298,11 +358,12 @@ def sparse_attention_fwd_hopper_ws(
               stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
               stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
               N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
+              q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
               q_smem, k_smem, v_smem, tile_smem, bars)
     gl.warp_specialize([
-        (_consumer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC)),
-        (_consumer, (1, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC)),
-        (_producer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC)),
+        (_consumer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN)),
+        (_consumer, (1, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN)),
+        (_producer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
