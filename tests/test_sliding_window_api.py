@@ -77,6 +77,26 @@ def test_varlen_packed_and_chunked(dtype):
     assert (whole[0, 250:].float() - out[400:550].float()).abs().max().item() < tol
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [128, 256])
+def test_varlen_windowed_default_path_on_hopper(D):
+    # head dims 128/256 on Hopper: the warp-specialised Gluon kernel with VARLEN and WINDOWED
+    # (a plain sequence, a chunk over a 1000-token prefix, a short one, a one-query chunk)
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the Gluon kernels need an sm_90 GPU")
+    from flexprefill.ops.sparse_attention import _hopper_kernel
+
+    lens_q, lens_k = [900, 300, 60, 1], [900, 1300, 60, 200]
+    window = 300
+    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, 8, 2, D, BF16, seed=D)
+    assert _hopper_kernel(q, k, v, 128) == "ws"
+    args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
+    out, lse = flexprefill.sliding_window_attention_varlen(*args, window=window, return_lse=True, backend="triton")
+    ref, ref_lse = flexprefill.sliding_window_attention_varlen(*args, window=window, return_lse=True, backend="reference")
+    assert (out.float() - ref.float()).abs().max().item() < 3e-2
+    assert (lse - ref_lse).abs().max().item() < 1e-3
+
+
 def test_bad_windows_are_refused():
     q = _rand((1, 64, 2, 64), F32, 0)
     k = _rand((1, 64, 1, 64), F32, 1)

@@ -59,6 +59,39 @@ def test_sliding_window_matches_masked_attention(B, N, Hq, Hkv, D, window, bs, d
         assert (full - ref).abs().max().item() > 10 * tol
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,window", [(128, 300), (256, 512), (128, 1), (64, 700)],
+                         ids=["D128-W300", "D256-W512", "D128-W1", "D64-W700"])
+def test_sliding_window_on_the_hopper_ws_kernel(D, window):
+    # the warp-specialised Gluon kernel with a window (Hopper only): every variant against
+    # masked attention in fp32; the default path takes it at head dims 128 and 256
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the Gluon kernels need an sm_90 GPU")
+    from flexprefill.ops.sparse_attention import _hopper_kernel, _launch
+    from flexprefill.ops.sparse_attention_hopper import ws_configs
+
+    B, N, Hq, Hkv, bs = 2, 3000, 8, 2, 128
+    q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=D + window)
+    scale = 0.8 / math.sqrt(D)
+    counts, indices = window_selection(B, Hq, N, bs, window, DEV)
+    ref, ref_lse = _masked(q.float(), k.float(), v.float(), window, scale)
+    pt, _ = _masked(q, k, v, window, scale, dtype=BF16)
+    tol = 2 * (pt.float() - ref).abs().max().item()
+    for c in ws_configs(D, bs):
+        for pp in (False, True):
+            for dyn in (True, False):
+                cfg = dict(c, kernel="ws", PINGPONG=pp, DYNAMIC=dyn)
+                out, lse = _launch(q, k, v, counts, indices, block_size=bs, softmax_scale=scale, return_lse=True,
+                                   window=window, hopper_config=cfg)
+                err = (out.float() - ref).abs().max().item()
+                assert not out.isnan().any() and err <= tol, (f"output error {err:.3g} > {tol:.3g}", cfg)
+                assert (lse - ref_lse).abs().max().item() < 1e-3, cfg
+    assert (_hopper_kernel(q, k, v, bs) == "ws") == (D != 64)
+    with pytest.raises(ValueError, match="only the warp-specialised kernel"):
+        _launch(q, k, v, counts, indices, block_size=bs, softmax_scale=scale, return_lse=False, window=window,
+                hopper_config=dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8))
+
+
 def test_window_selection_lists_exactly_the_reached_blocks():
     N, bs = 1000, 64
     for window in (1, 63, 64, 65, 200, 2000):

@@ -144,17 +144,22 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
     if return_lse and lse is None:
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
     hopper = None
-    if window is None and hopper_config is not None:
+    if hopper_config is not None:
         hopper = hopper_config.get("kernel", "tiled")
-    elif window is None and config is None:
+        if window is not None and hopper != "ws":
+            raise ValueError(f"hopper_config {hopper_config}: only the warp-specialised kernel (kernel='ws') takes a window")
+    elif config is None:
         hopper = _hopper_kernel(q, k, v, block_size)
+        if window is not None and hopper != "ws":
+            hopper = None  # the tiled Gluon kernel has no window: the Triton kernel runs
     if hopper is not None:
         from .sparse_attention_hopper import launch_hopper, launch_hopper_ws
 
         hc = {key: val for key, val in (hopper_config or {}).items() if key != "kernel"}
+        kw = dict(window=window) if hopper == "ws" else {}
         launch = launch_hopper_ws if hopper == "ws" else launch_hopper
         launch(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
-               softmax_scale=softmax_scale, config=hc or None)
+               softmax_scale=softmax_scale, config=hc or None, **kw)
         return (out, lse) if return_lse else out
     # an fp32 stand-in when no lse is asked: the autotuner keys on argument dtypes, so
     # both variants then share one tuning
@@ -301,7 +306,7 @@ def sparse_attention_varlen(
         config: dict(BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning (the
             Triton kernel); ``hopper_config``: a config of the warp-specialised Gluon kernel
             (``ops.sparse_attention_hopper.ws_configs``), which otherwise runs where
-            ``_hopper_kernel`` picks it (Hopper, no window, block size a multiple of 128).
+            ``_hopper_kernel`` picks it (Hopper, block size a multiple of 128; windows too).
         window: a sliding window on absolute positions on top of the selection (``indices``
             may then be narrower than ``max_nb``).
         out, lse: preallocated outputs (rows outside every sequence are left as given).
@@ -319,11 +324,11 @@ def sparse_attention_varlen(
         out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(Hq, total_q, dtype=torch.float32, device=q.device)
-    if window is None and (hopper_config is not None or (config is None and _hopper_kernel(q, k, v, block_size) == "ws")):
+    if hopper_config is not None or (config is None and _hopper_kernel(q, k, v, block_size) == "ws"):
         from .sparse_attention_hopper import launch_hopper_ws
 
         launch_hopper_ws(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
-                         softmax_scale=softmax_scale, config=hopper_config,
+                         softmax_scale=softmax_scale, config=hopper_config, window=window,
                          varlen=(q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k))
         return (out, lse) if return_lse else out
     lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)

@@ -119,13 +119,15 @@ def ws_configs(D: int, block_size: int) -> list[dict]:
 
 
 def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, config=None,
-                     varlen=None):
+                     varlen=None, window=None):
     """The warp-specialised persistent kernel (``kernels.sparse_attention_hopper_ws``): same
     arguments as ``launch_hopper``; ``config``: dict(BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC[,
     CONSUMER_REGS]) instead of the head dim's default.  Needs a block size multiple of 128.
     ``varlen``: (q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k) for packed
     q [total_q, Hq, D], k/v [total_k, Hkv, D], out likewise and lse [Hq, total_q], as
-    ``ops.sparse_attention.sparse_attention_varlen`` takes them (checked by the caller)."""
+    ``ops.sparse_attention.sparse_attention_varlen`` takes them (checked by the caller).
+    ``window``: a sliding window (key j visible from query i when i - j < window) on top of
+    the selection, as the Triton kernel's ``WINDOWED``."""
     from .kernels.sparse_attention_hopper_ws import ROWS_PER_WG, sparse_attention_fwd_hopper_ws
 
     Hq, D = q.shape[-2:]
@@ -142,7 +144,7 @@ def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, sof
         B, N = q.shape[:2]
         strides = _dense_strides(q, k, v, out, counts, indices)
         # the packed-sequence arguments are unused (pointers stand in)
-        bounds = (counts, counts, counts, counts, 0, 0)
+        bounds = (counts, counts, counts, counts, 0, 0, 0 if window is None else int(window))
         n_tiles = triton.cdiv(N, 2 * rows) * B * Hq
     else:
         q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k = varlen
@@ -151,7 +153,8 @@ def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, sof
                    *counts.stride()[:2], *indices.stride()[:3])
         # a chunk's queries span at most cdiv(n_q, 128) + 1 tiles aligned to absolute positions
         n_mt = triton.cdiv(max_seqlen_q, 2 * rows) + 1
-        bounds = (q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if lse is not None else 0, n_mt)
+        bounds = (q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if lse is not None else 0, n_mt,
+                  0 if window is None else int(window))
         n_tiles = n_mt * B * Hq
     grid = (max(1, min(n_tiles, _num_sms(q.device))),)
     # DYNAMIC: the programs take query tiles from a counter (zeroed here, no host sync), so
@@ -162,4 +165,4 @@ def launch_hopper_ws(q, k, v, counts, indices, out, lse, *, block_size: int, sof
         N, Hkv, softmax_scale * _LOG2E, B, *bounds,
         group, D, block_size, lse is not None,
         cfg["BLOCK_N"], cfg["STAGES"], cfg["Q_STAGES"], cfg["PINGPONG"], cfg["DYNAMIC"], varlen is not None,
-        cfg.get("CONSUMER_REGS", 240), num_warps=4, maxnreg=_WS_MAXNREG)
+        window is not None, cfg.get("CONSUMER_REGS", 240), num_warps=4, maxnreg=_WS_MAXNREG)

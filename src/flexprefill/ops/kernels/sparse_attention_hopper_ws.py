@@ -41,7 +41,7 @@ def _tile(t, args, GROUP: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr,
      stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
      stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
      N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
-     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
+     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT, window,
      q_smem, k_smem, v_smem, tile_smem, bars) = args
     BLOCK_M: gl.constexpr = 2 * ROWS_PER_WG
     R: gl.constexpr = BS // BLOCK_N
@@ -93,6 +93,28 @@ def _tile(t, args, GROUP: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
+def _softmax_tile(s, m, l, j, n_off, i_r, p_idx, o_m, scale_log2, window, col_layout: gl.constexpr,
+                  BS: gl.constexpr, BLOCK_N: gl.constexpr, WINDOWED: gl.constexpr):
+    """``_softmax_step`` of tile j; ``WINDOWED``: keys visible only when o_m - o_n < window, on
+    every tile, and a row that has seen no key yet keeps exp2 away from -inf - -inf."""
+    if WINDOWED:
+        n0 = _tile_start(p_idx, j, n_off, i_r, BS, BLOCK_N)
+        o_n = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=col_layout), 0)
+        vis = o_n > gl.expand_dims(o_m, 1) - window
+        if j >= n_off:
+            vis = vis & (o_n <= gl.expand_dims(o_m, 1))
+        s = gl.where(vis, s * scale_log2, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+        alpha = gl.exp2(m - m_safe)
+        l = l * alpha + gl.sum(p, 1)
+        return m_new, l, p, alpha
+    else:
+        return _softmax_step(s, m, l, j, n_off, i_r * BS + (j - n_off) * BLOCK_N, o_m, scale_log2, col_layout, BLOCK_N)
+
+
+@gluon.jit
 def _first_tile(tile_counter, DYNAMIC: gl.constexpr):
     if DYNAMIC:
         return gl.atomic_add(tile_counter, 1)
@@ -126,13 +148,13 @@ def _get_tile(slot):
 def _producer(wg, args,
               GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              DYNAMIC: gl.constexpr, VARLEN: gl.constexpr):
+              DYNAMIC: gl.constexpr, VARLEN: gl.constexpr, WINDOWED: gl.constexpr):
     (q_desc, k_desc, v_desc, o, lse, counts, indices,
      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
      stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
      stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
      N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
-     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
+     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT, window,
      q_smem, k_smem, v_smem, tile_smem, bars) = args
     q_full, q_empty, k_full, k_empty, v_full, v_empty, sched = bars
     it = 0
@@ -179,13 +201,13 @@ def _producer(wg, args,
 def _consumer(wg, args,
               GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-              DYNAMIC: gl.constexpr, VARLEN: gl.constexpr):
+              DYNAMIC: gl.constexpr, VARLEN: gl.constexpr, WINDOWED: gl.constexpr):
     (q_desc, k_desc, v_desc, o, lse, counts, indices,
      stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
      stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
      stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
      N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
-     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
+     q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT, window,
      q_smem, k_smem, v_smem, tile_smem, bars) = args
     q_full, q_empty, k_full, k_empty, v_full, v_empty, sched = bars
     dtype: gl.constexpr = q_desc.dtype
@@ -239,8 +261,8 @@ def _consumer(wg, args,
                 turn += 1
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(b))
-            n0 = i_r * BS + (0 - n_off) * BLOCK_N
-            m, l, p_f, alpha = _softmax_step(s, m, l, 0, n_off, n0, o_m, scale_log2, col_s, BLOCK_N)
+            m, l, p_f, alpha = _softmax_tile(s, m, l, 0, n_off, i_r, p_idx, o_m, scale_log2, window, col_s,
+                                             BS, BLOCK_N, WINDOWED)
             p = gl.convert_layout(p_f.to(dtype), p_layout)
 
         for j in range(1, n_t):
@@ -257,8 +279,8 @@ def _consumer(wg, args,
                 turn += 1
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(cur))
-            n0 = i_r * BS + (j - n_off) * BLOCK_N
-            m, l, p_f, alpha = _softmax_step(s, m, l, j, n_off, n0, o_m, scale_log2, col_s, BLOCK_N)
+            m, l, p_f, alpha = _softmax_tile(s, m, l, j, n_off, i_r, p_idx, o_m, scale_log2, window, col_s,
+                                             BS, BLOCK_N, WINDOWED)
             acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
             mbarrier.arrive(v_empty.index(prv))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
@@ -306,7 +328,7 @@ def _consumer(wg, args,
             t += gl.num_programs(0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["window"])
 def sparse_attention_fwd_hopper_ws(
     q_desc, k_desc, v_desc, o, lse, counts, indices, tile_counter,
     stride_qb, stride_qn, stride_qh,
@@ -316,10 +338,11 @@ def sparse_attention_fwd_hopper_ws(
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_ir,
     N, HKV, scale_log2, B,
-    q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
+    q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT, window,
     GROUP: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, RETURN_LSE: gl.constexpr,
     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-    DYNAMIC: gl.constexpr, VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    DYNAMIC: gl.constexpr, VARLEN: gl.constexpr, WINDOWED: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """Grid: (programs,), num_warps 4 (consumer warpgroup 0; warpgroup 1 and the producer warp
     are the warp-specialised workers).  q_desc tiles are 64 x D, k/v_desc BLOCK_N x D."""
@@ -358,12 +381,12 @@ def sparse_attention_fwd_hopper_ws(
               stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
               stride_cb, stride_ch, stride_ib, stride_ih, stride_ir,
               N, HKV, scale_log2, n_tiles, n_tiles_row, tile_counter,
-              q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT,
+              q_starts, q_ends, k_starts, k_ends, stride_lh, N_MT, window,
               q_smem, k_smem, v_smem, tile_smem, bars)
     gl.warp_specialize([
-        (_consumer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN)),
-        (_consumer, (1, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN)),
-        (_producer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN)),
+        (_consumer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN, WINDOWED)),
+        (_consumer, (1, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN, WINDOWED)),
+        (_producer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN, WINDOWED)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
