@@ -93,23 +93,29 @@ def _tile(t, args, GROUP: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _softmax_tile(s, m, l, j, n_off, i_r, p_idx, o_m, scale_log2, window, col_layout: gl.constexpr,
+def _softmax_tile(s, m, l, j, n_off, i_r, p_idx, o_m, o_hi, scale_log2, window, col_layout: gl.constexpr,
                   BS: gl.constexpr, BLOCK_N: gl.constexpr, WINDOWED: gl.constexpr):
-    """``_softmax_step`` of tile j; ``WINDOWED``: keys visible only when o_m - o_n < window, on
-    every tile, and a row that has seen no key yet keeps exp2 away from -inf - -inf."""
+    """``_softmax_step`` of tile j; ``WINDOWED``: keys visible only when o_m - o_n < window.
+    The window mask (and the guard that keeps exp2 away from -inf - -inf for a row that has
+    seen no key yet) runs only on tiles whose first key some row of this warpgroup does not
+    see (its last row ``o_hi`` is the strictest): in a band of window / BLOCK_N tiles, the
+    first one; every other tile takes the plain step."""
     if WINDOWED:
         n0 = _tile_start(p_idx, j, n_off, i_r, BS, BLOCK_N)
-        o_n = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=col_layout), 0)
-        vis = o_n > gl.expand_dims(o_m, 1) - window
-        if j >= n_off:
-            vis = vis & (o_n <= gl.expand_dims(o_m, 1))
-        s = gl.where(vis, s * scale_log2, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, 1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
-        alpha = gl.exp2(m - m_safe)
-        l = l * alpha + gl.sum(p, 1)
-        return m_new, l, p, alpha
+        if n0 <= o_hi - window:
+            o_n = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=col_layout), 0)
+            vis = o_n > gl.expand_dims(o_m, 1) - window
+            if j >= n_off:
+                vis = vis & (o_n <= gl.expand_dims(o_m, 1))
+            sw = gl.where(vis, s * scale_log2, float("-inf"))
+            m_new = gl.maximum(m, gl.max(sw, 1))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(sw - gl.expand_dims(m_safe, 1))
+            alpha = gl.exp2(m - m_safe)
+            l_new = l * alpha + gl.sum(p, 1)
+        else:
+            m_new, l_new, p, alpha = _softmax_step(s, m, l, j, n_off, n0, o_m, scale_log2, col_layout, BLOCK_N)
+        return m_new, l_new, p, alpha
     else:
         return _softmax_step(s, m, l, j, n_off, i_r * BS + (j - n_off) * BLOCK_N, o_m, scale_log2, col_layout, BLOCK_N)
 
@@ -241,6 +247,7 @@ def _consumer(wg, args,
          q_row, q_col, k_row, k_col, v_row, v_col) = _tile(t, args, GROUP, BS, BLOCK_N, VARLEN)
         r0 = i_mt * BLOCK_M + wg * ROWS_PER_WG
         o_m = r0 + gl.arange(0, ROWS_PER_WG, layout=row_s)
+        o_hi = r0 + ROWS_PER_WG - 1
         m = gl.full([ROWS_PER_WG], float("-inf"), gl.float32, layout=row_s)
         l = gl.zeros([ROWS_PER_WG], gl.float32, layout=row_s)
         acc = gl.zeros([ROWS_PER_WG, D], gl.float32, layout=o_layout)
@@ -261,7 +268,7 @@ def _consumer(wg, args,
                 turn += 1
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(b))
-            m, l, p_f, alpha = _softmax_tile(s, m, l, 0, n_off, i_r, p_idx, o_m, scale_log2, window, col_s,
+            m, l, p_f, alpha = _softmax_tile(s, m, l, 0, n_off, i_r, p_idx, o_m, o_hi, scale_log2, window, col_s,
                                              BS, BLOCK_N, WINDOWED)
             p = gl.convert_layout(p_f.to(dtype), p_layout)
 
@@ -279,7 +286,7 @@ def _consumer(wg, args,
                 turn += 1
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(cur))
-            m, l, p_f, alpha = _softmax_tile(s, m, l, j, n_off, i_r, p_idx, o_m, scale_log2, window, col_s,
+            m, l, p_f, alpha = _softmax_tile(s, m, l, j, n_off, i_r, p_idx, o_m, o_hi, scale_log2, window, col_s,
                                              BS, BLOCK_N, WINDOWED)
             acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
             mbarrier.arrive(v_empty.index(prv))
