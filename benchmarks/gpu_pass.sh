@@ -9,7 +9,8 @@
 #   ncu OUT (Nsight Compute sections of the sparse kernel at 5% density and of cuDNN),
 #   varlen OUT, whole OUT (whole-model prefill and both demos), evals OUT (both models),
 #   wspaths OUT, wsvarlen OUT (the warp-specialised kernel on windowed and varlen calls: GPU
-#   tests and A/B against the Triton kernel),
+#   tests and A/B against the Triton kernel), pool OUT (what the cached search graph keeps),
+#   captured OUT (whole-model prefill and the suite on captured Q/K/V of both packaged models)
 #   diagfirst OUT (kernel efficiency with the diagonal block first vs last, GPU tests)
 #   probe OUT (per-tile kernel cost by config and tile count; search profile of the small-head shapes)
 #   graph OUT (whole search graphed vs tail-only vs eager; every kernel of the 32k search)
@@ -122,13 +123,18 @@ case "$phase" in
     run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py
     ;;
   wspaths)
-    # the warp-specialised Gluon kernel on varlen and windowed calls: its GPU tests, then the
-    # window bench with it (default) and with the Triton kernel (varlen A/B: phase wsvarlen)
+    # the warp-specialised Gluon kernel on varlen and windowed calls: its GPU tests, then
+    # windowed calls with it (default) and with the Triton kernel (varlen A/B: phase wsvarlen)
     run ws_tests 240 python -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_varlen_kernels.py \
       tests/ops/test_sliding_window.py tests/test_sliding_window_api.py tests/ops/test_sparse_attention.py
-    run window_ws 100 python benchmarks/bench_attention.py --mode window --out "$out/window_ws" --max-minutes 1.2
-    run window_triton 100 env FLEXPREFILL_HOPPER_KERNEL=0 python benchmarks/bench_attention.py --mode window \
-      --out "$out/window_triton" --max-minutes 1.2
+    run compare_window 200 env OUT="$out" python benchmarks/compare_window_kernels.py
+    ;;
+  pool)
+    run search_pool 170 env OUT="$out/pool" python benchmarks/search_pool.py 32768,131072
+    ;;
+  captured)
+    run captured 540 python benchmarks/bench_attention.py --mode model,suite --shapes smollm2-135m,gemma3-270m \
+      --inputs synthetic,captured --lengths 8k,16k,32k --out "$out/captured" --max-minutes 5.8
     ;;
   wsvarlen)
     run varlen_ws 150 env OUT="$out/varlen_ws" python benchmarks/gpu_check_varlen.py

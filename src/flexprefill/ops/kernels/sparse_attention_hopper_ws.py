@@ -1,7 +1,9 @@
 """Block-sparse causal attention forward for Hopper, warp-specialised and persistent (Gluon).
 
-The same contract as ``sparse_attention_fwd_hopper`` (dense, non-packed, non-windowed path;
-block size a multiple of 128), with FlashAttention-3's division of labour:
+The same contract as ``sparse_attention_fwd_hopper`` (block size a multiple of 128), plus
+packed sequences (``VARLEN``: chunks over a cached prefix, tiles aligned to absolute
+positions, FlashAttention's lse layout) and sliding windows (``WINDOWED``), with
+FlashAttention-3's division of labour:
 - one producer warp loads, by TMA, each query tile's Q (128 rows, two 64-row halves) and the
   K and V tiles of its selected blocks into rings of ``STAGES`` buffers, waiting on "empty"
   mbarriers only; it runs ahead into the next query tile while the consumers finish this one
