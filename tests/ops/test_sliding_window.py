@@ -39,6 +39,9 @@ def _masked(q, k, v, window, scale, dtype=torch.float32):
         pytest.param(1, 500, 2, 1, 64, 1, 64, F32, id="W1-only-self"),
         pytest.param(1, 300, 2, 1, 64, 5000, 128, F16, id="window-longer-than-N"),
         pytest.param(1, 640, 4, 2, 80, 100, 64, F16, id="D80-W100"),
+        # windows on and one past a tile edge: bands whose first tile is the only masked one
+        pytest.param(1, 1000, 2, 1, 64, 256, 64, F32, id="N1000-W256-tile-aligned"),
+        pytest.param(1, 1000, 2, 1, 64, 257, 32, F16, id="N1000-W257-bs32"),
         pytest.param(1, 4100, 8, 2, 256, 512, 128, BF16, id="N4100-W512-D256-bf16", marks=pytest.mark.gpu),
     ],
 )
