@@ -76,15 +76,6 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _online_step(b_s, b_m, scale_log2):
-    """Online softmax of a tile every row fully sees: new max, probabilities, rescale factor."""
-    b_mn = tl.maximum(b_m, tl.max(b_s, 1) * scale_log2)
-    b_p = tl.exp2(b_s * scale_log2 - b_mn[:, None])
-    b_alpha = tl.exp2(b_m - b_mn)
-    return b_mn, b_p, b_alpha
-
-
-@triton.jit
 def _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag, n_diag, n_k,
                    stride_kn, stride_vn, scale_log2, window,
                    BS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -196,8 +187,6 @@ def sparse_attention_fwd_kernel(
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # the tile's last row, the strictest about a window's first key
-    o_hi = i_mt * BLOCK_M + BLOCK_M - 1
     # [BM, BD]
     b_acc = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
     # the diagonal block's key tiles up to this query tile's last row (the others are invisible)
@@ -229,20 +218,17 @@ def sparse_attention_fwd_kernel(
         # [BM, BN]
         b_s = tl.dot(b_q, tl.trans(b_k))
         if WINDOWED:
-            # sliding window: key j visible from query i when i - j < window, masked only on
-            # tiles whose first key the tile's last row (the strictest) does not see: the
-            # first tile of each band; a row may see none of such a tile's keys, so keep
-            # exp2 away from -inf - -inf as below
-            if n0 <= o_hi - window:
-                b_s = tl.where(o_n[None, :] > o_m[:, None] - window, b_s * scale_log2, float("-inf"))
-                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-                b_p = tl.exp2(b_s - b_safe[:, None])
-                b_alpha = tl.exp2(b_m - b_safe)
-            else:
-                b_mn, b_p, b_alpha = _online_step(b_s, b_m, scale_log2)
+            # sliding window: key j visible from query i when i - j < window; a row may see
+            # none of this tile's keys, so keep exp2 away from -inf - -inf as below
+            b_s = tl.where(o_n[None, :] > o_m[:, None] - window, b_s * scale_log2, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+            b_p = tl.exp2(b_s - b_safe[:, None])
+            b_alpha = tl.exp2(b_m - b_safe)
         else:
-            b_mn, b_p, b_alpha = _online_step(b_s, b_m, scale_log2)
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1) * scale_log2)
+            b_p = tl.exp2(b_s * scale_log2 - b_mn[:, None])
+            b_alpha = tl.exp2(b_m - b_mn)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None]
         if TMA:
