@@ -388,6 +388,25 @@ def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
     S.clear_graph_cache()
 
 
+def test_graph_pool_policy(monkeypatch):
+    """One pool handle per device, shared by every capture until the cache is cleared;
+    FLEXPREFILL_GRAPH_POOL=private gives none (each graph its own pool)."""
+    from flexprefill.ops import selection as S
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: made.append(len(made)) or ("pool", len(made)))
+    S.clear_graph_cache()
+    a, b = S._graph_pool("cuda:0"), S._graph_pool(torch.device("cuda", 0))
+    c = S._graph_pool("cuda:1")
+    assert a == b and a != c and len(made) == 2
+    monkeypatch.setenv("FLEXPREFILL_GRAPH_POOL", "private")
+    assert S._graph_pool("cuda:0") is None
+    monkeypatch.delenv("FLEXPREFILL_GRAPH_POOL")
+    S.clear_graph_cache()  # dropping the graphs drops the pool too
+    assert S._graph_pool("cuda:0") != a and len(made) == 3
+    S.clear_graph_cache()
+
+
 def test_head_chunking_does_not_change_the_selection(monkeypatch):
     """The assembly processes heads a chunk at a time (smaller chunks inside a CUDA graph): same result."""
 
