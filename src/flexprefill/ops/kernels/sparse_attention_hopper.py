@@ -66,24 +66,37 @@ def _block_list(counts, indices, i_b, i_h, i_r, i_mt, N, stride_cb, stride_ch, s
 
 
 @gluon.jit
-def _write_out(acc, m, l, o, lse, i_b, i_h, r0, N, HKV, stride_ob, stride_on, stride_oh,
-               GROUP: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr, RETURN_LSE: gl.constexpr,
-               row_s: gl.constexpr, row_o: gl.constexpr, col_o: gl.constexpr):
-    """Normalise and store rows [r0, r0 + ROWS) of head i_h (those below N), and their lse; a
-    row with no selected key gives 0 (and lse -inf), as FlashAttention does."""
+def _write_out(acc, m, l, o, lse, i_b, i_h, r0, P, n_k, row0, o_d, HKV, stride_ob, stride_on, stride_oh, stride_lh,
+               GROUP: gl.constexpr, ROWS: gl.constexpr, RETURN_LSE: gl.constexpr,
+               VARLEN: gl.constexpr, row_s: gl.constexpr, row_o: gl.constexpr):
+    """Normalise and store the rows at positions [r0, r0 + ROWS) of head i_h that are queries,
+    and their lse; a row with no selected key gives 0 (and lse -inf), as FlashAttention does.
+    Queries are positions [P, n_k) at packed rows row0 + position (dense: P = 0, n_k = N,
+    row0 = 0); lse is [B, Hq, N], or with ``VARLEN`` FlashAttention's [Hq, total_q] (head
+    stride ``stride_lh``).  ``o_d``: the head-dim columns (the caller's, so a kernel that
+    makes them once outside its loops keeps them there)."""
     l_o = gl.convert_layout(l, row_o)
     l_safe = gl.where(l_o > 0, l_o, 1.0)
     out = acc * gl.expand_dims(1.0 / l_safe, 1)
     o_m_o = r0 + gl.arange(0, ROWS, layout=row_o)
-    o_d = gl.arange(0, D, layout=col_o)
-    p_o = o + i_b * stride_ob + i_h * stride_oh + gl.expand_dims(o_m_o.to(gl.int64) * stride_on, 1) + \
+    p_o = o + i_b * stride_ob + i_h * stride_oh + gl.expand_dims((row0 + o_m_o.to(gl.int64)) * stride_on, 1) + \
         gl.expand_dims(o_d, 0)
-    gl.store(p_o, out.to(o.dtype.element_ty), mask=gl.expand_dims(o_m_o < N, 1))
+    if VARLEN:
+        live_o = (o_m_o >= P) & (o_m_o < n_k)
+    else:
+        live_o = o_m_o < n_k
+    gl.store(p_o, out.to(o.dtype.element_ty), mask=gl.expand_dims(live_o, 1))
     if RETURN_LSE:
         o_m = r0 + gl.arange(0, ROWS, layout=row_s)
         l_s = gl.where(l > 0, l, 1.0)
         b_lse = gl.where(l > 0, (m + gl.log2(l_s)) * _LN2, float("-inf"))
-        gl.store(lse + (i_b * (HKV * GROUP) + i_h) * N + o_m, b_lse, mask=o_m < N)
+        if VARLEN:
+            p_lse = lse + i_h * stride_lh + row0 + o_m
+            live = (o_m >= P) & (o_m < n_k)
+        else:
+            p_lse = lse + (i_b * (HKV * GROUP) + i_h) * n_k + o_m
+            live = o_m < n_k
+        gl.store(p_lse, b_lse, mask=live)
 
 
 @gluon.jit
@@ -215,8 +228,8 @@ def sparse_attention_fwd_hopper(
         mbarrier.wait(v_bar.index(prv), ((n_t - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(prv), acc)
 
-    _write_out(acc, m, l, o, lse, i_b, i_h, i_mt * BLOCK_M, N, HKV, stride_ob, stride_on, stride_oh,
-               GROUP, D, BLOCK_M, RETURN_LSE, row_s, row_o, col_o)
+    _write_out(acc, m, l, o, lse, i_b, i_h, i_mt * BLOCK_M, 0, N, 0, gl.arange(0, D, layout=col_o), HKV,
+               stride_ob, stride_on, stride_oh, 0, GROUP, BLOCK_M, RETURN_LSE, False, row_s, row_o)
     mbarrier.invalidate(q_bar)
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(k_bar.index(st))

@@ -27,7 +27,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .sparse_attention_hopper import _LN2, _origins, _softmax_step, _tile_start
+from .sparse_attention_hopper import _origins, _softmax_step, _tile_start, _write_out
 
 ROWS_PER_WG = gl.constexpr(64)
 
@@ -311,24 +311,8 @@ def _consumer(wg, args,
         it += n_t
         tc += 1
 
-        # a row with no selected key gives 0 (and lse -inf), as FlashAttention does
-        l_o = gl.convert_layout(l, row_o)
-        l_safe = gl.where(l_o > 0, l_o, 1.0)
-        out = acc * gl.expand_dims(1.0 / l_safe, 1)
-        # query rows are positions [P, n_k): packed row row0 + position (dense: row0 = 0)
-        o_m_o = r0 + gl.arange(0, ROWS_PER_WG, layout=row_o)
-        p_o = o + i_b * stride_ob + i_h * stride_oh + gl.expand_dims((row0 + o_m_o) * stride_on, 1) + \
-            gl.expand_dims(o_d, 0)
-        gl.store(p_o, out.to(dtype), mask=gl.expand_dims((o_m_o >= P) & (o_m_o < n_k), 1))
-        if RETURN_LSE:
-            l_s = gl.where(l > 0, l, 1.0)
-            b_lse = gl.where(l > 0, (m + gl.log2(l_s)) * _LN2, float("-inf"))
-            if VARLEN:
-                # FlashAttention's varlen layout [Hq, total_q]
-                p_lse = lse + i_h * stride_lh + row0 + o_m
-            else:
-                p_lse = lse + (i_b * (HKV * GROUP) + i_h) * N + o_m
-            gl.store(p_lse, b_lse, mask=(o_m >= P) & (o_m < n_k))
+        _write_out(acc, m, l, o, lse, i_b, i_h, r0, P, n_k, row0, o_d, HKV, stride_ob, stride_on, stride_oh, stride_lh,
+                   GROUP, ROWS_PER_WG, RETURN_LSE, VARLEN, row_s, row_o)
         if DYNAMIC:
             qn = tc % Q_STAGES
             mbarrier.wait(q_full.index(qn), (tc // Q_STAGES) & 1)
