@@ -4,8 +4,8 @@ kernel, same process, same inputs, alternating (JSON to $OUT or ./out).
 Shapes: Gemma 3 270M's local layers (4/1/256, window 512), Mistral-7B (32/8/128, window 4096)
 and a Llama-shaped layer with a 1024 window (32/8/128), bf16, N = 8k, 32k, 128k; per case the
 median ms of ``flexprefill.sliding_window_attention`` (``do_bench``) with the default kernel
-and with ``FLEXPREFILL_HOPPER_KERNEL=0``, the kernel each ran (``kernel_name``), and the
-largest difference between their outputs.
+and with ``FLEXPREFILL_HOPPER_KERNEL=0``, the default's kernel (``kernel_name``: gluon-ws or
+triton), and the largest difference between their outputs.
 Usage: python benchmarks/compare_window_kernels.py [lengths]
 """
 
@@ -20,7 +20,7 @@ from triton.testing import do_bench
 
 import flexprefill as fp
 from flexprefill.benchmarking import env_stamp
-from flexprefill.ops.sparse_attention import _hopper_kernel
+from flexprefill.ops.sparse_attention import kernel_name
 
 SHAPES = (("gemma3-270m-local", 4, 1, 256, 512), ("mistral-7b", 32, 8, 128, 4096), ("llama-w1024", 32, 8, 128, 1024))
 
@@ -40,7 +40,7 @@ def main():
                 v = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
                 fn = lambda: fp.sliding_window_attention(q, k, v, window=w)  # noqa: E731
                 res = {}
-                for rep in range(2):  # A B A B: the second round is the one reported
+                for _ in range(2):  # A B A B: the second round is the one reported
                     for label, flag in (("default", None), ("triton", "0")):
                         if flag is None:
                             os.environ.pop("FLEXPREFILL_HOPPER_KERNEL", None)
@@ -48,7 +48,7 @@ def main():
                             os.environ["FLEXPREFILL_HOPPER_KERNEL"] = flag
                         o = fn()
                         res[label] = dict(ms=do_bench(fn, warmup=10, rep=200), out=o,
-                                          kernel=_hopper_kernel(q, k, v, 128) or "triton")
+                                          kernel=kernel_name(q, k, v, 128, packed_or_windowed=True))
                 os.environ.pop("FLEXPREFILL_HOPPER_KERNEL", None)
                 diff = float((res["default"]["out"].float() - res["triton"]["out"].float()).abs().max())
                 row = dict(shape=name, Hq=Hq, Hkv=Hkv, D=D, window=w, N=N, default_kernel=res["default"]["kernel"],

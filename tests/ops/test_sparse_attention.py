@@ -462,6 +462,8 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
                                     return_lse=True)  # the first call of a shape autotunes (syncs)
         assert calls == ([(kernel, D)] if kernel else []), (flag, D, bs, calls)
         assert kernel_name(q, k, v, bs) == {"hopper": "gluon-tiled", "hopper_ws": "gluon-ws", None: "triton"}[kernel]
+        # packed and windowed calls take only the warp-specialised kernel
+        assert kernel_name(q, k, v, bs, packed_or_windowed=True) == ("gluon-ws" if kernel == "hopper_ws" else "triton")
         _assert_matches(out, lse, q, k, v, sels[bs], D**-0.5)
     # no host sync after the first call, and a CUDA graph replays it exactly (both Gluon kernels)
     monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL")
@@ -515,6 +517,7 @@ def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
         else:
             monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
         assert _hopper_kernel(q, k, v, 32) is None and kernel_name(q, k, v, 32) == "triton"
+        assert kernel_name(q, k, v, 32, packed_or_windowed=True) == "triton"
         if not _hopper():
             assert _hopper_kernel(q, k, v, 128) is None and kernel_name(q, k, v, 128) == "triton"
 

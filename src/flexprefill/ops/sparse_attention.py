@@ -149,9 +149,7 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         if window is not None and hopper != "ws":
             raise ValueError(f"hopper_config {hopper_config}: only the warp-specialised kernel (kernel='ws') takes a window")
     elif config is None:
-        hopper = _hopper_kernel(q, k, v, block_size)
-        if window is not None and hopper != "ws":
-            hopper = None  # the tiled Gluon kernel has no window: the Triton kernel runs
+        hopper = _hopper_kernel(q, k, v, block_size, ws_only=window is not None)
     if hopper is not None:
         from .sparse_attention_hopper import launch_hopper, launch_hopper_ws
 
@@ -201,18 +199,19 @@ def _dense_strides(q, k, v, out, counts, indices) -> tuple:
             *indices.stride()[:3])
 
 
-def _hopper_kernel(q, k, v, block_size: int) -> str | None:
+def _hopper_kernel(q, k, v, block_size: int, *, ws_only: bool = False) -> str | None:
     """Which Gluon kernel for Hopper the dense path runs (``ops.sparse_attention_hopper``):
     "tiled", "ws" (warp-specialised, persistent) or None (the Triton kernel).  Needs an sm_90
     GPU, fp16/bf16, q/k/v addressable by tensor descriptors and triton's Gluon; then
-    ``_hopper_policy``."""
+    ``_hopper_policy``.  ``ws_only`` (packed or windowed calls, which the tiled kernel does
+    not take): the warp-specialised kernel where the dense path would run it, else None."""
     if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return None
     D = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or not _gluon_available():
         return None
     kernel = _hopper_policy(os.environ.get("FLEXPREFILL_HOPPER_KERNEL"), D, block_size, _ws_available())
-    if kernel is None or any(_row_view(t, D) is None for t in (q, k, v)):
+    if kernel is None or (ws_only and kernel != "ws") or any(_row_view(t, D) is None for t in (q, k, v)):
         return None
     return kernel
 
@@ -246,10 +245,12 @@ def _ws_available() -> bool:
         return False
 
 
-def kernel_name(q, k, v, block_size: int) -> str:
-    """The kernel a dense (non-packed, non-windowed) ``sparse_attention`` call on these inputs
-    runs: "gluon-ws", "gluon-tiled" (Hopper) or "triton"; benchmarks record it with their rows."""
-    return {"ws": "gluon-ws", "tiled": "gluon-tiled", None: "triton"}[_hopper_kernel(q, k, v, block_size)]
+def kernel_name(q, k, v, block_size: int, *, packed_or_windowed: bool = False) -> str:
+    """The kernel a ``sparse_attention`` call on these inputs runs (``packed_or_windowed``: a
+    ``sparse_attention_varlen`` call or one with a window): "gluon-ws", "gluon-tiled" (Hopper)
+    or "triton"; benchmarks record it with their rows."""
+    kernel = _hopper_kernel(q, k, v, block_size, ws_only=packed_or_windowed)
+    return {"ws": "gluon-ws", "tiled": "gluon-tiled", None: "triton"}[kernel]
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,7 +325,7 @@ def sparse_attention_varlen(
         out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(Hq, total_q, dtype=torch.float32, device=q.device)
-    if hopper_config is not None or (config is None and _hopper_kernel(q, k, v, block_size) == "ws"):
+    if hopper_config is not None or (config is None and _hopper_kernel(q, k, v, block_size, ws_only=True)):
         from .sparse_attention_hopper import launch_hopper_ws
 
         launch_hopper_ws(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
