@@ -664,10 +664,13 @@ def _search(q, k, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int, ind
     nb = math.ceil(N / bs)
     vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, src=src)
     k_bar = block_means(k, bs, src=None if src is None else src[1])  # [B, nb, Hkv, D]
-    # the block means of q (when tau > 0) and, after them, the mean of the representative queries
-    qm = block_means(q, bs, rep=min(bs, N), blocks=cfg.tau > 0, src=None if src is None else src[0])
-    q_hat = qm[:, -1]  # [B, Hq, D]
-    q_bar = qm[:, :nb] if cfg.tau > 0 else None  # [B, nb, Hq, D]
+    # the block means of q (when tau > 0) and the mean of the representative queries, as two
+    # tensors: one [B, nb + 1, Hq, D] buffer passes 1 MB (the allocator's small-block limit)
+    # where [B, nb, Hq, D] just fits (Gemma 3's 4 x 256 dims at 32k), and inside a graph one
+    # request over 1 MB makes its pool keep a 20 MB segment
+    q_src = None if src is None else src[0]
+    q_hat = block_means(q, bs, rep=min(bs, N), blocks=False, src=q_src)[:, 0]  # [B, Hq, D]
+    q_bar = block_means(q, bs, src=q_src) if cfg.tau > 0 else None  # [B, nb, Hq, D]
     tensors = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
     if src is not None:
         return _dense_tail(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
