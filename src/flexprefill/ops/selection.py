@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import torch
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import FlexPrefillConfig
 from ..reference import js_distance
@@ -517,7 +518,19 @@ _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 # two shapes on two streams at once would race; so would two replays of one shape with
 # private pools, as both write the graph's static outputs.)  FLEXPREFILL_GRAPH_POOL=private:
 # one pool per graph, as before.
+#
+# The pool is seeded: the CUDA caching allocator gives every request of 1-10 MB a 20 MB
+# segment of its own (a request of 10 MB or more gets a segment of its size, rounded to 2
+# MB), and a graph's pool keeps its segments for good.  So a capture first takes one block as
+# large as the peak of the search's live requests over 1 MB, measured on its warm-up call (at
+# least 10 MB, so it is a segment of its own size), and frees it at once; the search's
+# requests are then carved out of it.  No seed where the pool already has a free block that
+# large (graphs of other shapes share it).  H200, search_pool_e77e133: the SmolLM2 graph at
+# 32k kept 28 MB for a peak of 7.9 MB in such requests.  FLEXPREFILL_GRAPH_SEED=0: no seed.
 _pools: dict = {}
+_capture_streams: dict = {}
+_SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
+_SEED_ROUND = 2 << 20  # its kRoundLarge
 
 
 def clear_graph_cache() -> None:
@@ -536,6 +549,68 @@ def _graph_pool(device):
     return _pools[key]
 
 
+def _capture_stream(device):
+    """One capture stream per device: a pool's free blocks are reused only by allocations on
+    the stream that freed them, so every capture into the shared pool uses the same one."""
+    key = torch.device(device).index
+    if key not in _capture_streams:
+        _capture_streams[key] = torch.cuda.Stream(device=device)
+    return _capture_streams[key]
+
+
+def _seeding() -> bool:
+    return os.environ.get("FLEXPREFILL_GRAPH_SEED", "1") != "0"
+
+
+class _LargePeak(TorchDispatchMode):
+    """Records the peak of the caching allocator's large-pool bytes (requests over 1 MB) above
+    their level at entry, sampled after every op (allocations come from ops; a transient
+    workspace an op frees before returning is not seen)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+        self.base = self.peak = 0
+
+    def _now(self) -> int:
+        return torch.cuda.memory_stats(self.device).get("allocated_bytes.large_pool.current", 0)
+
+    def __enter__(self):
+        self.base = self.peak = self._now()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self._now())
+        return out
+
+    @property
+    def bytes(self) -> int:
+        return self.peak - self.base
+
+
+def _largest_free_block(segments, pool, stream) -> int:
+    """The largest free block of ``pool``'s large segments (``torch.cuda.memory_snapshot()``
+    entries) that allocations on ``stream`` may take."""
+    best = 0
+    for seg in segments:
+        if (tuple(seg.get("segment_pool_id", (0, 0))) != tuple(pool) or seg.get("segment_type") != "large"
+                or seg.get("stream") != stream.cuda_stream):
+            continue
+        for blk in seg.get("blocks", []):
+            if blk.get("state") == "inactive":
+                best = max(best, blk["size"])
+    return best
+
+
+def _seed_size(need: int, free: int) -> int:
+    """Bytes of the seed block for a peak of ``need`` bytes in requests over 1 MB when the pool
+    has a free block of ``free`` bytes: 0 when none is needed."""
+    if need <= 0 or free >= need:
+        return 0
+    return max(_SEED_MIN, -(-need // _SEED_ROUND) * _SEED_ROUND)
+
+
 def _graphs_enabled() -> bool:
     return os.environ.get("FLEXPREFILL_SELECTION_GRAPHS", "1") != "0"
 
@@ -552,18 +627,32 @@ _ungraphable: set = set()
 
 def _capture(key, device, fallback: str, run):
     """(graph, outputs) of ``run()`` captured in a CUDA graph after one warm-up call on a side
-    stream (compilation, autotuning), or None, with a warning and ``key`` marked ungraphable,
-    where the capture (or a kernel) fails: the caller then stays correct, only slower."""
+    stream (compilation, autotuning; the peak of its requests over 1 MB sizes the pool's seed),
+    or None, with a warning and ``key`` marked ungraphable, where the capture (or a kernel)
+    fails: the caller then stays correct, only slower."""
     stream = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device=device)
     side.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    pool = _graph_pool(device)
+    seeding = pool is not None and _seeding()
     try:
         with torch.cuda.stream(side):
-            run()
+            if seeding:
+                with _LargePeak(device) as peak:
+                    run()
+            else:
+                run()
         stream.wait_stream(side)
-        with torch.cuda.graph(graph, pool=_graph_pool(device)):
+        cap = _capture_stream(device)
+        seed = _seed_size(peak.bytes, _largest_free_block(torch.cuda.memory_snapshot(), pool, cap)) if seeding else 0
+        with torch.cuda.graph(graph, pool=pool, stream=cap):
+            if seed:
+                # a block of the pool's own, freed at once: the capture's requests split it
+                seed_block = torch.empty(seed, dtype=torch.uint8, device=device)
+                del seed_block
             outs = run()
+        stream.wait_stream(cap)
     except Exception as e:  # a capture this torch/triton/driver refuses
         import warnings
 
