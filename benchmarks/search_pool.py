@@ -38,6 +38,7 @@ MB = 2**20
 
 def _fresh():
     S.clear_graph_cache()
+    S.seed_log.clear()
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -96,6 +97,8 @@ def case(q, k, v, cfg, scale, chunk):
     search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale, index_dtype=idx)  # noqa: E731
     search_ms = do_bench(search, warmup=3, rep=100)
     row["graphs"] = [key[0] for key in S._graphs]
+    row["seed_log_mb"] = [{k: v / MB for k, v in e.items()} for e in S.seed_log]
+    S.seed_log.clear()
     row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=cached_graph_pool_mb())
     return row
 
@@ -157,7 +160,7 @@ def main():
                     res["rows"].append(row)
                     print(f"{row['shape']:9s} {N:7d} chunk {str(row['chunk']):8s} seed {seed} " + (
                         f"pool {row['pool_mb']:6.1f} MB ({row['pool_frac_qkv']:.0%} of qkv {qkv_mb:.0f}) segs {row['segments_mb']:.1f} "
-                        f"{row['segment_sizes_mb']} peak live {row['peak_live_mb']:.1f}  search {row['search_ms']:.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "
+                        f"{row['segment_sizes_mb']} {row['seed_log_mb']} peak live {row['peak_live_mb']:.1f}  search {row['search_ms']:.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "
                         f"{dense_ms:.2f}) op {row['operator_ms']:.3f}" if "pool_mb" in row else row.get("error", "")), flush=True)
                     os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
                     if chunk == chunks[0] and seed == seeds[0] and "top" in row:

@@ -531,6 +531,9 @@ _pools: dict = {}
 _capture_streams: dict = {}
 _SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
 _SEED_ROUND = 2 << 20  # its kRoundLarge
+_SMALL_REQUEST = 1 << 20  # its kSmallSize: larger requests come from the large pool
+# (measured need, free block found, seed taken) of the last captures, for benchmarks
+seed_log: list = []
 
 
 def clear_graph_cache() -> None:
@@ -551,7 +554,8 @@ def _graph_pool(device):
 
 def _capture_stream(device):
     """One capture stream per device: a pool's free blocks are reused only by allocations on
-    the stream that freed them, so every capture into the shared pool uses the same one."""
+    the stream that freed them, so every capture into the shared pool uses the same one (see
+    also _capture)."""
     key = torch.device(device).index
     if key not in _capture_streams:
         _capture_streams[key] = torch.cuda.Stream(device=device)
@@ -572,16 +576,16 @@ class _LargePeak(TorchDispatchMode):
         self.device = device
         self.base = self.peak = 0
 
-    def _now(self) -> int:
+    def now(self) -> int:
         return torch.cuda.memory_stats(self.device).get("allocated_bytes.large_pool.current", 0)
 
     def __enter__(self):
-        self.base = self.peak = self._now()
+        self.base = self.peak = self.now()
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, self._now())
+        self.peak = max(self.peak, self.now())
         return out
 
     @property
@@ -626,26 +630,41 @@ _ungraphable: set = set()
 
 
 def _capture(key, device, fallback: str, run):
-    """(graph, outputs) of ``run()`` captured in a CUDA graph after one warm-up call on a side
-    stream (compilation, autotuning; the peak of its requests over 1 MB sizes the pool's seed),
-    or None, with a warning and ``key`` marked ungraphable, where the capture (or a kernel)
-    fails: the caller then stays correct, only slower."""
+    """(graph, outputs) of ``run()`` captured in a CUDA graph after one warm-up call
+    (compilation, autotuning; the peak of its requests over 1 MB sizes the pool's seed), or
+    None, with a warning and ``key`` marked ungraphable, where the capture (or a kernel)
+    fails: the caller then stays correct, only slower.
+
+    Warm-up and capture run on the device's one capture stream: cuBLAS keeps a workspace per
+    stream (32 MB and more on Hopper, allocated on the stream's first matmul and never
+    freed), so a fresh side stream per capture left one behind each time, and a first matmul
+    inside the capture put one into the graph's pool."""
     stream = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(stream)
+    cap = _capture_stream(device)
+    cap.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     pool = _graph_pool(device)
     seeding = pool is not None and _seeding()
     try:
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(cap):
             if seeding:
                 with _LargePeak(device) as peak:
-                    run()
+                    outs = run()
+                # what stays allocated past the call and is not its output (a workspace made
+                # on first use) is no part of what the graph will need
+                kept = peak.now() - peak.base - sum(
+                    n for n in (o.untyped_storage().nbytes() for o in outs if o is not None) if n > _SMALL_REQUEST)
+                need = peak.bytes - max(0, kept)
+                del outs
             else:
                 run()
-        stream.wait_stream(side)
-        cap = _capture_stream(device)
-        seed = _seed_size(peak.bytes, _largest_free_block(torch.cuda.memory_snapshot(), pool, cap)) if seeding else 0
+        stream.wait_stream(cap)
+        seed = 0
+        if seeding:
+            free = _largest_free_block(torch.cuda.memory_snapshot(), pool, cap)
+            seed = _seed_size(need, free)
+            seed_log.append(dict(need=need, peak=peak.bytes, free=free, seed=seed))
+            del seed_log[:-16]
         with torch.cuda.graph(graph, pool=pool, stream=cap):
             if seed:
                 # a block of the pool's own, freed at once: the capture's requests split it
@@ -656,7 +675,7 @@ def _capture(key, device, fallback: str, run):
     except Exception as e:  # a capture this torch/triton/driver refuses
         import warnings
 
-        stream.wait_stream(side)
+        stream.wait_stream(cap)
         warnings.warn(f"flexprefill: the pattern search could not be captured in a CUDA graph "
                       f"({type(e).__name__}: {str(e)[:200]}); {fallback}", RuntimeWarning, stacklevel=4)
         _ungraphable.add(key)
