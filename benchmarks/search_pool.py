@@ -3,8 +3,9 @@
 For each layer shape (Hq/Hkv/D) and length, the operator's first call captures the search's
 graph with the CUDA allocator's history recorded.  Reported per case:
 
-* ``pool_mb``: device memory the cached graph keeps (``cached_graph_pool_mb``: reserved bytes
-  before and after dropping it);
+* ``pool_mb`` / ``held_mb``: device memory the cached graph keeps (``cached_graph_memory``:
+  reserved bytes the drop gives back / the graph pool's segments plus the bytes of its live
+  tensors elsewhere: what no other allocation can use);
 * ``segments_mb`` / ``peak_live_mb``: the graph pool's segments and the peak of the bytes
   live in them during the capture (the rest is the allocator's rounding: allocations of 1-10
   MB take 20 MB segments);
@@ -30,7 +31,7 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_pool_mb, cudnn_reference, env_stamp, structured_qkv_device
+from flexprefill.benchmarking import cached_graph_memory, cudnn_reference, env_stamp, structured_qkv_device
 from flexprefill.ops import selection as S
 
 MB = 2**20
@@ -99,7 +100,8 @@ def case(q, k, v, cfg, scale, chunk):
     row["graphs"] = [key[0] for key in S._graphs]
     row["seed_log_mb"] = [{k: v / MB for k, v in e.items()} for e in S.seed_log]
     S.seed_log.clear()
-    row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=cached_graph_pool_mb())
+    kept = cached_graph_memory()
+    row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=kept["reserved_mb"], held_mb=kept["held_mb"])
     return row
 
 
@@ -111,15 +113,13 @@ def multi(shape, lengths, cfg) -> dict:
         os.environ["FLEXPREFILL_GRAPH_POOL"] = mode.split("_")[0]
         os.environ["FLEXPREFILL_GRAPH_SEED"] = "0" if mode.endswith("unseeded") else "1"
         _fresh()
-        r0 = torch.cuda.memory_reserved()
         for N in lengths:
             q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
             fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=D**-0.5)
             del q, k, v
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        res[mode] = dict(graphs=len(S._graphs), kept_mb=(torch.cuda.memory_reserved() - r0) / MB)
+        graphs = len(S._graphs)
+        kept = cached_graph_memory()
+        res[mode] = dict(graphs=graphs, kept_mb=kept["reserved_mb"], held_mb=kept["held_mb"])
     os.environ.pop("FLEXPREFILL_GRAPH_POOL", None)
     os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
     _fresh()
@@ -156,10 +156,11 @@ def main():
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     if "pool_mb" in row:
                         row["pool_frac_qkv"] = row["pool_mb"] / qkv_mb
+                        row["held_frac_qkv"] = row["held_mb"] / qkv_mb
                         row["search_share_of_cudnn"] = row["search_ms"] / dense_ms
                     res["rows"].append(row)
                     print(f"{row['shape']:9s} {N:7d} chunk {str(row['chunk']):8s} seed {seed} " + (
-                        f"pool {row['pool_mb']:6.1f} MB ({row['pool_frac_qkv']:.0%} of qkv {qkv_mb:.0f}) segs {row['segments_mb']:.1f} "
+                        f"pool {row['pool_mb']:6.1f} MB ({row['pool_frac_qkv']:.0%} of qkv {qkv_mb:.0f}) held {row['held_mb']:.1f} ({row['held_frac_qkv']:.0%}) segs {row['segments_mb']:.1f} "
                         f"{row['segment_sizes_mb']} {row['seed_log_mb']} peak live {row['peak_live_mb']:.1f}  search {row['search_ms']:.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "
                         f"{dense_ms:.2f}) op {row['operator_ms']:.3f}" if "pool_mb" in row else row.get("error", "")), flush=True)
                     os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)

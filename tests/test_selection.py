@@ -391,9 +391,9 @@ def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
 @pytest.mark.gpu
 def test_seeded_pool_keeps_less_and_selects_the_same(monkeypatch):
     """A seeded shared pool (default) keeps less memory than an unseeded one for a small-head
-    32k search (the capture's 1-10 MB requests carved from one block, not 20 MB segments), and
-    the graphs select exactly what the eager search does."""
-    from flexprefill.benchmarking import cached_graph_pool_mb
+    32k search (the capture's 1-10 MB requests carved from one block, not 20 MB segments, and
+    the seed held them all), and the graphs select exactly what the eager search does."""
+    from flexprefill.benchmarking import cached_graph_memory
     from flexprefill.ops import selection as S
 
     cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
@@ -405,12 +405,14 @@ def test_seeded_pool_keeps_less_and_selects_the_same(monkeypatch):
     for seed in ("0", "1"):
         monkeypatch.setenv("FLEXPREFILL_GRAPH_SEED", seed)
         S.clear_graph_cache()
+        S.seed_log.clear()
         for _ in range(2):
             got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
             assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
         assert S._graphs and not S._ungraphable
         del got
-        kept[seed] = cached_graph_pool_mb()
+        kept[seed] = cached_graph_memory()["held_mb"]
+    assert len(S.seed_log) == 1 and S.seed_log[0]["seed"] > 0 and S.seed_log[0]["grown"] == 0, S.seed_log
     assert kept["1"] < kept["0"], kept
 
 
@@ -434,32 +436,35 @@ def test_graph_pool_policy(monkeypatch):
 
 
 def test_pool_seed_size():
-    """The seed: none without requests over 1 MB or where the pool has a free block that large
-    on the capture stream (small segments, other pools, other streams and live blocks don't
-    count); else the need rounded up to 2 MB, at least 10 MB (a segment of its own size)."""
+    """The seed: none without requests over 1 MB or where the pool's large segments on the
+    capture stream have that much free (small segments, other pools, other streams and live
+    blocks don't count); else the need rounded up to 2 MB, at least 10 MB (a segment of its
+    own size)."""
     from flexprefill.ops import selection as S
 
     class Stream:
         cuda_stream = 7
 
+    mb = 1 << 20
+
     def seg(pool, kind, stream, *blocks):
         return {"segment_pool_id": pool, "segment_type": kind, "stream": stream,
-                "blocks": [{"state": st, "size": n} for st, n in blocks]}
+                "total_size": sum(n for _, n in blocks), "blocks": [{"state": st, "size": n} for st, n in blocks]}
 
-    mb = 1 << 20
     segments = [
         seg((3, 0), "large", 7, ("active_allocated", 30 * mb), ("inactive", 6 * mb), ("inactive", 9 * mb)),
+        seg((3, 0), "large", 7, ("inactive", 4 * mb)),
         seg((3, 0), "large", 8, ("inactive", 40 * mb)),  # another stream's
         seg((3, 0), "small", 7, ("inactive", 2 * mb)),
         seg((4, 0), "large", 7, ("inactive", 50 * mb)),  # another pool's
         seg((0, 0), "large", 7, ("inactive", 60 * mb)),  # the default pool's
     ]
-    free = S._largest_free_block(segments, (3, 0), Stream())
-    assert free == 9 * mb
-    assert S._largest_free_block(segments, (5, 0), Stream()) == 0
+    size, free = S._pool_large(segments, (3, 0), Stream())
+    assert (size, free) == (49 * mb, 19 * mb)
+    assert S._pool_large(segments, (5, 0), Stream()) == (0, 0)
     assert S._seed_size(0, 0) == 0
-    assert S._seed_size(9 * mb, free) == 0
-    assert S._seed_size(9 * mb + 1, free) == 10 * mb
+    assert S._seed_size(19 * mb, free) == 0
+    assert S._seed_size(19 * mb + 1, free) == 20 * mb
     assert S._seed_size(8 * mb, 0) == 10 * mb
     assert S._seed_size(21 * mb + 5, free) == 22 * mb
 

@@ -524,15 +524,16 @@ _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 # MB), and a graph's pool keeps its segments for good.  So a capture first takes one block as
 # large as the peak of the search's live requests over 1 MB, measured on its warm-up call (at
 # least 10 MB, so it is a segment of its own size), and frees it at once; the search's
-# requests are then carved out of it.  No seed where the pool already has a free block that
-# large (graphs of other shapes share it).  H200, search_pool_e77e133: the SmolLM2 graph at
+# requests are then carved out of it.  No seed where the pool's large segments already have
+# that much free (graphs of other shapes share it).  H200, search_pool_e77e133: the SmolLM2 graph at
 # 32k kept 28 MB for a peak of 7.9 MB in such requests.  FLEXPREFILL_GRAPH_SEED=0: no seed.
 _pools: dict = {}
 _capture_streams: dict = {}
 _SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
 _SEED_ROUND = 2 << 20  # its kRoundLarge
 _SMALL_REQUEST = 1 << 20  # its kSmallSize: larger requests come from the large pool
-# (measured need, free block found, seed taken) of the last captures, for benchmarks
+# (measured need, free bytes found, seed taken, large segments added past it) of the last
+# captures, for benchmarks
 seed_log: list = []
 
 
@@ -593,23 +594,24 @@ class _LargePeak(TorchDispatchMode):
         return self.peak - self.base
 
 
-def _largest_free_block(segments, pool, stream) -> int:
-    """The largest free block of ``pool``'s large segments (``torch.cuda.memory_snapshot()``
-    entries) that allocations on ``stream`` may take."""
-    best = 0
+def _pool_large(segments, pool, stream) -> tuple[int, int]:
+    """(bytes of, free bytes in) ``pool``'s large segments (``torch.cuda.memory_snapshot()``
+    entries) that allocations on ``stream`` may use."""
+    size = free = 0
     for seg in segments:
         if (tuple(seg.get("segment_pool_id", (0, 0))) != tuple(pool) or seg.get("segment_type") != "large"
                 or seg.get("stream") != stream.cuda_stream):
             continue
-        for blk in seg.get("blocks", []):
-            if blk.get("state") == "inactive":
-                best = max(best, blk["size"])
-    return best
+        size += seg.get("total_size", 0)
+        free += sum(blk["size"] for blk in seg.get("blocks", []) if blk.get("state") == "inactive")
+    return size, free
 
 
 def _seed_size(need: int, free: int) -> int:
-    """Bytes of the seed block for a peak of ``need`` bytes in requests over 1 MB when the pool
-    has a free block of ``free`` bytes: 0 when none is needed."""
+    """Bytes of the seed block for a peak of ``need`` bytes in requests over 1 MB when the
+    pool's large segments have ``free`` bytes free: none when that could hold them (graphs of
+    other shapes share the pool: a seed per shape would add up), else ``need`` rounded up to
+    2 MB, at least 10 MB (a segment of its own size)."""
     if need <= 0 or free >= need:
         return 0
     return max(_SEED_MIN, -(-need // _SEED_ROUND) * _SEED_ROUND)
@@ -661,10 +663,8 @@ def _capture(key, device, fallback: str, run):
         stream.wait_stream(cap)
         seed = 0
         if seeding:
-            free = _largest_free_block(torch.cuda.memory_snapshot(), pool, cap)
+            size0, free = _pool_large(torch.cuda.memory_snapshot(), pool, cap)
             seed = _seed_size(need, free)
-            seed_log.append(dict(need=need, peak=peak.bytes, free=free, seed=seed))
-            del seed_log[:-16]
         with torch.cuda.graph(graph, pool=pool, stream=cap):
             if seed:
                 # a block of the pool's own, freed at once: the capture's requests split it
@@ -672,6 +672,11 @@ def _capture(key, device, fallback: str, run):
                 del seed_block
             outs = run()
         stream.wait_stream(cap)
+        if seeding:
+            # what the capture added to the pool past the seed (requests the seed did not hold)
+            grown = _pool_large(torch.cuda.memory_snapshot(), pool, cap)[0] - size0 - seed
+            seed_log.append(dict(need=need, peak=peak.bytes, free=free, seed=seed, grown=grown))
+            del seed_log[:-16]
     except Exception as e:  # a capture this torch/triton/driver refuses
         import warnings
 
