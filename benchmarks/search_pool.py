@@ -3,18 +3,20 @@
 For each layer shape (Hq/Hkv/D) and length, the operator's first call captures the search's
 graph with the CUDA allocator's history recorded.  Reported per case:
 
-* ``pool_mb``: device memory the cached graph keeps (``cached_graph_pool_mb``: reserved bytes
-  before and after dropping it);
+* ``pool_mb`` / ``held_mb``: device memory the cached graph keeps (``cached_graph_memory``:
+  reserved bytes the drop gives back / the graph pool's segments plus the bytes of its live
+  tensors elsewhere: what no other allocation can use);
 * ``segments_mb`` / ``peak_live_mb``: the graph pool's segments and the peak of the bytes
   live in them during the capture (the rest is the allocator's rounding: allocations of 1-10
   MB take 20 MB segments);
 * ``top``: the allocations live at that peak, by the flexprefill source line that made them;
 * ``search_ms`` / ``operator_ms`` / ``cudnn_ms`` (``do_bench``) for the head-chunk size of the
-  query-aware ranking inside the graph (``chunks``, elements; default: the library's);
+  query-aware ranking inside the graph (``chunks``, elements; default: the library's), with
+  the pool seeded (``seed`` 1, the default) and not (``FLEXPREFILL_GRAPH_SEED=0``);
 * ``multi``: the memory kept after caching graphs of four lengths with one shared pool (the
-  default) and with one pool per graph (``FLEXPREFILL_GRAPH_POOL=private``).
+  default, seeded and not) and with one pool per graph (``FLEXPREFILL_GRAPH_POOL=private``).
 
-Usage: python benchmarks/search_pool.py [lengths] [shapes] [chunks]
+Usage: python benchmarks/search_pool.py [lengths] [shapes] [chunks] [seeds]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_pool_mb, cudnn_reference, env_stamp, structured_qkv_device
+from flexprefill.benchmarking import cached_graph_memory, cudnn_reference, env_stamp, structured_qkv_device
 from flexprefill.ops import selection as S
 
 MB = 2**20
@@ -37,6 +39,7 @@ MB = 2**20
 
 def _fresh():
     S.clear_graph_cache()
+    S.seed_log.clear()
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -95,7 +98,10 @@ def case(q, k, v, cfg, scale, chunk):
     search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale, index_dtype=idx)  # noqa: E731
     search_ms = do_bench(search, warmup=3, rep=100)
     row["graphs"] = [key[0] for key in S._graphs]
-    row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=cached_graph_pool_mb())
+    row["seed_log_mb"] = [{k: v / MB for k, v in e.items()} for e in S.seed_log]
+    S.seed_log.clear()
+    kept = cached_graph_memory()
+    row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=kept["reserved_mb"], held_mb=kept["held_mb"])
     return row
 
 
@@ -103,19 +109,19 @@ def multi(shape, lengths, cfg) -> dict:
     """Memory kept by the graphs of several lengths of one shape, shared pool vs private pools."""
     Hq, Hkv, D = shape
     res = {}
-    for mode in ("shared", "private"):
-        os.environ["FLEXPREFILL_GRAPH_POOL"] = mode
+    for mode in ("shared", "shared_unseeded", "private"):
+        os.environ["FLEXPREFILL_GRAPH_POOL"] = mode.split("_")[0]
+        os.environ["FLEXPREFILL_GRAPH_SEED"] = "0" if mode.endswith("unseeded") else "1"
         _fresh()
-        r0 = torch.cuda.memory_reserved()
         for N in lengths:
             q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
             fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=D**-0.5)
             del q, k, v
-        gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        res[mode] = dict(graphs=len(S._graphs), kept_mb=(torch.cuda.memory_reserved() - r0) / MB)
+        graphs = len(S._graphs)
+        kept = cached_graph_memory()
+        res[mode] = dict(graphs=graphs, kept_mb=kept["reserved_mb"], held_mb=kept["held_mb"])
     os.environ.pop("FLEXPREFILL_GRAPH_POOL", None)
+    os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
     _fresh()
     return res
 
@@ -123,7 +129,8 @@ def multi(shape, lengths, cfg) -> dict:
 def main():
     lens = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "32768,131072").split(",")]
     shapes = [tuple(int(v) for v in s.split("/")) for s in (sys.argv[2] if len(sys.argv) > 2 else "9/3/64,4/1/256,32/8/128").split(",")]
-    chunks = [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0,1048576,524288,262144").split(",")]
+    chunks = [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0,1048576").split(",")]
+    seeds = (sys.argv[4] if len(sys.argv) > 4 else "1,0").split(",")
     out = os.environ.get("OUT", "./out")
     os.makedirs(out, exist_ok=True)
     stamp = env_stamp()
@@ -138,22 +145,26 @@ def main():
                 scale = D**-0.5
                 qkv_mb = (q.numel() + k.numel() + v.numel()) * q.element_size() / MB
                 dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
-                for chunk in chunks:
+                for chunk, seed in [(c, sd) for c in chunks for sd in seeds]:
                     S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
-                    row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, chunk=chunk or "default", qkv_mb=qkv_mb, cudnn_ms=dense_ms, **stamp)
+                    os.environ["FLEXPREFILL_GRAPH_SEED"] = seed
+                    row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, chunk=chunk or "default", seed=int(seed), qkv_mb=qkv_mb,
+                               cudnn_ms=dense_ms, **stamp)
                     try:
                         row.update(case(q, k, v, cfg, scale, chunk))
                     except Exception as e:  # noqa: BLE001 - one case's failure is a row
                         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     if "pool_mb" in row:
                         row["pool_frac_qkv"] = row["pool_mb"] / qkv_mb
+                        row["held_frac_qkv"] = row["held_mb"] / qkv_mb
                         row["search_share_of_cudnn"] = row["search_ms"] / dense_ms
                     res["rows"].append(row)
-                    print(f"{row['shape']:9s} {N:7d} chunk {str(row['chunk']):8s} " + (
-                        f"pool {row['pool_mb']:6.1f} MB ({row['pool_frac_qkv']:.0%} of qkv {qkv_mb:.0f}) segs {row['segments_mb']:.1f} "
-                        f"peak live {row['peak_live_mb']:.1f}  search {row['search_ms']:.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "
+                    print(f"{row['shape']:9s} {N:7d} chunk {str(row['chunk']):8s} seed {seed} " + (
+                        f"pool {row['pool_mb']:6.1f} MB ({row['pool_frac_qkv']:.0%} of qkv {qkv_mb:.0f}) held {row['held_mb']:.1f} ({row['held_frac_qkv']:.0%}) segs {row['segments_mb']:.1f} "
+                        f"{row['segment_sizes_mb']} {row['seed_log_mb']} peak live {row['peak_live_mb']:.1f}  search {row['search_ms']:.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "
                         f"{dense_ms:.2f}) op {row['operator_ms']:.3f}" if "pool_mb" in row else row.get("error", "")), flush=True)
-                    if chunk == chunks[0] and "top" in row:
+                    os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
+                    if chunk == chunks[0] and seed == seeds[0] and "top" in row:
                         for t in row["top"][:6]:
                             print(f"      {t['mb']:7.2f} MB  {t['where']}", flush=True)
                 S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults

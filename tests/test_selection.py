@@ -388,13 +388,41 @@ def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
     S.clear_graph_cache()
 
 
+@pytest.mark.gpu
+def test_seeded_pool_keeps_less_and_selects_the_same(monkeypatch):
+    """A seeded shared pool (default) keeps less memory than an unseeded one for a small-head
+    32k search (the capture's 1-10 MB requests carved from one block, not 20 MB segments, and
+    the seed held them all), and the graphs select exactly what the eager search does."""
+    from flexprefill.benchmarking import cached_graph_memory
+    from flexprefill.ops import selection as S
+
+    cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
+    q, k, _ = structured_qkv(1, 32768, 9, 3, 64, seed=3, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+    want = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+    monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+    kept = {}
+    for seed in ("0", "1"):
+        monkeypatch.setenv("FLEXPREFILL_GRAPH_SEED", seed)
+        S.clear_graph_cache()
+        S.seed_log.clear()
+        for _ in range(2):
+            got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+            assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+        assert S._graphs and not S._ungraphable
+        del got
+        kept[seed] = cached_graph_memory()["held_mb"]
+    assert len(S.seed_log) == 1 and S.seed_log[0]["seed"] > 0 and S.seed_log[0]["grown"] == 0, S.seed_log
+    assert kept["1"] < kept["0"], kept
+
+
 def test_graph_pool_policy(monkeypatch):
     """One pool handle per device, shared by every capture until the cache is cleared;
     FLEXPREFILL_GRAPH_POOL=private gives none (each graph its own pool)."""
     from flexprefill.ops import selection as S
 
     made = []
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: made.append(len(made)) or ("pool", len(made)))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: made.append(len(made)) or (len(made), 0))
     S.clear_graph_cache()
     a, b = S._graph_pool("cuda:0"), S._graph_pool(torch.device("cuda", 0))
     c = S._graph_pool("cuda:1")
@@ -405,6 +433,40 @@ def test_graph_pool_policy(monkeypatch):
     S.clear_graph_cache()  # dropping the graphs drops the pool too
     assert S._graph_pool("cuda:0") != a and len(made) == 3
     S.clear_graph_cache()
+
+
+def test_pool_seed_size():
+    """The seed: none without requests over 1 MB or where the pool's large segments on the
+    capture stream have that much free (small segments, other pools, other streams and live
+    blocks don't count); else the need rounded up to 2 MB, at least 10 MB (a segment of its
+    own size)."""
+    from flexprefill.ops import selection as S
+
+    class Stream:
+        cuda_stream = 7
+
+    mb = 1 << 20
+
+    def seg(pool, kind, stream, *blocks):
+        return {"segment_pool_id": pool, "segment_type": kind, "stream": stream,
+                "total_size": sum(n for _, n in blocks), "blocks": [{"state": st, "size": n} for st, n in blocks]}
+
+    segments = [
+        seg((3, 0), "large", 7, ("active_allocated", 30 * mb), ("inactive", 6 * mb), ("inactive", 9 * mb)),
+        seg((3, 0), "large", 7, ("inactive", 4 * mb)),
+        seg((3, 0), "large", 8, ("inactive", 40 * mb)),  # another stream's
+        seg((3, 0), "small", 7, ("inactive", 2 * mb)),
+        seg((4, 0), "large", 7, ("inactive", 50 * mb)),  # another pool's
+        seg((0, 0), "large", 7, ("inactive", 60 * mb)),  # the default pool's
+    ]
+    size, free = S._pool_large(segments, (3, 0), Stream())
+    assert (size, free) == (49 * mb, 19 * mb)
+    assert S._pool_large(segments, (5, 0), Stream()) == (0, 0)
+    assert S._seed_size(0, 0) == 0
+    assert S._seed_size(19 * mb, free) == 0
+    assert S._seed_size(19 * mb + 1, free) == 20 * mb
+    assert S._seed_size(8 * mb, 0) == 10 * mb
+    assert S._seed_size(21 * mb + 5, free) == 22 * mb
 
 
 def test_head_chunking_does_not_change_the_selection(monkeypatch):

@@ -144,15 +144,36 @@ def causal_density(counts: torch.Tensor) -> float:
 def cached_graph_pool_mb() -> float:
     """MB of device memory the pattern search's cached CUDA graphs keep: other cached blocks
     are released first, then the graphs dropped (the cache ends empty)."""
+    return cached_graph_memory()["reserved_mb"]
+
+
+def cached_graph_memory() -> dict:
+    """What the pattern search's cached CUDA graphs keep, in MB, measured by dropping them
+    (the cache ends empty; other cached blocks are released first):
+
+    * ``reserved_mb``: reserved memory the drop gives back: the graphs' pool and any segment
+      of the default pool that only their small tensors (a few bytes of inputs) occupied;
+    * ``held_mb``: memory no other allocation can use while they are cached: the segments of
+      the graphs' pools plus the bytes of their live tensors elsewhere (not the segments those
+      sit in, which other allocations share);
+    * ``pool_segments_mb``: the segments of the graphs' pools alone.
+    """
     from .ops.selection import clear_graph_cache
 
     gc.collect()
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    r0 = torch.cuda.memory_reserved()
+    segs = [s for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)]
+    pool_bytes = sum(s["total_size"] for s in segs)
+    pool_live = sum(s["allocated_size"] for s in segs)
+    r0, a0 = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
     clear_graph_cache()
     gc.collect()
+    torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    return (r0 - torch.cuda.memory_reserved()) / 2**20
+    r1, a1 = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
+    mb = 2**20
+    return dict(reserved_mb=(r0 - r1) / mb, held_mb=(pool_bytes + (a0 - a1) - pool_live) / mb, pool_segments_mb=pool_bytes / mb)
 
 
 def break_even_length(lengths, flex_ms, dense_ms):

@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import torch
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import FlexPrefillConfig
 from ..reference import js_distance
@@ -517,7 +518,23 @@ _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 # two shapes on two streams at once would race; so would two replays of one shape with
 # private pools, as both write the graph's static outputs.)  FLEXPREFILL_GRAPH_POOL=private:
 # one pool per graph, as before.
+#
+# The pool is seeded: the CUDA caching allocator gives every request of 1-10 MB a 20 MB
+# segment of its own (a request of 10 MB or more gets a segment of its size, rounded to 2
+# MB), and a graph's pool keeps its segments for good.  So a capture first takes one block as
+# large as the peak of the search's live requests over 1 MB, measured on its warm-up call (at
+# least 10 MB, so it is a segment of its own size), and frees it at once; the search's
+# requests are then carved out of it.  No seed where the pool's large segments already have
+# that much free (graphs of other shapes share it).  H200, search_pool_e77e133: the SmolLM2 graph at
+# 32k kept 28 MB for a peak of 7.9 MB in such requests.  FLEXPREFILL_GRAPH_SEED=0: no seed.
 _pools: dict = {}
+_capture_streams: dict = {}
+_SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
+_SEED_ROUND = 2 << 20  # its kRoundLarge
+_SMALL_REQUEST = 1 << 20  # its kSmallSize: larger requests come from the large pool
+# (measured need, free bytes found, seed taken, large segments added past it) of the last
+# captures, for benchmarks
+seed_log: list = []
 
 
 def clear_graph_cache() -> None:
@@ -536,6 +553,70 @@ def _graph_pool(device):
     return _pools[key]
 
 
+def _capture_stream(device):
+    """One capture stream per device: a pool's free blocks are reused only by allocations on
+    the stream that freed them, so every capture into the shared pool uses the same one (see
+    also _capture)."""
+    key = torch.device(device).index
+    if key not in _capture_streams:
+        _capture_streams[key] = torch.cuda.Stream(device=device)
+    return _capture_streams[key]
+
+
+def _seeding() -> bool:
+    return os.environ.get("FLEXPREFILL_GRAPH_SEED", "1") != "0"
+
+
+class _LargePeak(TorchDispatchMode):
+    """Records the peak of the caching allocator's large-pool bytes (requests over 1 MB) above
+    their level at entry, sampled after every op (allocations come from ops; a transient
+    workspace an op frees before returning is not seen)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+        self.base = self.peak = 0
+
+    def now(self) -> int:
+        return torch.cuda.memory_stats(self.device).get("allocated_bytes.large_pool.current", 0)
+
+    def __enter__(self):
+        self.base = self.peak = self.now()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.now())
+        return out
+
+    @property
+    def bytes(self) -> int:
+        return self.peak - self.base
+
+
+def _pool_large(segments, pool, stream) -> tuple[int, int]:
+    """(bytes of, free bytes in) ``pool``'s large segments (``torch.cuda.memory_snapshot()``
+    entries) that allocations on ``stream`` may use."""
+    size = free = 0
+    for seg in segments:
+        if (tuple(seg.get("segment_pool_id", (0, 0))) != tuple(pool) or seg.get("segment_type") != "large"
+                or seg.get("stream") != stream.cuda_stream):
+            continue
+        size += seg.get("total_size", 0)
+        free += sum(blk["size"] for blk in seg.get("blocks", []) if blk.get("state") == "inactive")
+    return size, free
+
+
+def _seed_size(need: int, free: int) -> int:
+    """Bytes of the seed block for a peak of ``need`` bytes in requests over 1 MB when the
+    pool's large segments have ``free`` bytes free: none when that could hold them (graphs of
+    other shapes share the pool: a seed per shape would add up), else ``need`` rounded up to
+    2 MB, at least 10 MB (a segment of its own size)."""
+    if need <= 0 or free >= need:
+        return 0
+    return max(_SEED_MIN, -(-need // _SEED_ROUND) * _SEED_ROUND)
+
+
 def _graphs_enabled() -> bool:
     return os.environ.get("FLEXPREFILL_SELECTION_GRAPHS", "1") != "0"
 
@@ -551,23 +632,55 @@ _ungraphable: set = set()
 
 
 def _capture(key, device, fallback: str, run):
-    """(graph, outputs) of ``run()`` captured in a CUDA graph after one warm-up call on a side
-    stream (compilation, autotuning), or None, with a warning and ``key`` marked ungraphable,
-    where the capture (or a kernel) fails: the caller then stays correct, only slower."""
+    """(graph, outputs) of ``run()`` captured in a CUDA graph after one warm-up call
+    (compilation, autotuning; the peak of its requests over 1 MB sizes the pool's seed), or
+    None, with a warning and ``key`` marked ungraphable, where the capture (or a kernel)
+    fails: the caller then stays correct, only slower.
+
+    Warm-up and capture run on the device's one capture stream: cuBLAS keeps a workspace per
+    stream (32 MB and more on Hopper, allocated on the stream's first matmul and never
+    freed), so a fresh side stream per capture left one behind each time, and a first matmul
+    inside the capture put one into the graph's pool."""
     stream = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(stream)
+    cap = _capture_stream(device)
+    cap.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    pool = _graph_pool(device)
+    seeding = pool is not None and _seeding()
     try:
-        with torch.cuda.stream(side):
-            run()
-        stream.wait_stream(side)
-        with torch.cuda.graph(graph, pool=_graph_pool(device)):
+        with torch.cuda.stream(cap):
+            if seeding:
+                with _LargePeak(device) as peak:
+                    outs = run()
+                # what stays allocated past the call and is not its output (a workspace made
+                # on first use) is no part of what the graph will need
+                kept = peak.now() - peak.base - sum(
+                    n for n in (o.untyped_storage().nbytes() for o in outs if o is not None) if n > _SMALL_REQUEST)
+                need = peak.bytes - max(0, kept)
+                del outs
+            else:
+                run()
+        stream.wait_stream(cap)
+        seed = 0
+        if seeding:
+            size0, free = _pool_large(torch.cuda.memory_snapshot(), pool, cap)
+            seed = _seed_size(need, free)
+        with torch.cuda.graph(graph, pool=pool, stream=cap):
+            if seed:
+                # a block of the pool's own, freed at once: the capture's requests split it
+                seed_block = torch.empty(seed, dtype=torch.uint8, device=device)
+                del seed_block
             outs = run()
+        stream.wait_stream(cap)
+        if seeding:
+            # what the capture added to the pool past the seed (requests the seed did not hold)
+            grown = _pool_large(torch.cuda.memory_snapshot(), pool, cap)[0] - size0 - seed
+            seed_log.append(dict(need=need, peak=peak.bytes, free=free, seed=seed, grown=grown))
+            del seed_log[:-16]
     except Exception as e:  # a capture this torch/triton/driver refuses
         import warnings
 
-        stream.wait_stream(side)
+        stream.wait_stream(cap)
         warnings.warn(f"flexprefill: the pattern search could not be captured in a CUDA graph "
                       f"({type(e).__name__}: {str(e)[:200]}); {fallback}", RuntimeWarning, stacklevel=4)
         _ungraphable.add(key)
@@ -664,10 +777,13 @@ def _search(q, k, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int, ind
     nb = math.ceil(N / bs)
     vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, src=src)
     k_bar = block_means(k, bs, src=None if src is None else src[1])  # [B, nb, Hkv, D]
-    # the block means of q (when tau > 0) and, after them, the mean of the representative queries
-    qm = block_means(q, bs, rep=min(bs, N), blocks=cfg.tau > 0, src=None if src is None else src[0])
-    q_hat = qm[:, -1]  # [B, Hq, D]
-    q_bar = qm[:, :nb] if cfg.tau > 0 else None  # [B, nb, Hq, D]
+    # the block means of q (when tau > 0) and the mean of the representative queries, as two
+    # tensors: one [B, nb + 1, Hq, D] buffer passes 1 MB (the allocator's small-block limit)
+    # where [B, nb, Hq, D] just fits (Gemma 3's 4 x 256 dims at 32k), and inside a graph one
+    # request over 1 MB makes its pool keep a 20 MB segment
+    q_src = None if src is None else src[0]
+    q_hat = block_means(q, bs, rep=min(bs, N), blocks=False, src=q_src)[:, 0]  # [B, Hq, D]
+    q_bar = block_means(q, bs, src=q_src) if cfg.tau > 0 else None  # [B, nb, Hq, D]
     tensors = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
     if src is not None:
         return _dense_tail(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
