@@ -469,6 +469,55 @@ def test_pool_seed_size():
     assert S._seed_size(21 * mb + 5, free) == 22 * mb
 
 
+def test_qa_scores_keep_at_most_two_full_buffers():
+    """The query-aware scores of a head chunk hold at most two [heads, nb, nb] buffers at once
+    (the logits and their softmax; the rest in place), with the out-of-place forms' values."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flexprefill.ops import selection as S
+
+    c, nb, D = 3, 40, 16
+    g = torch.Generator().manual_seed(0)
+    q_bar, k_bar = torch.randn(c, nb, D, generator=g), torch.randn(c, nb, D, generator=g)
+    ar = torch.arange(nb)
+    not_causal = ar[None, :] > ar[:, None]
+    tri_flat = S._tri_flat(nb, "cpu")
+    live = torch.rand(c, nb, 1, generator=g) > 0.3
+    rows = live.sum((1, 2)).float()
+    full = c * nb * nb * 4
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs, self.peak = {}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= full:
+                    self.refs[t.untyped_storage().data_ptr()] = weakref.ref(t)
+            alive = [r for r in self.refs.values() if r() is not None]
+            self.peak = max(self.peak, len(alive))
+            return out
+
+    for live_c, rows_c in ((None, None), (live, rows)):
+        mode = Live()
+        with mode:
+            _, flat = S._qa_scores(q_bar, k_bar, scale=0.3, nb=nb, live_c=live_c, rows_c=rows_c,
+                                   not_causal=not_causal, tri_flat=tri_flat, keep_s=False)
+        assert mode.peak <= 2, mode.peak
+        want = torch.softmax((0.3 * q_bar @ k_bar.transpose(1, 2)).masked_fill(not_causal, float("-inf")), -1)
+        if live_c is not None:
+            want = torch.where(live_c, want, 0.0)
+        want = want.flatten(1)[:, tri_flat] / (rows_c[:, None] if rows_c is not None else nb)
+        torch.testing.assert_close(flat, want, rtol=1e-6, atol=1e-7)
+        s, flat2 = S._qa_scores(q_bar, k_bar, scale=0.3, nb=nb, live_c=live_c, rows_c=rows_c,
+                                not_causal=not_causal, tri_flat=tri_flat)
+        assert s.shape == (c, nb, nb) and torch.equal(flat, flat2)
+
+
 def test_head_chunking_does_not_change_the_selection(monkeypatch):
     """The assembly processes heads a chunk at a time (smaller chunks inside a CUDA graph): same result."""
 

@@ -337,16 +337,25 @@ def _tri_flat(nb: int, device) -> torch.Tensor:
     return tri[0] * nb + tri[1]
 
 
-def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causal, tri_flat):
+def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causal, tri_flat, keep_s: bool = True):
     """The query-aware ranking's scores of a head chunk: ``s``, the block-mean attention
-    softmax per row [heads, nb, nb], and ``flat``, its causal entries (positions ``tri_flat``)
-    divided by the number of rows."""
+    softmax per row [heads, nb, nb] (None unless ``keep_s``), and ``flat``, its causal entries
+    (positions ``tri_flat``) divided by the number of rows.
+
+    Each [heads, nb, nb] buffer is freed as soon as the next is made and the rest is done in
+    place, so at most two of them are live (the logits and their softmax); the values are
+    those of the out-of-place forms."""
     logits = torch.baddbmm(q_bar.new_empty(()), q_bar, k_bar.transpose(1, 2), beta=0.0, alpha=scale)
     s = torch.softmax(logits.masked_fill_(not_causal, float("-inf")), dim=-1)
+    del logits
     if live_c is not None:
         # only the chunk's rows take part; the flat mass is divided by their number
-        s = torch.where(live_c, s, 0.0)
-    return s, s.flatten(1).index_select(1, tri_flat) / (rows_c[:, None] if rows_c is not None else nb)
+        s.masked_fill_(~live_c, 0.0)
+    flat = s.flatten(1).index_select(1, tri_flat)
+    if not keep_s:
+        s = None
+    flat.div_(rows_c[:, None] if rows_c is not None else nb)
+    return s, flat
 
 
 def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
@@ -387,7 +396,8 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
         h1 = min(BH, h0 + chunk)
         _, flat = _qa_scores(q_bar[h0:h1], k_bar[h0:h1], scale=scale, nb=nb,
                           live_c=live_h[h0:h1, :, None] if live_h is not None else None,
-                          rows_c=rows_h[h0:h1] if rows_h is not None else None, not_causal=not_causal, tri_flat=tri_flat)
+                          rows_c=rows_h[h0:h1] if rows_h is not None else None, not_causal=not_causal, tri_flat=tri_flat,
+                          keep_s=False)
         # the n-th entry of the ranking: every entry before it in (value desc, position asc) is kept
         thr, thr_pos = _threshold_entry(flat, cfg.gamma)
         assemble_rows_kernel[(h1 - h0, nb)](
