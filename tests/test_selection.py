@@ -483,7 +483,7 @@ def test_qa_scores_keep_at_most_two_full_buffers():
     q_bar, k_bar = torch.randn(c, nb, D, generator=g), torch.randn(c, nb, D, generator=g)
     ar = torch.arange(nb)
     not_causal = ar[None, :] > ar[:, None]
-    tri_flat = S._tri_flat(nb, "cpu")
+    tri_flat = S._tri_flat(nb, "cpu", torch.int32)
     live = torch.rand(c, nb, 1, generator=g) > 0.3
     rows = live.sum((1, 2)).float()
     full = c * nb * nb * 4

@@ -329,11 +329,12 @@ def _cap_rows(mask, score, max_blocks: int, eye, causal):
     return _top_n(prio, keep) & mask
 
 
-def _tri_flat(nb: int, device) -> torch.Tensor:
+def _tri_flat(nb: int, device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Flat positions ``r * nb + c`` of the causal (row, col) pairs, row-major: the query-aware
     ranking sorts these nb(nb+1)/2 entries, not all nb^2 (the others are 0 and never reached:
-    the gamma count stops at the last positive entry, whose running sum is the total)."""
-    tri = torch.tril_indices(nb, nb, device=device)
+    the gamma count stops at the last positive entry, whose running sum is the total).
+    ``dtype`` int32 halves it where it only feeds ``index_select`` (nb^2 < 2^31)."""
+    tri = torch.tril_indices(nb, nb, device=device, dtype=dtype)
     return tri[0] * nb + tri[1]
 
 
@@ -390,7 +391,7 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
         return counts, indices
     ar = torch.arange(nb, device=dev)
     not_causal = ar[None, :] > ar[:, None]
-    tri_flat = _tri_flat(nb, dev)
+    tri_flat = _tri_flat(nb, dev, torch.int32 if nb * nb < 2**31 else torch.int64)
     chunk = max(1, chunk_elems // (nb * nb))
     for h0 in range(0, BH, chunk):
         h1 = min(BH, h0 + chunk)
