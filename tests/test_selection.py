@@ -351,6 +351,19 @@ def test_whole_search_graph_follows_the_inputs(monkeypatch):
     S.clear_graph_cache()
 
 
+def _eager_search(monkeypatch, q, k, cfg):
+    """The search with CUDA graphs off: what every graph replay must equal."""
+    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+    try:
+        return select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+    finally:
+        monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+
+
+def _assert_same_blocks(got, want):
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+
+
 @pytest.mark.gpu
 def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
     """Cached graphs of different shapes share one memory pool (each may reuse the others'
@@ -361,9 +374,7 @@ def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
     cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
     shapes = [(3000, 9, 3, 64), (5000, 9, 3, 64), (4200, 4, 1, 128), (7000, 8, 2, 64)]
     inputs = {s: structured_qkv(1, s[0], *s[1:], seed=s[0], dtype=torch.bfloat16, device="cuda")[:2] for s in shapes}
-    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
-    want = {s: S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125) for s, (q, k) in inputs.items()}
-    monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+    want = {s: _eager_search(monkeypatch, q, k, cfg) for s, (q, k) in inputs.items()}
     reserved = {}
     for mode in ("private", "shared"):
         monkeypatch.setenv("FLEXPREFILL_GRAPH_POOL", mode)
@@ -374,11 +385,10 @@ def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
         for _ in range(2):  # captured, then replayed in turn: A B C D A B C D
             for s, (q, k) in inputs.items():
                 got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-                assert torch.equal(got.counts, want[s].counts) and torch.equal(got.indices, want[s].indices)
+                _assert_same_blocks(got, want[s])
                 assert torch.equal(got.js_distance, want[s].js_distance)
         for s, (q, k) in reversed(list(inputs.items())):  # other order
-            got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-            assert torch.equal(got.counts, want[s].counts) and torch.equal(got.indices, want[s].indices)
+            _assert_same_blocks(S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125), want[s])
         assert len(S._graphs) == len(shapes) and not S._ungraphable
         del got
         torch.cuda.synchronize()
@@ -398,19 +408,15 @@ def test_seeded_pool_keeps_less_and_selects_the_same(monkeypatch):
 
     cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
     q, k, _ = structured_qkv(1, 32768, 9, 3, 64, seed=3, dtype=torch.bfloat16, device="cuda")
-    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
-    want = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-    monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+    want = _eager_search(monkeypatch, q, k, cfg)
     kept = {}
     for seed in ("0", "1"):
         monkeypatch.setenv("FLEXPREFILL_GRAPH_SEED", seed)
         S.clear_graph_cache()
         S.seed_log.clear()
         for _ in range(2):
-            got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-            assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+            _assert_same_blocks(S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125), want)
         assert S._graphs and not S._ungraphable
-        del got
         kept[seed] = cached_graph_memory()["held_mb"]
     assert len(S.seed_log) == 1 and S.seed_log[0]["seed"] > 0 and S.seed_log[0]["grown"] == 0, S.seed_log
     assert kept["1"] < kept["0"], kept
