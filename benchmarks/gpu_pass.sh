@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU pass of every check and benchmark, in two halves that each fit a 10-minute call.
-#   bash benchmarks/gpu_pass.sh checks OUT   # GPU tests, operator checks, benchmark suite
+#   bash benchmarks/gpu_pass.sh tests OUT    # every GPU test (~450 s on a fresh H200: a call of its own)
+#   bash benchmarks/gpu_pass.sh checks OUT   # operator checks, benchmark suite
 #   bash benchmarks/gpu_pass.sh models OUT   # break-even, whole-model prefill, demo, evals
 # Shorter phases for a tight device budget (each well under 10 minutes):
-#   selection OUT (GPU tests, pattern-search profile), layer OUT (Llama layer 8k-128k + GQA),
+#   selection OUT (selection GPU tests, pattern-search profile), layer OUT (Llama layer 8k-128k + GQA),
 #   kvloads OUT (kernel tests, pointer vs descriptor K/V loads at 128k, GQA sharing),
 #   window OUT (sliding-window kernel against masked SDPA and FlexAttention),
 #   ncu OUT (Nsight Compute sections of the sparse kernel at 5% density and of cuDNN),
@@ -11,11 +12,11 @@
 #   wspaths OUT, wsvarlen OUT (the warp-specialised kernel on windowed and varlen calls: GPU
 #   tests and A/B against the Triton kernel), pool OUT (what the cached search graph keeps),
 #   captured OUT (whole-model prefill and the suite on captured Q/K/V of both packaged models)
-#   diagfirst OUT (kernel efficiency with the diagonal block first vs last, GPU tests)
+#   diagfirst OUT (kernel efficiency with the diagonal block first vs last, kernel GPU tests)
 #   probe OUT (per-tile kernel cost by config and tile count; search profile of the small-head shapes)
 #   graph OUT (whole search graphed vs tail-only vs eager; every kernel of the 32k search)
 #   search OUT (radix vs sort threshold of the query-aware ranking, graphs to 1024 blocks)
-#   verify OUT (all GPU tests, operator memory with int16/int32 tables, dense_above on random inputs)
+#   verify OUT (operator memory with int16/int32 tables, dense_above on random inputs)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
 set -u
@@ -27,8 +28,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "   rc=$? ($name)"; tail -n 25 "$out/$name.log"; }
 case "$phase" in
+  tests)
+    run gpu_tests 590 python -m pytest tests -q -m gpu -p no:cacheprovider
+    ;;
   checks)
-    run gpu_tests 120 python -m pytest tests -q -m gpu -p no:cacheprovider
     run operator_check 100 env OUT="$out" python benchmarks/gpu_check_operator.py
     run bench_suite 330 python benchmarks/bench_attention.py --out "$out/bench" --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4
     ;;
@@ -41,7 +44,7 @@ case "$phase" in
       --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2.8
     ;;
   selection)
-    run gpu_tests 100 python -m pytest tests -q -m gpu -p no:cacheprovider
+    run gpu_tests 150 python -m pytest tests/test_selection.py tests/test_varlen.py -q -m gpu -p no:cacheprovider
     run search_parts 120 bash -c "OUT='$out' python benchmarks/profile_search_parts.py 131072 && OUT='$out' python benchmarks/profile_search_parts.py 32768"
     run profile_selection 120 env OUT="$out" python benchmarks/profile_selection.py 8192,32768,131072
     ;;
@@ -74,7 +77,7 @@ case "$phase" in
     # what the last CPU-only changes need on a GPU: all GPU tests (int16 block tables, fused
     # assembly, windowed kernel), the operator's memory with int16 and int32 tables, and
     # dense_above on the near-dense random inputs (with and without it, same run)
-    run gpu_tests 200 python -m pytest tests -q -m gpu -p no:cacheprovider
+    # (every GPU test: phase tests, a call of its own)
     run operator_memory 90 env OUT="$out" python benchmarks/operator_memory.py 9/3/64:262144,32/8/128:131072
     run dense_above_off 100 python benchmarks/bench_attention.py --mode suite --shapes llama3.1-8b,smollm2-135m \
       --inputs random --lengths 32k,128k --methods cudnn,flexprefill --out "$out/dense_above_off" --max-minutes 1.3
@@ -85,7 +88,7 @@ case "$phase" in
     # the diagonal block before the others (default) against after them: kernel efficiency
     # at 128k, same run; then every GPU test
     run switch_diag_first 300 env OUT="$out" python benchmarks/compare_kernel_switch.py FLEXPREFILL_DIAG_FIRST 131072
-    run gpu_tests 200 python -m pytest tests -q -m gpu -p no:cacheprovider
+    run gpu_tests 250 python -m pytest tests/ops -q -m gpu -p no:cacheprovider
     ;;
   probe)
     # per-tile cost of the sparse kernel (configs, registers) and the pattern
@@ -103,7 +106,7 @@ case "$phase" in
   graph)
     # the whole search in one CUDA graph (indirect q/k addresses) against the tail-only graph
     # and eager; every kernel of the 32k search and the graph's head-chunk size
-    run gpu_tests 200 python -m pytest tests -q -m gpu -p no:cacheprovider
+    run gpu_tests 150 python -m pytest tests/test_selection.py tests/test_varlen.py -q -m gpu -p no:cacheprovider
     run compare_search 240 env OUT="$out" python benchmarks/compare_search.py 32768,131072
     run search_kernels 120 env OUT="$out" python benchmarks/search_kernels.py 32768 9/3/64,4/1/256,32/8/128
     ;;
@@ -130,7 +133,8 @@ case "$phase" in
     run compare_window 200 env OUT="$out" python benchmarks/compare_window_kernels.py
     ;;
   pool)
-    run search_pool 170 env OUT="$out/pool" python benchmarks/search_pool.py 32768,131072
+    # the search graph's memory, seeded pool vs not, default and 2^20-element head chunks
+    run search_pool 330 env OUT="$out/pool" python benchmarks/search_pool.py 32768,131072
     ;;
   captured)
     run captured 540 python benchmarks/bench_attention.py --mode model,suite --shapes smollm2-135m,gemma3-270m \
