@@ -536,8 +536,9 @@ _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 # large as the peak of the search's live requests over 1 MB, measured on its warm-up call (at
 # least 10 MB, so it is a segment of its own size), and frees it at once; the search's
 # requests are then carved out of it.  No seed where the pool's large segments already have
-# that much free (graphs of other shapes share it).  H200, search_pool_e77e133: the SmolLM2 graph at
-# 32k kept 28 MB for a peak of 7.9 MB in such requests.  FLEXPREFILL_GRAPH_SEED=0: no seed.
+# that much free (graphs of other shapes share it).  H200, search_pool_3ebfd1f: the SmolLM2
+# graph at 32k (a peak of 7.9 MB in such requests) holds 14 MB seeded against 24 MB unseeded,
+# at 128k 64 against 82 MB; Gemma 3's at 128k 58 against 84 MB.  FLEXPREFILL_GRAPH_SEED=0: no seed.
 _pools: dict = {}
 _capture_streams: dict = {}
 _SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
