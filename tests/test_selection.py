@@ -420,6 +420,10 @@ def test_seeded_pool_keeps_less_and_selects_the_same(monkeypatch):
         kept[seed] = cached_graph_memory()["held_mb"]
     assert len(S.seed_log) == 1 and S.seed_log[0]["seed"] > 0 and S.seed_log[0]["grown"] == 0, S.seed_log
     assert kept["1"] < kept["0"], kept
+    # the bound on the search's extra memory: a quarter of one layer's q + k + v
+    # (H200, 3ebfd1f: 14 MB held of 60 MB)
+    qkv_mb = 32768 * (9 + 3 + 3) * 64 * 2 / 2**20
+    assert kept["1"] <= 0.25 * qkv_mb, (kept, qkv_mb)
 
 
 def test_graph_pool_policy(monkeypatch):
