@@ -447,9 +447,9 @@ def test_graph_pool_policy(monkeypatch):
 
 def test_pool_seed_size():
     """The seed: none without requests over 1 MB or where the pool's large segments on the
-    capture stream have that much free (small segments, other pools, other streams and live
-    blocks don't count); else the need rounded up to 2 MB, at least 10 MB (a segment of its
-    own size)."""
+    capture stream have that much free and a block for the largest request (small segments,
+    other pools, other streams and live blocks don't count); else the need and an eighth more
+    (at least 2 MB) rounded up to 2 MB, at least 10 MB (a segment of its own size)."""
     from flexprefill.ops import selection as S
 
     class Stream:
@@ -469,14 +469,17 @@ def test_pool_seed_size():
         seg((4, 0), "large", 7, ("inactive", 50 * mb)),  # another pool's
         seg((0, 0), "large", 7, ("inactive", 60 * mb)),  # the default pool's
     ]
-    size, free = S._pool_large(segments, (3, 0), Stream())
-    assert (size, free) == (49 * mb, 19 * mb)
-    assert S._pool_large(segments, (5, 0), Stream()) == (0, 0)
-    assert S._seed_size(0, 0) == 0
-    assert S._seed_size(19 * mb, free) == 0
-    assert S._seed_size(19 * mb + 1, free) == 20 * mb
-    assert S._seed_size(8 * mb, 0) == 10 * mb
-    assert S._seed_size(21 * mb + 5, free) == 22 * mb
+    size, free, largest = S._pool_large(segments, (3, 0), Stream())
+    assert (size, free, largest) == (49 * mb, 19 * mb, 9 * mb)
+    assert S._pool_large(segments, (5, 0), Stream()) == (0, 0, 0)
+    assert S._seed_size(0, 0, 0, 0) == 0
+    # the free blocks hold the total and the largest request: no seed
+    assert S._seed_size(19 * mb, 9 * mb, free, largest) == 0
+    # too few bytes free, or one request larger than every free block: a seed
+    assert S._seed_size(19 * mb + 1, 2 * mb, free, largest) == 22 * mb  # + 2 MB, rounded up
+    assert S._seed_size(12 * mb, 9 * mb + 1, free, largest) == 14 * mb
+    assert S._seed_size(4 * mb, 2 * mb, 0, 0) == 10 * mb  # a segment of its own size
+    assert S._seed_size(40 * mb + 5, 18 * mb, free, largest) == 46 * mb  # an eighth more, rounded up
 
 
 def test_qa_scores_keep_at_most_two_full_buffers():
@@ -605,6 +608,37 @@ def test_fused_assembly_breaks_ranking_ties_like_a_stable_sort():
     got = S._assemble(vert, slash, qa, q_bar, k_bar, cfg=cfg, scale=0.25)
     want = S._assemble_torch(vert, slash, qa, q_bar, k_bar, cfg=cfg, scale=0.25)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_assembly_writes_given_outputs(fused, monkeypatch):
+    """``out=(counts, indices)`` (a graph's outputs, made outside its pool): the search's
+    tail writes those very tensors, with what it returns without them; tensors of another
+    shape or dtype are refused."""
+    from flexprefill.ops import selection as S
+
+    monkeypatch.setattr(S, "_FUSED_ASSEMBLY", fused)
+    B, nb, Hq, Hkv, D = 1, 10, 4, 2, 16
+    cfg = fp.FlexPrefillConfig(block_size=32, min_budget=32, gamma=0.8, tau=0.3)
+    g = torch.Generator().manual_seed(5)
+    vert = torch.rand(B, Hq, nb, generator=g)
+    slash = torch.rand(B, Hq, nb, generator=g)
+    q_hat = torch.randn(B, Hq, D, generator=g)
+    k_bar = torch.randn(B, nb, Hkv, D, generator=g)
+    q_bar = torch.randn(B, nb, Hq, D, generator=g)
+    args = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar, cfg=cfg, scale=0.25,
+                index_dtype=torch.int16)
+    want = S._dense_tail(**args)
+    counts = torch.full((B * Hq, nb), -7, dtype=torch.int32)
+    indices = torch.full((B * Hq, nb, nb), -7, dtype=torch.int16)
+    got = S._dense_tail(**args, out=(counts, indices))
+    assert got[0] is counts and got[1] is indices
+    assert torch.equal(counts, want[0]) and torch.equal(indices, want[1])
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    with pytest.raises(AssertionError, match="do not fit 4 heads of 10 blocks"):
+        S._dense_tail(**args, out=(counts, indices.int()))
+    with pytest.raises(AssertionError, match="do not fit"):
+        S._dense_tail(**args, out=(counts[:2], indices))
 
 
 @pytest.mark.parametrize("br", [32, 128])
