@@ -545,17 +545,19 @@ _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 #
 # The pool is seeded: the CUDA caching allocator gives every request of 1-10 MB a 20 MB
 # segment of its own (a request of 10 MB or more gets a segment of its size, rounded to 2
-# MB), and a graph's pool keeps its segments for good.  So a capture first takes one block a
-# little larger than the peak of the search's live requests over 1 MB, measured on a warm-up
-# call (at least 10 MB, so it is a segment of its own size), and frees it at once; the
-# search's requests are then carved out of it.  The graph's counts and indices live outside
-# the pool (see _capture), so all of it is free between replays.  No seed where the pool's
-# large segments already have that much free (graphs of other shapes share it).
-# FLEXPREFILL_GRAPH_SEED=0: no seed.  Measured on an H200: README, "Search graph memory".
+# MB), and a graph's pool keeps its segments for good.  So a capture may first take one
+# block a little larger than the peak of the search's live requests over 1 MB and free it
+# at once; the search's requests are then carved out of it.  The graph's counts and indices
+# live outside the pool (see _capture), so all of the pool is free between replays.  Which
+# seed, if any, is found by trial calls in a private pool set up as the shared pool is (its
+# free segments, then the seed): the one the capture grows the pool least with (none where
+# other shapes' segments already hold the requests).  FLEXPREFILL_GRAPH_SEED=0: no seed.
+# Measured on an H200: README, "Search graph memory".
 _pools: dict = {}
 _capture_streams: dict = {}
 _SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
 _SEED_ROUND = 2 << 20  # its kRoundLarge
+_SEED_TRIALS = 4  # trial calls at most per capture (see _choose_seed)
 _SMALL_REQUEST = 1 << 20  # its kSmallSize: larger requests come from the large pool
 # (measured need and largest request, free bytes and largest free block found, seed taken,
 # large segments added past it) of the last captures, for benchmarks
@@ -602,7 +604,7 @@ class _LargePeak(TorchDispatchMode):
         super().__init__()
         self.device = device
         self.base = self.peak = 0
-        self.largest = 0
+        self.largest = self.kept = 0
 
     def now(self) -> int:
         return torch.cuda.memory_stats(self.device).get("allocated_bytes.large_pool.current", 0)
@@ -625,33 +627,75 @@ class _LargePeak(TorchDispatchMode):
         return self.peak - self.base
 
 
-def _pool_large(segments, pool, stream) -> tuple[int, int, int]:
-    """(bytes of, free bytes in, largest free block of) ``pool``'s large segments
+def _pool_large(segments, pool, stream) -> tuple[int, int, list]:
+    """(bytes of, free bytes in, sizes of the wholly free ones of) ``pool``'s large segments
     (``torch.cuda.memory_snapshot()`` entries) that allocations on ``stream`` may use."""
-    size = free = largest = 0
+    size = free = 0
+    empty = []
     for seg in segments:
         if (tuple(seg.get("segment_pool_id", (0, 0))) != tuple(pool) or seg.get("segment_type") != "large"
                 or seg.get("stream") != stream.cuda_stream):
             continue
         size += seg.get("total_size", 0)
-        for blk in seg.get("blocks", []):
-            if blk.get("state") == "inactive":
-                free += blk["size"]
-                largest = max(largest, blk["size"])
-    return size, free, largest
+        blocks = seg.get("blocks", [])
+        free += sum(blk["size"] for blk in blocks if blk.get("state") == "inactive")
+        if blocks and all(blk.get("state") == "inactive" for blk in blocks):
+            empty.append(seg.get("total_size", 0))
+    return size, free, empty
 
 
-def _seed_size(need: int, request: int, free: int, largest_free: int) -> int:
-    """Bytes of the seed block for a peak of ``need`` bytes in requests over 1 MB, the largest
-    of them at most ``request`` bytes, when the pool's large segments have ``free`` bytes free,
-    the largest free block ``largest_free``: none when those could hold them (graphs of other
-    shapes share the pool: a seed per shape would add up), else ``need`` and an eighth more
-    (at least 2 MB: the requests' order leaves holes) rounded up to 2 MB, at least 10 MB (a
-    segment of its own size)."""
-    if need <= 0 or (free >= need and largest_free >= request):
-        return 0
-    want = need + max(need // 8, _SEED_ROUND)
-    return max(_SEED_MIN, -(-want // _SEED_ROUND) * _SEED_ROUND)
+def _round_seed(n: int) -> int:
+    """``n`` bytes as a seed block: rounded up to 2 MB, at least 10 MB (a segment of its own size)."""
+    return max(_SEED_MIN, -(-n // _SEED_ROUND) * _SEED_ROUND)
+
+
+def _choose_seed(trial, need: int, request: int, tries: int = _SEED_TRIALS) -> tuple[int, list]:
+    """(seed bytes, [(seed, bytes added past it), ...] of the trials made).
+
+    ``trial(seed)`` returns the bytes the capture would add to the pool past a seed block of
+    ``seed`` bytes (0: no seed); the seed taken adds the least, ``seed + added``.  Tried in
+    turn: none; ``need`` (the peak of requests over 1 MB) and an eighth more (at least 2 MB:
+    the requests' order leaves holes); then a quarter more each time, at least the largest
+    request ``request``, until a seed holds everything or ``tries`` are made."""
+    log = [(0, trial(0))]
+    if log[0][1] == 0 or need <= 0:
+        return 0, log
+    best = (log[0][1], 0)
+    seed = _round_seed(need + max(need // 8, _SEED_ROUND))
+    while len(log) < tries:
+        added = trial(seed)
+        log.append((seed, added))
+        if seed + added < best[0]:
+            best = (seed + added, seed)
+        if added == 0:
+            break
+        seed = _round_seed(seed + max(seed // 4, request))
+    return best[1], log
+
+
+def _trial_added(run, static, device, stream, empty: list, seed: int, peak=None) -> int:
+    """Bytes ``run(out=static)`` adds to a pool whose large segments are ``empty`` (sizes, all
+    free) after a seed block of ``seed`` bytes, found by running it on ``stream`` in a
+    private pool set up so (the caching allocator places the requests there as it will in
+    the capture: same allocator, same requests, same free blocks).  ``peak``: a _LargePeak
+    to record the call with."""
+    mp = torch.cuda.MemPool()
+    with torch.cuda.stream(stream), torch.cuda.use_mem_pool(mp, device=device):
+        blocks = [torch.empty(n, dtype=torch.uint8, device=device) for n in (*empty, seed) if n]
+        del blocks
+        if peak is None:
+            outs = run(out=static)
+        else:
+            with peak:
+                outs = run(out=static)
+        del outs
+        if peak is not None:
+            # what stays allocated past the call (a workspace made on first use) is no part
+            # of what the graph will need
+            peak.kept = max(0, peak.now() - peak.base)
+    size = _pool_large(torch.cuda.memory_snapshot(), mp.id, stream)[0]
+    del mp
+    return size - sum(empty) - seed
 
 
 def _graphs_enabled() -> bool:
@@ -678,8 +722,9 @@ def _capture(key, device, fallback: str, run):
     the graph then writes them into tensors made outside its pool (the [heads, nb, nb] table
     is the largest tensor of the search: inside the pool it stayed live in the middle of the
     seed, and the requests after it did not fit around it), so that everything the graph
-    allocates in its pool is free between replays.  A second call, writing into those,
-    measures the peak of its requests over 1 MB, which sizes the pool's seed (_seed_size).
+    allocates in its pool is free between replays.  Then trial calls, writing into those, in
+    a private pool set up as the graph's pool is, find the seed block that adds the least to
+    it (_trial_added, _choose_seed).
 
     Warm-up and capture run on the device's one capture stream: cuBLAS keeps a workspace per
     stream (32 MB and more on Hopper, allocated on the stream's first matmul and never
@@ -690,7 +735,8 @@ def _capture(key, device, fallback: str, run):
     cap.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     pool = _graph_pool(device)
-    seeding = pool is not None and _seeding()
+    # the seed's trial calls need torch.cuda.MemPool (torch >= 2.7)
+    seeding = pool is not None and _seeding() and hasattr(torch.cuda, "use_mem_pool")
     try:
         with torch.cuda.stream(cap):
             outs = run()
@@ -701,18 +747,13 @@ def _capture(key, device, fallback: str, run):
         cap.wait_stream(stream)
         seed = 0
         if seeding:
-            with torch.cuda.stream(cap):
-                with _LargePeak(device) as peak:
-                    outs = run(out=static)
-                # what stays allocated past the call besides the outputs it made (a workspace
-                # made on first use) is no part of what the graph will need
-                kept = peak.now() - peak.base - sum(
-                    n for n in (o.untyped_storage().nbytes() for o in outs[2:] if o is not None) if n > _SMALL_REQUEST)
-                need = peak.bytes - max(0, kept)
-                del outs
+            size0, free, empty = _pool_large(torch.cuda.memory_snapshot(), pool, cap)
+            peak = _LargePeak(device)
+            added0 = _trial_added(run, static, device, cap, empty, 0, peak)
+            need, request = peak.bytes - peak.kept, peak.largest
+            seed, trials = _choose_seed(
+                lambda n: added0 if n == 0 else _trial_added(run, static, device, cap, empty, n), need, request)
             stream.wait_stream(cap)
-            size0, free, largest_free = _pool_large(torch.cuda.memory_snapshot(), pool, cap)
-            seed = _seed_size(need, peak.largest, free, largest_free)
         with torch.cuda.graph(graph, pool=pool, stream=cap):
             if seed:
                 # a block of the pool's own, freed at once: the capture's requests split it
@@ -723,8 +764,8 @@ def _capture(key, device, fallback: str, run):
         if seeding:
             # what the capture added to the pool past the seed (requests the seed did not hold)
             grown = _pool_large(torch.cuda.memory_snapshot(), pool, cap)[0] - size0 - seed
-            seed_log.append(dict(need=need, request=peak.largest, peak=peak.bytes, free=free,
-                                 largest_free=largest_free, seed=seed, grown=grown))
+            seed_log.append(dict(need=need, request=request, free=free, empty=sum(empty), seed=seed, grown=grown,
+                                 trials=trials))
             del seed_log[:-16]
     except Exception as e:  # a capture this torch/triton/driver refuses
         import warnings
