@@ -98,7 +98,8 @@ def case(q, k, v, cfg, scale, chunk):
     search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale, index_dtype=idx)  # noqa: E731
     search_ms = do_bench(search, warmup=3, rep=100)
     row["graphs"] = [key[0] for key in S._graphs]
-    row["seed_log_mb"] = [{k: v / MB for k, v in e.items()} for e in S.seed_log]
+    row["seed_log_mb"] = [{k: [(a / MB, b / MB) for a, b in v] if k == "trials" else v / MB for k, v in e.items()}
+                          for e in S.seed_log]
     S.seed_log.clear()
     kept = cached_graph_memory()
     row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=kept["reserved_mb"], held_mb=kept["held_mb"])

@@ -351,11 +351,11 @@ def test_whole_search_graph_follows_the_inputs(monkeypatch):
     S.clear_graph_cache()
 
 
-def _eager_search(monkeypatch, q, k, cfg):
+def _eager_search(monkeypatch, q, k, cfg, index_dtype=torch.int32):
     """The search with CUDA graphs off: what every graph replay must equal."""
     monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
     try:
-        return select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+        return select_blocks_fast(q, k, config=cfg, softmax_scale=0.125, index_dtype=index_dtype)
     finally:
         monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
 
@@ -399,30 +399,42 @@ def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_seeded_pool_keeps_less_and_selects_the_same(monkeypatch):
+@pytest.mark.parametrize("N", [32768, 131072])
+def test_seeded_pool_keeps_less_and_selects_the_same(N, monkeypatch):
     """A seeded shared pool (default) keeps less memory than an unseeded one for a small-head
-    32k search (the capture's 1-10 MB requests carved from one block, not 20 MB segments, and
-    the seed held them all), and the graphs select exactly what the eager search does."""
+    32k and 128k search (the capture's 1-10 MB requests carved from one block, not 20 MB segments, and
+    the seed held them all, as the trial calls said), and the graphs select exactly what the
+    eager search does."""
     from flexprefill.benchmarking import cached_graph_memory
     from flexprefill.ops import selection as S
 
     cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
-    q, k, _ = structured_qkv(1, 32768, 9, 3, 64, seed=3, dtype=torch.bfloat16, device="cuda")
-    want = _eager_search(monkeypatch, q, k, cfg)
+    q, k, _ = structured_qkv(1, N, 9, 3, 64, seed=3, dtype=torch.bfloat16, device="cuda")
+    # the operator's block table (int16; the public int32 one is twice as large: at 128k 36 MB,
+    # the caller's output as much as the graph's)
+    dt = S.compact_index_dtype(N // cfg.block_size)
+    want = _eager_search(monkeypatch, q, k, cfg, dt)
     kept = {}
     for seed in ("0", "1"):
         monkeypatch.setenv("FLEXPREFILL_GRAPH_SEED", seed)
         S.clear_graph_cache()
         S.seed_log.clear()
+        # pools of earlier tests' graphs may still be alive: only new ones count
+        before = {tuple(seg.get("segment_pool_id", (0, 0))) for seg in torch.cuda.memory_snapshot()}
         for _ in range(2):
-            _assert_same_blocks(S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125), want)
+            _assert_same_blocks(S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125, index_dtype=dt), want)
         assert S._graphs and not S._ungraphable
+        # the seed's trial calls' private pools are gone: the graphs' pool is the only new one
+        pools = {tuple(seg.get("segment_pool_id", (0, 0))) for seg in torch.cuda.memory_snapshot()}
+        assert pools - before <= {tuple(S._graph_pool(q.device))}, (pools, before)
         kept[seed] = cached_graph_memory()["held_mb"]
+    # the trial calls placed the requests as the capture did: it added nothing past the seed
     assert len(S.seed_log) == 1 and S.seed_log[0]["seed"] > 0 and S.seed_log[0]["grown"] == 0, S.seed_log
+    assert S.seed_log[0]["trials"][-1] == (S.seed_log[0]["seed"], 0), S.seed_log
     assert kept["1"] < kept["0"], kept
     # the issue's bound on the search's extra memory: a quarter of one layer's q + k + v
-    # (H200, 3ebfd1f: 14 MB held of 60 MB)
-    qkv_mb = 32768 * (9 + 3 + 3) * 64 * 2 / 2**20
+    # (H200, the trial seed: 13 of 60 MB at 32k, 56 of 240 MB at 128k)
+    qkv_mb = N * (9 + 3 + 3) * 64 * 2 / 2**20
     assert kept["1"] <= 0.25 * qkv_mb, (kept, qkv_mb)
 
 
@@ -446,10 +458,10 @@ def test_graph_pool_policy(monkeypatch):
 
 
 def test_pool_seed_size():
-    """The seed: none without requests over 1 MB or where the pool's large segments on the
-    capture stream have that much free (small segments, other pools, other streams and live
-    blocks don't count); else the need rounded up to 2 MB, at least 10 MB (a segment of its
-    own size)."""
+    """The pool's large segments on the capture stream (small segments, other pools and other
+    streams don't count; wholly free ones listed), and the seed chosen from trial calls: none
+    where nothing would be added without it, else the trial that adds least, seed included;
+    the trials stop at the first seed that holds everything."""
     from flexprefill.ops import selection as S
 
     class Stream:
@@ -463,20 +475,41 @@ def test_pool_seed_size():
 
     segments = [
         seg((3, 0), "large", 7, ("active_allocated", 30 * mb), ("inactive", 6 * mb), ("inactive", 9 * mb)),
-        seg((3, 0), "large", 7, ("inactive", 4 * mb)),
+        seg((3, 0), "large", 7, ("inactive", 20 * mb)),
+        seg((3, 0), "large", 7, ("inactive", 12 * mb)),
         seg((3, 0), "large", 8, ("inactive", 40 * mb)),  # another stream's
         seg((3, 0), "small", 7, ("inactive", 2 * mb)),
         seg((4, 0), "large", 7, ("inactive", 50 * mb)),  # another pool's
         seg((0, 0), "large", 7, ("inactive", 60 * mb)),  # the default pool's
     ]
-    size, free = S._pool_large(segments, (3, 0), Stream())
-    assert (size, free) == (49 * mb, 19 * mb)
-    assert S._pool_large(segments, (5, 0), Stream()) == (0, 0)
-    assert S._seed_size(0, 0) == 0
-    assert S._seed_size(19 * mb, free) == 0
-    assert S._seed_size(19 * mb + 1, free) == 20 * mb
-    assert S._seed_size(8 * mb, 0) == 10 * mb
-    assert S._seed_size(21 * mb + 5, free) == 22 * mb
+    assert S._pool_large(segments, (3, 0), Stream()) == (77 * mb, 47 * mb, [20 * mb, 12 * mb])
+    assert S._pool_large(segments, (5, 0), Stream()) == (0, 0, [])
+    assert S._round_seed(4 * mb) == 10 * mb and S._round_seed(21 * mb + 5) == 22 * mb
+
+    def pool_of(hold):
+        """trial(seed): what a pool adds past a seed when it holds ``hold`` bytes (else 20 MB
+        segments for the rest)."""
+        calls = []
+
+        def trial(seed):
+            calls.append(seed)
+            return 0 if seed >= hold else -(-(hold - seed) // (20 * mb)) * 20 * mb
+        return trial, calls
+
+    trial, calls = pool_of(0)
+    assert S._choose_seed(trial, 8 * mb, 2 * mb) == (0, [(0, 0)]) and calls == [0]
+    # 30 MB of requests: 40 MB unseeded; need + 1/8 rounded = 34 MB holds them
+    trial, calls = pool_of(30 * mb)
+    assert S._choose_seed(trial, 30 * mb, 8 * mb) == (34 * mb, [(0, 40 * mb), (34 * mb, 0)])
+    # the measured need misses part of 45 MB: 34 adds 20 more (54 in all, less than 60 unseeded);
+    # 34 + max(34/4, 8) = 44 (rounded) adds 20 too; 44 + 11 = 56 holds it all but is more
+    trial, calls = pool_of(45 * mb)
+    seed, log = S._choose_seed(trial, 30 * mb, 8 * mb)
+    assert seed == 34 * mb and log == [(0, 60 * mb), (34 * mb, 20 * mb), (44 * mb, 20 * mb), (56 * mb, 0)]
+    # no seed adds less than none: none is kept, after at most _SEED_TRIALS calls
+    trial, calls = pool_of(200 * mb)
+    seed, log = S._choose_seed(trial, 10 * mb, 2 * mb)
+    assert seed == 0 and len(calls) == S._SEED_TRIALS and log[0] == (0, 200 * mb)
 
 
 def test_qa_scores_keep_at_most_two_full_buffers():
@@ -605,6 +638,37 @@ def test_fused_assembly_breaks_ranking_ties_like_a_stable_sort():
     got = S._assemble(vert, slash, qa, q_bar, k_bar, cfg=cfg, scale=0.25)
     want = S._assemble_torch(vert, slash, qa, q_bar, k_bar, cfg=cfg, scale=0.25)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_assembly_writes_given_outputs(fused, monkeypatch):
+    """``out=(counts, indices)`` (a graph's outputs, made outside its pool): the search's
+    tail writes those very tensors, with what it returns without them; tensors of another
+    shape or dtype are refused."""
+    from flexprefill.ops import selection as S
+
+    monkeypatch.setattr(S, "_FUSED_ASSEMBLY", fused)
+    B, nb, Hq, Hkv, D = 1, 10, 4, 2, 16
+    cfg = fp.FlexPrefillConfig(block_size=32, min_budget=32, gamma=0.8, tau=0.3)
+    g = torch.Generator().manual_seed(5)
+    vert = torch.rand(B, Hq, nb, generator=g)
+    slash = torch.rand(B, Hq, nb, generator=g)
+    q_hat = torch.randn(B, Hq, D, generator=g)
+    k_bar = torch.randn(B, nb, Hkv, D, generator=g)
+    q_bar = torch.randn(B, nb, Hq, D, generator=g)
+    args = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar, cfg=cfg, scale=0.25,
+                index_dtype=torch.int16)
+    want = S._dense_tail(**args)
+    counts = torch.full((B * Hq, nb), -7, dtype=torch.int32)
+    indices = torch.full((B * Hq, nb, nb), -7, dtype=torch.int16)
+    got = S._dense_tail(**args, out=(counts, indices))
+    assert got[0] is counts and got[1] is indices
+    assert torch.equal(counts, want[0]) and torch.equal(indices, want[1])
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    with pytest.raises(AssertionError, match="do not fit 4 heads of 10 blocks"):
+        S._dense_tail(**args, out=(counts, indices.int()))
+    with pytest.raises(AssertionError, match="do not fit"):
+        S._dense_tail(**args, out=(counts[:2], indices))
 
 
 @pytest.mark.parametrize("br", [32, 128])

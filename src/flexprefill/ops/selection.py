@@ -361,7 +361,7 @@ def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causa
 
 def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
               nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS,
-              index_dtype: torch.dtype = torch.int32):
+              index_dtype: torch.dtype = torch.int32, out=None):
     """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
 
     Arguments as :func:`_assemble_torch`.  The sets are built and compacted row by row in
@@ -371,14 +371,13 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
     """
     if cfg.max_budget_blocks is not None or not _FUSED_ASSEMBLY:
         return _assemble_torch(vert, slash, query_aware, q_bar, k_bar, cfg=cfg, scale=scale, nb_h=nb_h, live_h=live_h,
-                               rows_h=rows_h, short_h=short_h, chunk_elems=chunk_elems, index_dtype=index_dtype)
+                               rows_h=rows_h, short_h=short_h, chunk_elems=chunk_elems, index_dtype=index_dtype, out=out)
     BH, nb = vert.shape
     dev = vert.device
     use_qa = cfg.tau > 0
     sets = _vs_sets(vert, slash, gamma=cfg.gamma, min_b=cfg.min_budget_blocks, max_b=None, nb_h=nb_h, floor=use_qa)
     u8 = [t.contiguous().view(torch.uint8) for t in sets]
-    counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
-    indices = torch.empty(BH, nb, nb, dtype=index_dtype, device=dev)
+    counts, indices = _outputs(out, BH, nb, index_dtype, dev)
     live = live_h.contiguous().view(torch.uint8) if live_h is not None else u8[0]
     short = short_h.contiguous().view(torch.uint8) if short_h is not None else u8[0]
     qa = query_aware.contiguous().view(torch.uint8)
@@ -409,9 +408,23 @@ def _assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig,
     return counts, indices
 
 
+def _outputs(out, BH: int, nb: int, index_dtype: torch.dtype, device):
+    """(counts int32 [BH, nb], indices [BH, nb, nb]): ``out`` where given (a graph's outputs,
+    made outside its pool), else new tensors."""
+    if out is None:
+        return (torch.empty(BH, nb, dtype=torch.int32, device=device),
+                torch.empty(BH, nb, nb, dtype=index_dtype, device=device))
+    counts, indices = out
+    if (counts.shape != (BH, nb) or counts.dtype != torch.int32 or indices.shape != (BH, nb, nb)
+            or indices.dtype != index_dtype):
+        raise AssertionError(f"flexprefill internal: graph outputs {tuple(counts.shape)} {counts.dtype} / "
+                             f"{tuple(indices.shape)} {indices.dtype} do not fit {BH} heads of {nb} blocks, {index_dtype}")
+    return counts, indices
+
+
 def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
                     nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS,
-                    index_dtype: torch.dtype = torch.int32):
+                    index_dtype: torch.dtype = torch.int32, out=None):
     """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
 
     ``vert, slash`` fp32 [BH, nb]; ``query_aware`` bool [BH]; ``q_bar, k_bar`` fp32 block
@@ -420,6 +433,7 @@ def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillC
     of the chunk) bool [BH, nb], ``rows_h`` (their number) fp32 [BH] and ``short_h`` (heads
     that take every causal block of their rows) bool [BH].  Heads are processed a fixed
     number at a time whatever the data, so a shape always issues the same launches.
+    ``out``: (counts, indices) to write instead of new tensors (a graph's, see _capture).
     """
     BH, nb = vert.shape
     dev = vert.device
@@ -433,8 +447,7 @@ def _assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillC
     off = (ar[:, None] - ar[None, :]).clamp_min(0)
     if use_qa:
         tri_flat = _tri_flat(nb, dev)
-    counts = torch.empty(BH, nb, dtype=torch.int32, device=dev)
-    indices = torch.empty(BH, nb, nb, dtype=index_dtype, device=dev)
+    counts, indices = _outputs(out, BH, nb, index_dtype, dev)
     chunk = max(1, chunk_elems // (nb * nb))
     for h0 in range(0, BH, chunk):
         sl = slice(h0, min(BH, h0 + chunk))
@@ -532,20 +545,22 @@ _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 #
 # The pool is seeded: the CUDA caching allocator gives every request of 1-10 MB a 20 MB
 # segment of its own (a request of 10 MB or more gets a segment of its size, rounded to 2
-# MB), and a graph's pool keeps its segments for good.  So a capture first takes one block as
-# large as the peak of the search's live requests over 1 MB, measured on its warm-up call (at
-# least 10 MB, so it is a segment of its own size), and frees it at once; the search's
-# requests are then carved out of it.  No seed where the pool's large segments already have
-# that much free (graphs of other shapes share it).  H200, search_pool_3ebfd1f: the SmolLM2
-# graph at 32k (a peak of 7.9 MB in such requests) holds 14 MB seeded against 24 MB unseeded,
-# at 128k 64 against 82 MB; Gemma 3's at 128k 58 against 84 MB.  FLEXPREFILL_GRAPH_SEED=0: no seed.
+# MB), and a graph's pool keeps its segments for good.  So a capture may first take one
+# block a little larger than the peak of the search's live requests over 1 MB and free it
+# at once; the search's requests are then carved out of it.  The graph's counts and indices
+# live outside the pool (see _capture), so all of the pool is free between replays.  Which
+# seed, if any, is found by trial calls in a private pool set up as the shared pool is (its
+# free segments, then the seed): the one the capture grows the pool least with (none where
+# other shapes' segments already hold the requests).  FLEXPREFILL_GRAPH_SEED=0: no seed.
+# Measured on an H200: README, "Search graph memory".
 _pools: dict = {}
 _capture_streams: dict = {}
 _SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
 _SEED_ROUND = 2 << 20  # its kRoundLarge
+_SEED_TRIALS = 4  # trial calls at most per capture (see _choose_seed)
 _SMALL_REQUEST = 1 << 20  # its kSmallSize: larger requests come from the large pool
-# (measured need, free bytes found, seed taken, large segments added past it) of the last
-# captures, for benchmarks
+# (measured need and largest request, free bytes and largest free block found, seed taken,
+# large segments added past it) of the last captures, for benchmarks
 seed_log: list = []
 
 
@@ -581,24 +596,30 @@ def _seeding() -> bool:
 
 class _LargePeak(TorchDispatchMode):
     """Records the peak of the caching allocator's large-pool bytes (requests over 1 MB) above
-    their level at entry, sampled after every op (allocations come from ops; a transient
-    workspace an op frees before returning is not seen)."""
+    their level at entry, sampled after every op, and the most one op added (a bound on its
+    largest request; allocations come from ops; a transient workspace an op frees before
+    returning is not seen)."""
 
     def __init__(self, device):
         super().__init__()
         self.device = device
         self.base = self.peak = 0
+        self.largest = self.kept = 0
 
     def now(self) -> int:
         return torch.cuda.memory_stats(self.device).get("allocated_bytes.large_pool.current", 0)
 
     def __enter__(self):
         self.base = self.peak = self.now()
+        self.largest = 0
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.now()
         out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, self.now())
+        after = self.now()
+        self.peak = max(self.peak, after)
+        self.largest = max(self.largest, after - before)
         return out
 
     @property
@@ -606,27 +627,75 @@ class _LargePeak(TorchDispatchMode):
         return self.peak - self.base
 
 
-def _pool_large(segments, pool, stream) -> tuple[int, int]:
-    """(bytes of, free bytes in) ``pool``'s large segments (``torch.cuda.memory_snapshot()``
-    entries) that allocations on ``stream`` may use."""
+def _pool_large(segments, pool, stream) -> tuple[int, int, list]:
+    """(bytes of, free bytes in, sizes of the wholly free ones of) ``pool``'s large segments
+    (``torch.cuda.memory_snapshot()`` entries) that allocations on ``stream`` may use."""
     size = free = 0
+    empty = []
     for seg in segments:
         if (tuple(seg.get("segment_pool_id", (0, 0))) != tuple(pool) or seg.get("segment_type") != "large"
                 or seg.get("stream") != stream.cuda_stream):
             continue
         size += seg.get("total_size", 0)
-        free += sum(blk["size"] for blk in seg.get("blocks", []) if blk.get("state") == "inactive")
-    return size, free
+        blocks = seg.get("blocks", [])
+        free += sum(blk["size"] for blk in blocks if blk.get("state") == "inactive")
+        if blocks and all(blk.get("state") == "inactive" for blk in blocks):
+            empty.append(seg.get("total_size", 0))
+    return size, free, empty
 
 
-def _seed_size(need: int, free: int) -> int:
-    """Bytes of the seed block for a peak of ``need`` bytes in requests over 1 MB when the
-    pool's large segments have ``free`` bytes free: none when that could hold them (graphs of
-    other shapes share the pool: a seed per shape would add up), else ``need`` rounded up to
-    2 MB, at least 10 MB (a segment of its own size)."""
-    if need <= 0 or free >= need:
-        return 0
-    return max(_SEED_MIN, -(-need // _SEED_ROUND) * _SEED_ROUND)
+def _round_seed(n: int) -> int:
+    """``n`` bytes as a seed block: rounded up to 2 MB, at least 10 MB (a segment of its own size)."""
+    return max(_SEED_MIN, -(-n // _SEED_ROUND) * _SEED_ROUND)
+
+
+def _choose_seed(trial, need: int, request: int, tries: int = _SEED_TRIALS) -> tuple[int, list]:
+    """(seed bytes, [(seed, bytes added past it), ...] of the trials made).
+
+    ``trial(seed)`` returns the bytes the capture would add to the pool past a seed block of
+    ``seed`` bytes (0: no seed); the seed taken adds the least, ``seed + added``.  Tried in
+    turn: none; ``need`` (the peak of requests over 1 MB) and an eighth more (at least 2 MB:
+    the requests' order leaves holes); then a quarter more each time, at least the largest
+    request ``request``, until a seed holds everything or ``tries`` are made."""
+    log = [(0, trial(0))]
+    if log[0][1] == 0 or need <= 0:
+        return 0, log
+    best = (log[0][1], 0)
+    seed = _round_seed(need + max(need // 8, _SEED_ROUND))
+    while len(log) < tries:
+        added = trial(seed)
+        log.append((seed, added))
+        if seed + added < best[0]:
+            best = (seed + added, seed)
+        if added == 0:
+            break
+        seed = _round_seed(seed + max(seed // 4, request))
+    return best[1], log
+
+
+def _trial_added(run, static, device, stream, empty: list, seed: int, peak=None) -> int:
+    """Bytes ``run(out=static)`` adds to a pool whose large segments are ``empty`` (sizes, all
+    free) after a seed block of ``seed`` bytes, found by running it on ``stream`` in a
+    private pool set up so (the caching allocator places the requests there as it will in
+    the capture: same allocator, same requests, same free blocks).  ``peak``: a _LargePeak
+    to record the call with."""
+    mp = torch.cuda.MemPool()
+    with torch.cuda.stream(stream), torch.cuda.use_mem_pool(mp, device=device):
+        blocks = [torch.empty(n, dtype=torch.uint8, device=device) for n in (*empty, seed) if n]
+        del blocks
+        if peak is None:
+            outs = run(out=static)
+        else:
+            with peak:
+                outs = run(out=static)
+        del outs
+        if peak is not None:
+            # what stays allocated past the call (a workspace made on first use) is no part
+            # of what the graph will need
+            peak.kept = max(0, peak.now() - peak.base)
+    size = _pool_large(torch.cuda.memory_snapshot(), mp.id, stream)[0]
+    del mp
+    return size - sum(empty) - seed
 
 
 def _graphs_enabled() -> bool:
@@ -644,10 +713,18 @@ _ungraphable: set = set()
 
 
 def _capture(key, device, fallback: str, run):
-    """(graph, outputs) of ``run()`` captured in a CUDA graph after one warm-up call
-    (compilation, autotuning; the peak of its requests over 1 MB sizes the pool's seed), or
-    None, with a warning and ``key`` marked ungraphable, where the capture (or a kernel)
-    fails: the caller then stays correct, only slower.
+    """(graph, outputs) of ``run()`` captured in a CUDA graph, or None, with a warning and
+    ``key`` marked ungraphable, where the capture (or a kernel) fails: the caller then stays
+    correct, only slower.
+
+    ``run(out=None)`` returns (counts, indices, ...); given ``out``, it writes counts and
+    indices there.  A first call warms up (compilation, autotuning) and gives their shapes;
+    the graph then writes them into tensors made outside its pool (the [heads, nb, nb] table
+    is the largest tensor of the search: inside the pool it stayed live in the middle of the
+    seed, and the requests after it did not fit around it), so that everything the graph
+    allocates in its pool is free between replays.  Then trial calls, writing into those, in
+    a private pool set up as the graph's pool is, find the seed block that adds the least to
+    it (_trial_added, _choose_seed).
 
     Warm-up and capture run on the device's one capture stream: cuBLAS keeps a workspace per
     stream (32 MB and more on Hopper, allocated on the stream's first matmul and never
@@ -658,36 +735,37 @@ def _capture(key, device, fallback: str, run):
     cap.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     pool = _graph_pool(device)
-    seeding = pool is not None and _seeding()
+    # the seed's trial calls need torch.cuda.MemPool (torch >= 2.7)
+    seeding = pool is not None and _seeding() and hasattr(torch.cuda, "use_mem_pool")
     try:
         with torch.cuda.stream(cap):
-            if seeding:
-                with _LargePeak(device) as peak:
-                    outs = run()
-                # what stays allocated past the call and is not its output (a workspace made
-                # on first use) is no part of what the graph will need
-                kept = peak.now() - peak.base - sum(
-                    n for n in (o.untyped_storage().nbytes() for o in outs if o is not None) if n > _SMALL_REQUEST)
-                need = peak.bytes - max(0, kept)
-                del outs
-            else:
-                run()
+            outs = run()
         stream.wait_stream(cap)
+        # made on the caller's stream, where the replays run and the cache frees them
+        static = (torch.empty_like(outs[0]), torch.empty_like(outs[1]))
+        del outs
+        cap.wait_stream(stream)
         seed = 0
         if seeding:
-            size0, free = _pool_large(torch.cuda.memory_snapshot(), pool, cap)
-            seed = _seed_size(need, free)
+            size0, free, empty = _pool_large(torch.cuda.memory_snapshot(), pool, cap)
+            peak = _LargePeak(device)
+            added0 = _trial_added(run, static, device, cap, empty, 0, peak)
+            need, request = peak.bytes - peak.kept, peak.largest
+            seed, trials = _choose_seed(
+                lambda n: added0 if n == 0 else _trial_added(run, static, device, cap, empty, n), need, request)
+            stream.wait_stream(cap)
         with torch.cuda.graph(graph, pool=pool, stream=cap):
             if seed:
                 # a block of the pool's own, freed at once: the capture's requests split it
                 seed_block = torch.empty(seed, dtype=torch.uint8, device=device)
                 del seed_block
-            outs = run()
+            outs = run(out=static)
         stream.wait_stream(cap)
         if seeding:
             # what the capture added to the pool past the seed (requests the seed did not hold)
             grown = _pool_large(torch.cuda.memory_snapshot(), pool, cap)[0] - size0 - seed
-            seed_log.append(dict(need=need, peak=peak.bytes, free=free, seed=seed, grown=grown))
+            seed_log.append(dict(need=need, request=request, free=free, empty=sum(empty), seed=seed, grown=grown,
+                                 trials=trials))
             del seed_log[:-16]
     except Exception as e:  # a capture this torch/triton/driver refuses
         import warnings
@@ -725,8 +803,8 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
     entry = _graphs.get(key)
     if entry is None:
         static = {n: (None if t is None else t.clone()) for n, t in tensors.items()}
-        captured = _capture(key, vert.device, "it runs eagerly for this shape", lambda: fn(
-            **static, cfg=cfg, scale=scale, chunk_elems=graph_chunk, index_dtype=index_dtype))
+        captured = _capture(key, vert.device, "it runs eagerly for this shape", lambda out=None: fn(
+            **static, cfg=cfg, scale=scale, chunk_elems=graph_chunk, index_dtype=index_dtype, out=out))
         if captured is None:
             return fn(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
         entry = _cache(key, (captured[0], static, captured[1]))
@@ -741,7 +819,7 @@ def _assemble_any(tensors: dict, *, cfg: FlexPrefillConfig, scale: float, fn=Non
 
 
 def _dense_tail(vert, slash, q_hat, k_bar, q_bar, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int = _CHUNK_ELEMS,
-                index_dtype: torch.dtype = torch.int32):
+                index_dtype: torch.dtype = torch.int32, out=None):
     """Everything of the dense search after the passes over q and k: the estimate, the JS
     distance and pattern of each head, the block sets (one graph replays it all).
 
@@ -759,7 +837,7 @@ def _dense_tail(vert, slash, q_hat, k_bar, q_bar, *, cfg: FlexPrefillConfig, sca
     if cfg.tau > 0:
         qb, kb = _per_head(q_bar), _per_head(k_bar_q)
     counts, indices = _assemble(vert.reshape(-1, nb), slash.reshape(-1, nb), query_aware.reshape(-1), qb, kb,
-                                cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
+                                cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype, out=out)
     return counts, indices, dist, query_aware
 
 
@@ -779,11 +857,12 @@ def compact_index_dtype(nb: int) -> torch.dtype:
 
 
 def _search(q, k, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int, index_dtype: torch.dtype,
-            src: tuple | None = None):
+            src: tuple | None = None, out=None):
     """The whole dense search: the passes over q and k, then :func:`_dense_tail` (its
     graph, where that pays, unless ``src`` says this runs inside the whole search's graph).
 
-    ``src``: two int64 [1] tensors holding the addresses of q and k (see :func:`_search_graphed`)."""
+    ``src``: two int64 [1] tensors holding the addresses of q and k (see :func:`_search_graphed`);
+    ``out``: the (counts, indices) that graph writes (with ``src`` only)."""
     N = q.shape[1]
     bs = cfg.block_size
     nb = math.ceil(N / bs)
@@ -798,7 +877,7 @@ def _search(q, k, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int, ind
     q_bar = block_means(q, bs, src=q_src) if cfg.tau > 0 else None  # [B, nb, Hq, D]
     tensors = dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
     if src is not None:
-        return _dense_tail(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype)
+        return _dense_tail(**tensors, cfg=cfg, scale=scale, chunk_elems=chunk_elems, index_dtype=index_dtype, out=out)
     return _assemble_any(tensors, cfg=cfg, scale=scale, fn=_dense_tail, chunk_elems=chunk_elems, index_dtype=index_dtype)
 
 
@@ -845,8 +924,8 @@ def _search_graphed(q, k, *, cfg: FlexPrefillConfig, scale: float, index_dtype: 
     if entry is None:
         chunk = _graph_chunk(nb)
 
-        def run():
-            return _search(q, k, cfg=cfg, scale=scale, chunk_elems=chunk, index_dtype=index_dtype, src=src)
+        def run(out=None):
+            return _search(q, k, cfg=cfg, scale=scale, chunk_elems=chunk, index_dtype=index_dtype, src=src, out=out)
 
         captured = _capture(key, q.device, "its passes over q and k run eagerly for this shape", run)
         if captured is None:
