@@ -438,6 +438,30 @@ def test_seeded_pool_keeps_less_and_selects_the_same(N, monkeypatch):
     assert kept["1"] <= 0.25 * qkv_mb, (kept, qkv_mb)
 
 
+@pytest.mark.gpu
+def test_seed_trial_failure_keeps_the_graph(monkeypatch):
+    """Where the seed's trial calls fail (a torch without the MemPool API they use), the search
+    is still captured, without a seed, with a warning, and selects what the eager one does."""
+    from flexprefill.ops import selection as S
+
+    cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
+    q, k, _ = structured_qkv(1, 16384, 9, 3, 64, seed=4, dtype=torch.bfloat16, device="cuda")
+    want = _eager_search(monkeypatch, q, k, cfg)
+
+    def broken(*args, **kwargs):
+        raise TypeError("use_mem_pool() got an unexpected keyword argument 'device'")
+
+    monkeypatch.setattr(S, "_trial_added", broken)
+    S.clear_graph_cache()
+    S.seed_log.clear()
+    with pytest.warns(RuntimeWarning, match="pool seed could not be sized"):
+        got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
+    _assert_same_blocks(got, want)
+    _assert_same_blocks(S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125), want)
+    assert S._graphs and not S._ungraphable and not S.seed_log
+    S.clear_graph_cache()
+
+
 def test_graph_pool_policy(monkeypatch):
     """One pool handle per device, shared by every capture until the cache is cleared;
     FLEXPREFILL_GRAPH_POOL=private gives none (each graph its own pool)."""

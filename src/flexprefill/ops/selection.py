@@ -748,11 +748,18 @@ def _capture(key, device, fallback: str, run):
         seed = 0
         if seeding:
             size0, free, empty = _pool_large(torch.cuda.memory_snapshot(), pool, cap)
-            peak = _LargePeak(device)
-            added0 = _trial_added(run, static, device, cap, empty, 0, peak)
-            need, request = peak.bytes - peak.kept, peak.largest
-            seed, trials = _choose_seed(
-                lambda n: added0 if n == 0 else _trial_added(run, static, device, cap, empty, n), need, request)
+            try:
+                peak = _LargePeak(device)
+                added0 = _trial_added(run, static, device, cap, empty, 0, peak)
+                need, request = peak.bytes - peak.kept, peak.largest
+                seed, trials = _choose_seed(
+                    lambda n: added0 if n == 0 else _trial_added(run, static, device, cap, empty, n), need, request)
+            except Exception as e:  # a MemPool API this torch lacks: capture without a seed
+                import warnings
+
+                warnings.warn(f"flexprefill: the search graph's pool seed could not be sized "
+                              f"({type(e).__name__}: {str(e)[:200]}); captured without one", RuntimeWarning, stacklevel=4)
+                seeding, seed = False, 0
             stream.wait_stream(cap)
         with torch.cuda.graph(graph, pool=pool, stream=cap):
             if seed:
