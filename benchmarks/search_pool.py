@@ -45,6 +45,12 @@ def _fresh():
     torch.cuda.empty_cache()
 
 
+def _seed_log_mb() -> list:
+    """The captures' seed log (selection.seed_log) in MB."""
+    return [{k: [(a / MB, b / MB) for a, b in v] if k == "trials" else v / MB for k, v in e.items()}
+            for e in S.seed_log]
+
+
 def _origin(frames) -> str:
     for fr in frames or []:
         name = fr.get("filename", "")
@@ -98,8 +104,7 @@ def case(q, k, v, cfg, scale, chunk):
     search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale, index_dtype=idx)  # noqa: E731
     search_ms = do_bench(search, warmup=3, rep=100)
     row["graphs"] = [key[0] for key in S._graphs]
-    row["seed_log_mb"] = [{k: [(a / MB, b / MB) for a, b in v] if k == "trials" else v / MB for k, v in e.items()}
-                          for e in S.seed_log]
+    row["seed_log_mb"] = _seed_log_mb()
     S.seed_log.clear()
     kept = cached_graph_memory()
     row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=kept["reserved_mb"], held_mb=kept["held_mb"])
@@ -120,7 +125,7 @@ def multi(shape, lengths, cfg) -> dict:
             del q, k, v
         graphs = len(S._graphs)
         kept = cached_graph_memory()
-        res[mode] = dict(graphs=graphs, kept_mb=kept["reserved_mb"], held_mb=kept["held_mb"])
+        res[mode] = dict(graphs=graphs, kept_mb=kept["reserved_mb"], held_mb=kept["held_mb"], seed_log_mb=_seed_log_mb())
     os.environ.pop("FLEXPREFILL_GRAPH_POOL", None)
     os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
     _fresh()
