@@ -558,7 +558,6 @@ _capture_streams: dict = {}
 _SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
 _SEED_ROUND = 2 << 20  # its kRoundLarge
 _SEED_TRIALS = 4  # trial calls at most per capture (see _choose_seed)
-_SMALL_REQUEST = 1 << 20  # its kSmallSize: larger requests come from the large pool
 # (measured need and largest request, free bytes and largest free block found, seed taken,
 # large segments added past it) of the last captures, for benchmarks
 seed_log: list = []
