@@ -6,6 +6,7 @@ a fixed shape can be captured in a CUDA graph.  Semantics match
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import OrderedDict
@@ -558,8 +559,8 @@ _capture_streams: dict = {}
 _SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
 _SEED_ROUND = 2 << 20  # its kRoundLarge
 _SEED_TRIALS = 4  # trial calls at most per capture (see _choose_seed)
-# (measured need and largest request, free bytes and largest free block found, seed taken,
-# large segments added past it) of the last captures, for benchmarks
+# (measured need and largest request, free bytes and wholly free segments found, seed taken,
+# large segments added past it, the trials' (seed, added)) of the last captures, for benchmarks
 seed_log: list = []
 
 
@@ -682,11 +683,8 @@ def _trial_added(run, static, device, stream, empty: list, seed: int, peak=None)
     with torch.cuda.stream(stream), torch.cuda.use_mem_pool(mp, device=device):
         blocks = [torch.empty(n, dtype=torch.uint8, device=device) for n in (*empty, seed) if n]
         del blocks
-        if peak is None:
+        with peak if peak is not None else contextlib.nullcontext():
             outs = run(out=static)
-        else:
-            with peak:
-                outs = run(out=static)
         del outs
         if peak is not None:
             # what stays allocated past the call (a workspace made on first use) is no part
@@ -871,7 +869,6 @@ def _search(q, k, *, cfg: FlexPrefillConfig, scale: float, chunk_elems: int, ind
     ``out``: the (counts, indices) that graph writes (with ``src`` only)."""
     N = q.shape[1]
     bs = cfg.block_size
-    nb = math.ceil(N / bs)
     vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, src=src)
     k_bar = block_means(k, bs, src=None if src is None else src[1])  # [B, nb, Hkv, D]
     # the block means of q (when tau > 0) and the mean of the representative queries, as two
