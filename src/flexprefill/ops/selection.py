@@ -132,6 +132,28 @@ def _block_stats_buffers(on: bool, rows: int, nb: int, BR: int, dummy: torch.Ten
     return mb, torch.empty_like(mb)
 
 
+def _first_pass_plan(q, k, rows: int, N: int, nb: int, block_size: int):
+    """What the first pass over the keys needs, for the dense and the packed search alike:
+    q and k with unit last stride, the padded head dim BD, the key tile BK, whether block
+    statistics are kept, the keys per program and the number of programs per row, and the
+    fp32 buffers (row max m, row sum l: [rows, num_splits, block_size]; block max/sum mb, lb)."""
+    BD = max(16, triton.next_power_of_2(q.shape[-1]))
+    BK = 64 if BD <= 128 else 32
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    bst = _block_stats_enabled(rows, nb)
+    if bst:
+        BK = min(BK, block_size)
+    keys_per_split = _keys_per_split(N, rows, BK, block_size if bst else BK)
+    num_splits = math.ceil(N / keys_per_split)
+    m = torch.empty(rows, num_splits, block_size, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    mb, lb = _block_stats_buffers(bst, rows, nb, block_size, m)
+    return q, k, BD, BK, bst, keys_per_split, num_splits, m, l, mb, lb
+
+
 def representative_block_scores(q, k, *, block_size: int, scale: float, src: tuple | None = None):
     """Vertical and slash block mass of the last ``block_size`` queries, fp32 [B, Hq, nb] each.
 
@@ -142,21 +164,8 @@ def representative_block_scores(q, k, *, block_size: int, scale: float, src: tup
     nb = math.ceil(N / block_size)
     n_rep = min(block_size, N)
     BR = block_size
-    BD = max(16, triton.next_power_of_2(D))
-    BK = 64 if BD <= 128 else 32
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    bst = _block_stats_enabled(B * Hq, nb)
-    if bst:
-        BK = min(BK, block_size)
-    keys_per_split = _keys_per_split(N, B * Hq, BK, block_size if bst else BK)
-    num_splits = math.ceil(N / keys_per_split)
+    q, k, BD, BK, bst, keys_per_split, num_splits, m, l, mb, lb = _first_pass_plan(q, k, B * Hq, N, nb, block_size)
     dev = q.device
-    m = torch.empty(B * Hq, num_splits, BR, dtype=torch.float32, device=dev)
-    l = torch.empty_like(m)
-    mb, lb = _block_stats_buffers(bst, B * Hq, nb, BR, m)
     scale_log2 = scale * _LOG2E
     common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     srcs = (m, m) if src is None else src
@@ -983,22 +992,9 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
     S = q_starts.shape[0]
     nb = math.ceil(max_seqlen_k / block_size)
     BR = block_size
-    BD = max(16, triton.next_power_of_2(D))
-    BK = 64 if BD <= 128 else 32
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
     N = max_seqlen_k
-    bst = _block_stats_enabled(S * Hq, nb)
-    if bst:
-        BK = min(BK, block_size)
-    keys_per_split = _keys_per_split(N, S * Hq, BK, block_size if bst else BK)
-    num_splits = math.ceil(N / keys_per_split)
+    q, k, BD, BK, bst, keys_per_split, num_splits, m, l, mb, lb = _first_pass_plan(q, k, S * Hq, N, nb, block_size)
     dev = q.device
-    m = torch.empty(S * Hq, num_splits, BR, dtype=torch.float32, device=dev)
-    l = torch.empty_like(m)
-    mb, lb = _block_stats_buffers(bst, S * Hq, nb, BR, m)
     scale_log2 = scale * _LOG2E
     strides = (0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1))
     bounds = (q_starts, q_ends, k_starts, k_ends)

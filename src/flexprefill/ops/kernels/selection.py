@@ -48,6 +48,38 @@ def _rep_tile(b_q, b_m, b_l, p_kh, k_lo, n_k, pos_q, m_r, o_d, m_d, stride_kn, s
 
 
 @triton.jit
+def _every(cond, o):
+    """The scalar condition ``cond`` for every entry of ``o``, as a boolean tensor: combining
+    it with a tensor directly is the same on the GPU, but triton 3.9's interpreter splats a
+    scalar comparison into int32, which masked loads and stores refuse."""
+    return tl.where(cond, o == o, o != o)
+
+
+@triton.jit
+def _rep_rows(q, k, i_b, i_h, i_hk, o_r, o_d, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+              N, N_REP, q_starts, q_ends, k_starts, k_ends, BR: tl.constexpr, VARLEN: tl.constexpr):
+    """Sequence i_b's representative rows for head i_h (K/V head i_hk): its key count, the
+    number of rows, their positions among the keys, pointers to the rows of q [BR, BD] and
+    to the head's first key.  ``VARLEN``: the queries are the last rows before q_ends[i_b],
+    the keys rows [k_starts, k_ends) (a chunk over a cached prefix sits at its end)."""
+    if VARLEN:
+        q_end = tl.load(q_ends + i_b).to(tl.int64)
+        k_row0 = tl.load(k_starts + i_b).to(tl.int64)
+        n_k = tl.load(k_ends + i_b).to(tl.int64) - k_row0
+        n_rep = tl.minimum(q_end - tl.load(q_starts + i_b).to(tl.int64), BR)
+        pos_q = n_k - n_rep + o_r
+        p_q = q + (q_end - n_rep + o_r[:, None]) * stride_qn + i_h * stride_qh + o_d[None, :]
+        p_kh = k + k_row0 * stride_kn + i_hk * stride_kh
+    else:
+        n_k = N
+        n_rep = N_REP
+        pos_q = N - N_REP + o_r
+        p_q = q + i_b * stride_qb + i_h * stride_qh + pos_q[:, None] * stride_qn + o_d[None, :]
+        p_kh = k + i_b * stride_kb + i_hk * stride_kh
+    return n_k, n_rep, pos_q, p_q, p_kh
+
+
+@triton.jit
 def rep_row_stats_kernel(
     q, k, m_out, l_out,
     stride_qb, stride_qn, stride_qh,
@@ -68,23 +100,13 @@ def rep_row_stats_kernel(
     o_r = tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     start = i_split * KEYS_PER_SPLIT
+    n_k, n_rep, pos_q, p_q, p_kh = _rep_rows(q, k, i_b, i_h, i_hk, o_r, o_d, stride_qb, stride_qn, stride_qh,
+                                             stride_kb, stride_kn, stride_kh, N, N_REP, q_starts, q_ends,
+                                             k_starts, k_ends, BR, VARLEN)
     if VARLEN:
-        # sequence i_b: queries end at row q_end, keys are rows [k0, k0 + n_k)
-        q_end = tl.load(q_ends + i_b).to(tl.int64)
-        k_row0 = tl.load(k_starts + i_b).to(tl.int64)
-        n_k = tl.load(k_ends + i_b).to(tl.int64) - k_row0
-        n_rep = tl.minimum(q_end - tl.load(q_starts + i_b).to(tl.int64), BR)
-        pos_q = n_k - n_rep + o_r
-        p_q = q + (q_end - n_rep + o_r[:, None]) * stride_qn + i_h * stride_qh + o_d[None, :]
-        p_kh = k + k_row0 * stride_kn + i_hk * stride_kh
         # splits past the sequence's keys run no iteration
         n_iter = tl.minimum(KEYS_PER_SPLIT, n_k - start)
     else:
-        n_k = N
-        n_rep = N_REP
-        pos_q = N - N_REP + o_r
-        p_q = q + i_b * stride_qb + i_h * stride_qh + pos_q[:, None] * stride_qn + o_d[None, :]
-        p_kh = k + i_b * stride_kb + i_hk * stride_kh
         n_iter = KEYS_PER_SPLIT
     m_r = o_r < n_rep
     m_d = o_d < D
@@ -104,8 +126,8 @@ def rep_row_stats_kernel(
                                        scale_log2, BK)
             i_c = (start + c0) // BS
             o_blk = (i_bh * NB + i_c) * BR + o_r
-            tl.store(mb_out + o_blk, b_mb, mask=(o_r < BR) & (i_c < NB))
-            tl.store(lb_out + o_blk, b_lb, mask=(o_r < BR) & (i_c < NB))
+            tl.store(mb_out + o_blk, b_mb, mask=_every(i_c < NB, o_r))
+            tl.store(lb_out + o_blk, b_lb, mask=_every(i_c < NB, o_r))
             b_mn = tl.maximum(b_m, b_mb)
             b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
             b_l = b_l * tl.exp2(b_m - b_safe) + b_lb * tl.exp2(b_mb - b_safe)
@@ -139,31 +161,22 @@ def rep_block_mass_kernel(
 
     o_r = tl.arange(0, BR)
     o_d = tl.arange(0, BD)
+    n_k, n_rep, pos_q, p_q, p_kh = _rep_rows(q, k, i_b, i_h, i_hk, o_r, o_d, stride_qb, stride_qn, stride_qh,
+                                             stride_kb, stride_kn, stride_kh, N, N_REP, q_starts, q_ends,
+                                             k_starts, k_ends, BR, VARLEN)
     if VARLEN:
-        q_end = tl.load(q_ends + i_b).to(tl.int64)
-        k_row0 = tl.load(k_starts + i_b).to(tl.int64)
-        n_k = tl.load(k_ends + i_b).to(tl.int64) - k_row0
-        n_rep = tl.minimum(q_end - tl.load(q_starts + i_b).to(tl.int64), BR)
         nb = (n_k + BS - 1) // BS
-        pos_q = n_k - n_rep + o_r
-        p_q = q + (q_end - n_rep + o_r[:, None]) * stride_qn + i_h * stride_qh + o_d[None, :]
-        p_kh = k + k_row0 * stride_kn + i_hk * stride_kh
         # key blocks past the sequence run no iteration and store zeros
         n_iter = tl.where(i_c < nb, BS, 0)
     else:
-        n_k = N
-        n_rep = N_REP
         nb = NB
-        pos_q = N - N_REP + o_r
-        p_q = q + i_b * stride_qb + i_h * stride_qh + pos_q[:, None] * stride_qn + o_d[None, :]
-        p_kh = k + i_b * stride_kb + i_hk * stride_kh
         n_iter = BS
     m_r = o_r < n_rep
     m_d = o_d < D
     b_lse = tl.load(lse2 + i_bh * BR + o_r, mask=m_r, other=0.0)
     if FROM_STATS:
         # the first pass's per-block row max and sum: the mass is sum * 2^(max - lse)
-        m_b = m_r & (n_iter > 0)
+        m_b = m_r & _every(n_iter > 0, o_r)
         b_mb = tl.load(mb + (i_bh * NB + i_c) * BR + o_r, mask=m_b, other=float("-inf"))
         b_lb = tl.load(lb + (i_bh * NB + i_c) * BR + o_r, mask=m_b, other=0.0)
         b_row = tl.where(b_mb == float("-inf"), 0.0, b_lb * tl.exp2(b_mb - b_lse))
@@ -329,8 +342,8 @@ def assemble_rows_kernel(
                 )
                 keep = ranked | floor | (c == r)
         if SHORT:
-            keep = keep | all_causal
-        keep = keep & m_c & keep_row
+            keep = keep | _every(all_causal, c)
+        keep = keep & m_c & _every(keep_row, c)
         k32 = keep.to(tl.int32)
         slot = n_kept + tl.cumsum(k32, 0) - 1
         tl.store(p_row + slot, c.to(indices.dtype.element_ty), mask=keep)
