@@ -35,7 +35,8 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_pool_mb, causal_density, cudnn_reference, env_stamp, structured_qkv_device
+from flexprefill.benchmarking import cached_graph_pool_mb, causal_density, cudnn_reference, env_stamp
+from flexprefill.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 VARIANTS = {
@@ -85,7 +86,7 @@ def main():
     try:
         for Hq, Hkv, D in shapes:
             for N in lens:
-                q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
+                q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
                 scale = D**-0.5
                 dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
                 ref_counts = None

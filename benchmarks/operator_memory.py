@@ -16,7 +16,8 @@ import sys
 import torch
 
 import flexprefill as fp
-from flexprefill.benchmarking import env_stamp, structured_qkv_device
+from flexprefill.benchmarking import env_stamp
+from flexprefill.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 
@@ -38,7 +39,7 @@ def main():
         heads, n = item.split(":")
         hq, hkv, d = (int(x) for x in heads.split("/"))
         N = int(n)
-        q, k, v = structured_qkv_device(1, N, hq, hkv, d, seed=1)
+        q, k, v = structured_qkv(1, N, hq, hkv, d, seed=1, dtype=torch.bfloat16, device="cuda", generate_on="device")
         qkv = sum(t.numel() * t.element_size() for t in (q, k, v))
         cfg = fp.FlexPrefillConfig(min_seq_len=0)
         call = lambda: fp.flex_prefill_attention(q, k, v, config=cfg)  # noqa: E731

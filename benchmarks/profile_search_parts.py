@@ -21,7 +21,8 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import env_stamp, structured_qkv_device
+from flexprefill.benchmarking import env_stamp
+from flexprefill.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 HQ, HKV, D = 32, 8, 128
@@ -41,7 +42,7 @@ def _host_ms(fn, reps: int = 10) -> float:
 
 def main():
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
-    q, k, v = structured_qkv_device(1, N, HQ, HKV, D, seed=N)
+    q, k, v = structured_qkv(1, N, HQ, HKV, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
     scale = D**-0.5
     rows = []
     combine = S._combine

@@ -19,7 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_pool_mb, env_stamp, structured_qkv_device
+from flexprefill.benchmarking import cached_graph_pool_mb, env_stamp
+from flexprefill.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 HQ, HKV, D = 32, 8, 128
@@ -32,7 +33,7 @@ def _cudnn(q, k, v, scale):
 
 def profile(N: int, tau: float, heads=(HQ, HKV, D)) -> dict:
     Hq, Hkv, D = heads
-    q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
+    q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
     cfg = fp.FlexPrefillConfig(tau=tau)
     scale = D**-0.5
     search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731

@@ -20,7 +20,8 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_pool_mb, cudnn_reference, env_stamp, structured_qkv_device
+from flexprefill.benchmarking import cached_graph_pool_mb, cudnn_reference, env_stamp
+from flexprefill.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 
@@ -51,7 +52,7 @@ def main():
     chunk0 = S._graph_chunk
     try:
         for Hq, Hkv, D in shapes:
-            q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
+            q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
             scale = D**-0.5
             dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
             search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731

@@ -31,7 +31,8 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_memory, cudnn_reference, env_stamp, structured_qkv_device
+from flexprefill.benchmarking import cached_graph_memory, cudnn_reference, env_stamp
+from flexprefill.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 MB = 2**20
@@ -120,7 +121,7 @@ def multi(shape, lengths, cfg) -> dict:
         os.environ["FLEXPREFILL_GRAPH_SEED"] = "0" if mode.endswith("unseeded") else "1"
         _fresh()
         for N in lengths:
-            q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
+            q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
             fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=D**-0.5)
             del q, k, v
         graphs = len(S._graphs)
@@ -147,7 +148,7 @@ def main():
     try:
         for Hq, Hkv, D in shapes:
             for N in lens:
-                q, k, v = structured_qkv_device(1, N, Hq, Hkv, D, seed=N)
+                q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
                 scale = D**-0.5
                 qkv_mb = (q.numel() + k.numel() + v.numel()) * q.element_size() / MB
                 dense_ms, _ = cudnn_reference(q, k, v, scale=scale)

@@ -71,12 +71,15 @@ def test_break_even_length():
     assert bm.break_even_length(L, [0.5, 0.5, None, 0.5], [1.0, 1.0, 1.0, 1.0]) == 8192
 
 
-def test_device_synthetic_is_the_library_generator_on_cpu():
+def test_device_built_synthetic_equals_the_host_built_on_cpu():
+    # on the CPU both ways draw the same stream: building on the device changes where, not what
     for shape in [(1, 1100, 4, 2, 64), (2, 600, 3, 3, 128)]:
         want = structured_qkv(*shape, seed=3, dtype=torch.float32)
-        got = bm.structured_qkv_device(*shape, seed=3, dtype=torch.float32, device="cpu")
+        got = structured_qkv(*shape, seed=3, dtype=torch.float32, device="cpu", generate_on="device")
         for w, g in zip(want, got):
             assert torch.equal(w, g)
+    with pytest.raises(ValueError, match="generate_on='gpu'"):
+        structured_qkv(1, 64, 1, 1, 16, generate_on="gpu")
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,6 @@ __all__ = [
     "dense_pairs",
     "attention_flops",
     "causal_density",
-    "structured_qkv_device",
     "random_selection",
     "break_even_length",
     "format_table",
@@ -232,85 +231,6 @@ def _git_commit() -> str:
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def structured_qkv_device(
-    batch: int,
-    seq_len: int,
-    q_heads: int,
-    kv_heads: int,
-    head_dim: int,
-    *,
-    seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16,
-    device="cuda",
-    kinds: tuple[str, ...] | None = None,
-    strength: float = 1.0,
-):
-    """``flexprefill.synthetic.structured_qkv`` built on ``device`` with a generator there.
-
-    The same construction, step for step, so on the CPU it returns exactly what
-    ``structured_qkv`` returns (a test checks it); on a GPU the random stream differs but
-    the structure is the same.  Why a copy: ``structured_qkv`` builds in fp32 on the host
-    and moves at the end, about 10 s per 32k Llama-shaped tokens on two cores, minutes
-    for the whole suite; here it takes well under a second at 256k.
-    """
-    from .synthetic import HEAD_KINDS
-
-    kinds = kinds or HEAD_KINDS
-    for kind in kinds:
-        if kind not in HEAD_KINDS:
-            raise ValueError(f"kinds contains {kind!r}; accepted: {HEAD_KINDS}")
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*size):
-        return torch.randn(*size, generator=g, device=device)
-
-    def unit(n, d):
-        x = randn(n, d)
-        return x / x.norm(dim=-1, keepdim=True)
-
-    B, N, Hq, Hkv, D = batch, seq_len, q_heads, kv_heads, head_dim
-    group = Hq // Hkv
-    s = D**0.25
-    q = 0.6 * randn(B, N, Hq, D)
-    k = 0.6 * randn(B, N, Hkv, D)
-    v = randn(B, N, Hkv, D)
-    pos = torch.arange(N, dtype=torch.float32, device=device)
-    n_seg = max(1, N // 512)
-    seg = torch.clamp((pos * n_seg / N).long(), max=n_seg - 1)
-    weights = {
-        "sink_local": (1.0, 2.0, 0.0, 0.1),
-        "vertical": (0.8, 0.6, 2.2, 0.1),
-        "blocky": (0.5, 0.4, 0.3, 2.2),
-        "mixed": (1.0, 1.0, 1.0, 1.0),
-    }
-    for hk in range(Hkv):
-        dirs = unit(4, D)
-        n_freq = max(2, D // 16)
-        freqs = 1.0 / (24.0 * (4.0 ** torch.linspace(0, 1, n_freq, device=device)))
-        ang = pos[:, None] * freqs[None, :]
-        feats = torch.cat([ang.cos(), ang.sin()], dim=-1) / math.sqrt(n_freq)
-        pos_basis = unit(2 * n_freq, D)
-        pos_emb = feats @ pos_basis
-        topics = unit(n_seg, D)
-        stripes = torch.randperm(N, generator=g, device=device)[: max(1, N // 700)]
-
-        k[:, :, hk] += strength * 2.0 * s * pos_emb
-        k[:, 0, hk] += strength * 3.0 * s * dirs[0]
-        k[:, stripes, hk] += strength * 2.5 * s * dirs[1]
-        k[:, :, hk] += strength * 1.5 * s * topics[seg]
-        for j in range(group):
-            h = hk * group + j
-            w = weights[kinds[h % len(kinds)]]
-            q[:, :, h] += strength * w[0] * 2.0 * s * dirs[0]
-            q[:, :, h] += strength * w[1] * 2.0 * s * pos_emb
-            q[:, :, h] += strength * w[2] * 2.0 * s * dirs[1]
-            recall = torch.randint(0, n_seg, (n_seg,), generator=g, device=device)
-            recall = torch.minimum(recall, torch.arange(n_seg, device=device))
-            q[:, :, h] += strength * w[3] * 1.5 * s * (topics[seg] + topics[recall[seg]])
-    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def random_qkv(batch, seq_len, q_heads, kv_heads, head_dim, *, seed=0, dtype=torch.bfloat16, device="cuda"):
@@ -929,11 +849,11 @@ def _make_input(kind: str, shape: Shape, N: int, args, device) -> tuple:
     dtype = _dtype(args.dtype)
     B = args.batch
     if kind == "synthetic":
-        if args.synthetic_source == "host" or device.type != "cuda":
-            from .synthetic import structured_qkv
+        from .synthetic import structured_qkv
 
-            return structured_qkv(B, N, shape.q_heads, shape.kv_heads, shape.head_dim, seed=args.seed, dtype=dtype, device=device)
-        return structured_qkv_device(B, N, shape.q_heads, shape.kv_heads, shape.head_dim, seed=args.seed, dtype=dtype, device=device)
+        on = "cpu" if args.synthetic_source == "host" or device.type != "cuda" else "device"
+        return structured_qkv(B, N, shape.q_heads, shape.kv_heads, shape.head_dim, seed=args.seed, dtype=dtype,
+                              device=device, generate_on=on)
     return random_qkv(B, N, shape.q_heads, shape.kv_heads, shape.head_dim, seed=args.seed, dtype=dtype, device=device)
 
 
