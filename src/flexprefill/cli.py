@@ -232,12 +232,18 @@ def build_needle_prompt(tokenizer, haystack: str, length: int, *, depth: float =
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a greedy answer: the model's and tokenizer's eos ids and any chat end-of-turn token."""
     ids: set[int] = set()
     for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(src, int):
             ids.add(src)
         elif src:
             ids.update(int(x) for x in src)
+    # chat models end a turn with their own token, which the config may not list
+    vocab = tokenizer.get_vocab()
+    for tok in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        if tok in vocab:
+            ids.add(vocab[tok])
     return ids
 
 

@@ -23,6 +23,7 @@ from flexprefill.config import FlexPrefillConfig
 from . import tasks as task_lib
 from .baselines import BASELINES
 from .scoring import score as score_fn
+from ..cli import _eos_ids, _sync
 
 __all__ = ["Method", "parse_method", "split_methods", "Case", "make_cases", "run", "read_results", "case_key"]
 
@@ -244,24 +245,6 @@ def applied(model, method: Method):
     finally:
         unpatch(model)
 
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif src:
-            ids.update(int(x) for x in src)
-    vocab = tokenizer.get_vocab()
-    for tok in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        if tok in vocab:
-            ids.add(vocab[tok])
-    return ids
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
