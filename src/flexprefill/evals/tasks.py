@@ -178,6 +178,24 @@ def _insert_at_depths(context: str, cuts: list[int], needles: list[str]) -> str:
     return "".join(out)
 
 
+def _fit_needles(tokenizer, haystack: str, target: int, depths: list[float], needles: list[str],
+                 head: str, question: str, prefix: str) -> tuple[str, int, str]:
+    """The longest prompt of at most ``target`` tokens: ``head``, a ``haystack`` prefix with
+    ``needles[i]`` at depth ``depths[i]`` of it, ``question``, answer ``prefix``.  Returns the
+    prompt, its length in tokens and the haystack with its needles as it appears there."""
+    hay = _haystack_ids(tokenizer, haystack, target + 64)
+    state = {}
+
+    def build(n: int) -> str:
+        context = tokenizer.decode(hay[:n])
+        cuts = [len(tokenizer.decode(hay[: round(d * n)])) for d in depths]
+        state[n] = _insert_at_depths(context, cuts, needles)
+        return render(tokenizer, head + state[n] + question, prefix)
+
+    n, prompt, length = _fit(build, tokenizer, target, 0, target)
+    return prompt, length, state[n]
+
+
 def _needle_depths(tokenizer, prompt: str, context: str, needles: list[str]) -> list[float] | None:
     """Measured depth of each needle: haystack tokens before it over all haystack tokens; None without offsets."""
     if not getattr(tokenizer, "is_fast", False):
@@ -292,18 +310,8 @@ def niah(
     if copy_prefix:
         prefix = f" One of the special magic {kind} for {qkeys[0]} is: {marker}"
 
-    hay = _haystack_ids(tokenizer, haystack, target_len_tokens + 64)
-    state = {}
-
-    def build(n: int) -> str:
-        context = tokenizer.decode(hay[:n])
-        cuts = [len(tokenizer.decode(hay[: round(d * n)])) for d in needle_depths]
-        full = _insert_at_depths(context, cuts, needles)
-        state[n] = full
-        return render(tokenizer, head + full + question, prefix)
-
-    n, prompt, length = _fit(build, tokenizer, target_len_tokens, 0, target_len_tokens)
-    context = state[n]
+    prompt, length, context = _fit_needles(tokenizer, haystack, target_len_tokens, needle_depths, needles,
+                                           head, question, prefix)
     meta = {
         "depth": needle_depths[0] if num_keys * num_values == 1 else needle_depths,
         "depth_actual": _needle_depths(tokenizer, prompt, context, needles),
@@ -349,20 +357,11 @@ def variable_tracking(
         f" Answer: According to the chain(s) of variable assignment in the text above, {num_hops + 1} variables "
         f"are assigned the value {value}, they are: "
     )
-    hay = _haystack_ids(tokenizer, "noise", target_len_tokens + 64)
-    state = {}
-
-    def build(n: int) -> str:
-        context = tokenizer.decode(hay[:n])
-        cuts = [len(tokenizer.decode(hay[: round(d * n)])) for d in all_depths]
-        full = _insert_at_depths(context, cuts, all_needles)
-        state[n] = full
-        return render(tokenizer, head + full + question, prefix)
-
-    n, prompt, length = _fit(build, tokenizer, target_len_tokens, 0, target_len_tokens)
+    prompt, length, context = _fit_needles(tokenizer, "noise", target_len_tokens, all_depths, all_needles,
+                                           head, question, prefix)
     meta = {
         "depth": all_depths[0],
-        "depth_actual": _needle_depths(tokenizer, prompt, state[n], all_needles),
+        "depth_actual": _needle_depths(tokenizer, prompt, context, all_needles),
         "needles": all_needles,
         "num_tokens": length,
     }
