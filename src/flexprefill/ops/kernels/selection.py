@@ -56,19 +56,12 @@ def _every(cond, o):
 
 
 @triton.jit
-def _rep_rows(q, k, q_src, k_src, i_bh, HQ, GROUP, o_r, o_d, stride_qb, stride_qn, stride_qh, stride_kb,
-              stride_kn, stride_kh, N, N_REP, q_starts, q_ends, k_starts, k_ends,
-              BR: tl.constexpr, VARLEN: tl.constexpr, INDIRECT: tl.constexpr):
-    """The representative rows of row i_bh (sequence i_b, query head i_h of HQ, K/V head
-    i_h // GROUP): its key count, the number of rows, their positions among the keys,
-    pointers to the rows of q [BR, BD] and to the head's first key.  ``VARLEN``: the queries
-    are the last rows before q_ends[i_b], the keys rows [k_starts, k_ends) (a chunk over a
-    cached prefix sits at its end); ``INDIRECT``: q and k are read where q_src/k_src point."""
-    if INDIRECT:
-        q, k = _indirect(q, q_src), _indirect(k, k_src)
-    i_b = i_bh // HQ
-    i_h = i_bh % HQ
-    i_hk = i_h // GROUP
+def _rep_rows(q, k, i_b, i_h, i_hk, o_r, o_d, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+              N, N_REP, q_starts, q_ends, k_starts, k_ends, BR: tl.constexpr, VARLEN: tl.constexpr):
+    """Sequence i_b's representative rows for head i_h (K/V head i_hk): its key count, the
+    number of rows, their positions among the keys, pointers to the rows of q [BR, BD] and
+    to the head's first key.  ``VARLEN``: the queries are the last rows before q_ends[i_b],
+    the keys rows [k_starts, k_ends) (a chunk over a cached prefix sits at its end)."""
     if VARLEN:
         q_end = tl.load(q_ends + i_b).to(tl.int64)
         k_row0 = tl.load(k_starts + i_b).to(tl.int64)
@@ -98,12 +91,18 @@ def rep_row_stats_kernel(
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_split = tl.program_id(1).to(tl.int64)
+    if INDIRECT:
+        q, k = _indirect(q, q_src), _indirect(k, k_src)
+    i_b = i_bh // HQ
+    i_h = i_bh % HQ
+    i_hk = i_h // GROUP
+
     o_r = tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     start = i_split * KEYS_PER_SPLIT
-    n_k, n_rep, pos_q, p_q, p_kh = _rep_rows(q, k, q_src, k_src, i_bh, HQ, GROUP, o_r, o_d, stride_qb, stride_qn,
-                                             stride_qh, stride_kb, stride_kn, stride_kh, N, N_REP, q_starts,
-                                             q_ends, k_starts, k_ends, BR, VARLEN, INDIRECT)
+    n_k, n_rep, pos_q, p_q, p_kh = _rep_rows(q, k, i_b, i_h, i_hk, o_r, o_d, stride_qb, stride_qn, stride_qh,
+                                             stride_kb, stride_kn, stride_kh, N, N_REP, q_starts, q_ends,
+                                             k_starts, k_ends, BR, VARLEN)
     if VARLEN:
         # splits past the sequence's keys run no iteration
         n_iter = tl.minimum(KEYS_PER_SPLIT, n_k - start)
@@ -154,11 +153,17 @@ def rep_block_mass_kernel(
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
+    if INDIRECT:
+        q, k = _indirect(q, q_src), _indirect(k, k_src)
+    i_b = i_bh // HQ
+    i_h = i_bh % HQ
+    i_hk = i_h // GROUP
+
     o_r = tl.arange(0, BR)
     o_d = tl.arange(0, BD)
-    n_k, n_rep, pos_q, p_q, p_kh = _rep_rows(q, k, q_src, k_src, i_bh, HQ, GROUP, o_r, o_d, stride_qb, stride_qn,
-                                             stride_qh, stride_kb, stride_kn, stride_kh, N, N_REP, q_starts,
-                                             q_ends, k_starts, k_ends, BR, VARLEN, INDIRECT)
+    n_k, n_rep, pos_q, p_q, p_kh = _rep_rows(q, k, i_b, i_h, i_hk, o_r, o_d, stride_qb, stride_qn, stride_qh,
+                                             stride_kb, stride_kn, stride_kh, N, N_REP, q_starts, q_ends,
+                                             k_starts, k_ends, BR, VARLEN)
     if VARLEN:
         nb = (n_k + BS - 1) // BS
         # key blocks past the sequence run no iteration and store zeros
