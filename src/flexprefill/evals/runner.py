@@ -246,7 +246,6 @@ def applied(model, method: Method):
         unpatch(model)
 
 
-
 @torch.inference_mode()
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int, density_fn=None, warmup: bool = False) -> dict:
     """Greedy decode; returns prediction, timings, density read right after the prefill.
