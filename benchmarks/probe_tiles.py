@@ -32,7 +32,7 @@ import flexprefill.ops.sparse_attention as SA
 from flexprefill.benchmarking import (
     attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv, random_selection,
 )
-from flexprefill.selection import compact_block_mask
+from flexprefill.block_table import compact_block_mask
 
 HQ, HKV, BS = 32, 8, 128
 CONFIGS = {

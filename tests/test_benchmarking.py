@@ -12,7 +12,7 @@ import torch
 import flexprefill as fp
 from flexprefill import benchmarking as bm
 from flexprefill.backends import flex_attention_from_selection
-from flexprefill.selection import mask_to_selection
+from flexprefill.block_table import mask_to_selection
 from flexprefill.synthetic import structured_qkv
 
 

@@ -13,7 +13,7 @@ from .api import (
 )
 from .config import FlexPrefillConfig
 from .integrations import patch, register, unpatch
-from .selection import BlockSelection, PatternStats, VarlenBlockSelection
+from .block_table import BlockSelection, PatternStats, VarlenBlockSelection
 
 __version__ = "0.1.0"
 

@@ -35,7 +35,7 @@ import torch
 
 from . import reference
 from .config import FlexPrefillConfig
-from .selection import BlockSelection, PatternStats, VarlenBlockSelection
+from .block_table import BlockSelection, PatternStats, VarlenBlockSelection
 
 __all__ = [
     "flex_prefill_attention",

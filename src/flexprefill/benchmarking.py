@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from .config import FlexPrefillConfig
-from .selection import BlockSelection, compact_block_mask, num_causal_blocks
+from .block_table import BlockSelection, compact_block_mask, num_causal_blocks
 
 __all__ = [
     "Shape",

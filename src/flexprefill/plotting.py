@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .selection import BlockSelection, num_causal_blocks
+from .block_table import BlockSelection, num_causal_blocks
 
 __all__ = ["plot_block_masks"]
 

@@ -20,7 +20,7 @@ import math
 import torch
 
 from .config import FlexPrefillConfig
-from .selection import (
+from .block_table import (
     BlockSelection,
     PatternStats,
     VarlenBlockSelection,

@@ -17,7 +17,7 @@ from flexprefill import reference as R
 from flexprefill.config import FlexPrefillConfig
 from flexprefill.ops.dense import dense_causal_attention, full_causal_selection
 from flexprefill.ops.sparse_attention import _launch, kernel_name, sparse_attention
-from flexprefill.selection import mask_to_selection
+from flexprefill.block_table import mask_to_selection
 from flexprefill.synthetic import structured_qkv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,7 +20,7 @@ from flexprefill.ops.selection import (
     select_blocks_varlen_fast,
 )
 from flexprefill.ops.sparse_attention import sparse_attention_varlen
-from flexprefill.selection import VarlenBlockSelection, compact_block_mask
+from flexprefill.block_table import VarlenBlockSelection, compact_block_mask
 from flexprefill.synthetic import structured_qkv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from ..selection import BlockSelection
+from ..block_table import BlockSelection
 
 __all__ = ["flex_attention_from_selection", "selection_to_block_mask", "compiled_flex_attention"]
 

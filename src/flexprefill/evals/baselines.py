@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flexprefill.selection import BlockSelection, mask_to_selection
+from flexprefill.block_table import BlockSelection, mask_to_selection
 
 __all__ = ["StreamingSelector", "VerticalSlashFixedSelector", "BASELINES"]
 

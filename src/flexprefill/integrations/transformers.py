@@ -78,7 +78,7 @@ from ..api import (
 from ..config import FlexPrefillConfig
 from ..reference import too_dense
 from ..ops.autotune import interpreting
-from ..selection import PatternStats
+from ..block_table import PatternStats
 
 __all__ = [
     "NAME",

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import FlexPrefillConfig
 from ..reference import js_distance
-from ..selection import BlockSelection, chunk_rows, compact_block_mask
+from ..block_table import BlockSelection, chunk_rows, compact_block_mask
 from .kernels.selection import (
     assemble_rows_kernel, block_mean_kernel, block_mean_varlen_kernel, combine_splits_kernel, radix_final_kernel, radix_hist_kernel,
     rep_block_mass_kernel, rep_row_stats_kernel,
