@@ -36,7 +36,7 @@ WIDE = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_att
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=1, moe_intermediate_size=64, n_group=1,
            topk_group=1)
-MLA = dict(kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, **MOE)
+MLA = dict(num_key_value_heads=4, head_dim=32, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64, **MOE)
 
 FP, DENSE = ("flexprefill", ""), "dense"
 
@@ -142,7 +142,8 @@ def _build(arch: Arch):
                 p.mul_(3.0)
             elif name.endswith("sinks"):
                 p.copy_(torch.linspace(-1.0, 3.0, p.numel()))  # sinks that matter, different per head
-    model.generation_config.pad_token_id = 0
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = 0
     return model
 
 
@@ -220,12 +221,12 @@ def test_prefill_logits_and_paths(arch):
         # layer indices repeat: encoder self-, decoder self- and cross-attention keep their own keys
         assert all(isinstance(k, str) for k in paths) and len(paths) == 3
         cross = [k for k in paths if "encoder_attn" in k or "EncDecAttention" in k]
-        assert len(cross) == 1 and paths[cross[0]] == (DENSE, "not_causal")
+        assert len(cross) == 1 and paths[cross[0]][0] == DENSE  # not causal (T5: its position bias first)
         dec_self = [k for k in paths if k.startswith(("model.decoder", "decoder")) and k not in cross]
         want = (DENSE, "position_bias") if "t5" in arch.config.lower() else FP
         assert len(dec_self) == 1 and paths[dec_self[0]] == want
     fast = [r for r in records.values() if r.path == "flexprefill"]
-    assert all(r.sink == arch.sink for r in fast)
+    assert all(getattr(r, "sink", False) == arch.sink for r in fast)
     if arch.warns:
         msgs = [str(w.message) for w in caught if "flexprefill" in str(w.message)]
         assert sum(arch.warns in m for m in msgs) == 1, msgs
