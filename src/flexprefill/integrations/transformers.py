@@ -44,9 +44,17 @@ padding, a cached prefix, Gemma 3's sliding cache) packs the valid rows for
 :func:`flexprefill.sliding_window_attention_varlen`.  Other sliding calls run SDPA
 ("sliding_window"), as do all of them on the CPU.
 
-Everything else is handed to transformers' SDPA function unchanged (or to an exact eager
-path when the layer soft-caps its logits, which SDPA cannot do); :class:`LayerRecord`
-says which path ran and why.
+Everything else runs exact attention as transformers itself runs it: its SDPA function, or
+the model's own ``eager_attention_forward`` where SDPA would drop something.  Every keyword
+argument a model passes is honoured exactly on the fast paths (``scaling``, ``is_causal``,
+``sliding_window``, attention sinks ``s_aux``/``sinks``), has no effect on the attention math
+(``position_ids``, ``use_cache``, ...), or sends the call to the exact path with a one-time
+warning naming it (``softcap``, ``position_bias``, ``indices``, ``cu_seq_lens_*``,
+``output_attentions``, and any argument this module does not know): :func:`_triage` decides,
+in one place.  Attention sinks join each row's softmax exactly from the operator's
+log-sum-exp (``out * sigmoid(lse - sink)``), with no kernel change.  A row that sees no key
+gives finite values on every path (zeros on the fast ones and SDPA, eager's own values on
+eager).  :class:`LayerRecord` says which path ran and why.
 
 Layout adapter: transformers gives ``query [B, Hq, n, D]`` and ``key, value [B, Hkv, K, D]``
 (not repeated for GQA) and wants ``out [B, n, Hq, D]``; the operator takes ``[B, N, H, D]``
