@@ -517,7 +517,7 @@ def _exact_message(module, reason, names, executor) -> str:
     )
 
 
-def _sink(kwargs: dict, heads: int) -> torch.Tensor | None:
+def _sink(kwargs: dict) -> torch.Tensor | None:
     """The per-head sink logits ``[Hq]`` of ``s_aux`` / ``sinks``, or None."""
     for name in ("s_aux", "sinks"):
         s = kwargs.get(name)
@@ -656,7 +656,7 @@ def attention_forward(
         if reason != "dropout":
             _warn_once(",".join(names), _exact_message(module, reason, names, executor))
         return dense(reason, executor)
-    sink = _sink(kwargs, query.shape[1])
+    sink = _sink(kwargs)
     if sink is not None and not _sink_fits(sink, query.shape[1]):
         _warn_once("sink_shape", f"attention sinks of shape {tuple(sink.shape)} (expected [{query.shape[1]}]); exact eager runs")
         return dense("sinks", "eager")
