@@ -12,7 +12,7 @@ from .api import (
     sliding_window_attention_varlen,
 )
 from .config import FlexPrefillConfig
-from .integrations import patch, register, unpatch
+from .integrations import last_record, patch, register, unpatch
 from .block_table import BlockSelection, PatternStats, VarlenBlockSelection
 
 __version__ = "0.1.0"
@@ -34,5 +34,6 @@ __all__ = [
     "patch",
     "unpatch",
     "register",
+    "last_record",
     "__version__",
 ]

@@ -406,6 +406,8 @@ def test_import_flexprefill_registers_before_transformers_is_imported():
     code = (
         "import sys, flexprefill\n"
         "assert 'transformers.modeling_utils' not in sys.modules\n"
+        "assert callable(flexprefill.last_record) and 'last_record' in flexprefill.__all__\n"
+        "assert 'transformers' not in sys.modules\n"
         "from transformers import AttentionInterface\n"
         "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS\n"
         "assert 'flexprefill' in AttentionInterface._global_mapping\n"

@@ -11,7 +11,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__all__ = ["patch", "unpatch", "register"]
+__all__ = ["patch", "unpatch", "register", "last_record"]
 
 _TRIGGER = "transformers.modeling_utils"
 
@@ -39,6 +39,13 @@ def unpatch(model) -> bool:
     from . import transformers as _tf
 
     return _tf.unpatch(model)
+
+
+def last_record(model, *, prefill: bool = False) -> dict:
+    """Per attention layer, the path its last call took; see :func:`flexprefill.integrations.transformers.last_record`."""
+    from . import transformers as _tf
+
+    return _tf.last_record(model, prefill=prefill)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

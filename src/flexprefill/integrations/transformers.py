@@ -44,9 +44,17 @@ padding, a cached prefix, Gemma 3's sliding cache) packs the valid rows for
 :func:`flexprefill.sliding_window_attention_varlen`.  Other sliding calls run SDPA
 ("sliding_window"), as do all of them on the CPU.
 
-Everything else is handed to transformers' SDPA function unchanged (or to an exact eager
-path when the layer soft-caps its logits, which SDPA cannot do); :class:`LayerRecord`
-says which path ran and why.
+Everything else runs exact attention as transformers itself runs it: its SDPA function, or
+the model's own ``eager_attention_forward`` where SDPA would drop something.  Every keyword
+argument a model passes is honoured exactly on the fast paths (``scaling``, ``is_causal``,
+``sliding_window``, attention sinks ``s_aux``/``sinks``), has no effect on the attention math
+(``position_ids``, ``use_cache``, ...), or sends the call to the exact path with a one-time
+warning naming it (``softcap``, ``position_bias``, ``indices``, ``cu_seq_lens_*``,
+``output_attentions``, and any argument this module does not know): :func:`_triage` decides,
+in one place.  Attention sinks join each row's softmax exactly from the operator's
+log-sum-exp (``out * sigmoid(lse - sink)``), with no kernel change.  A row that sees no key
+gives finite values on every path (zeros on the fast ones and SDPA, eager's own values on
+eager).  :class:`LayerRecord` says which path ran and why.
 
 Layout adapter: transformers gives ``query [B, Hq, n, D]`` and ``key, value [B, Hkv, K, D]``
 (not repeated for GQA) and wants ``out [B, n, Hq, D]``; the operator takes ``[B, N, H, D]``
@@ -56,7 +64,7 @@ or packed ``[total, H, D]``.
 from __future__ import annotations
 
 import contextlib
-import math
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -113,22 +121,30 @@ class LayerRecord:
     """What one attention layer did in its last call.
 
     ``path``: "flexprefill", "window" (a sliding-window layer on the exact windowed kernel:
-    O(N * window) work, no approximation) or "dense" (transformers' SDPA, or exact eager for
-    soft-capping).
+    O(N * window) work, no approximation) or "dense" (exact attention as transformers runs it:
+    its SDPA function, or the model's own eager function; ``exact`` says which).
     ``reason``: why it was dense ("" for flexprefill): "decode" (one query), "short" (every
     sequence has fewer than ``min_seq_len`` keys), "custom_mask" (a mask that is not exactly
     causal + padding), "sliding_window" (a sliding layer the windowed kernel does not take:
     the CPU, a mask that is not causal window + padding, or no mask because the window does
-    not bind), "layer_not_selected", "not_causal", "dropout",
-    "position_bias", "dense_above" (a custom selector's blocks were denser than
+    not bind), "chunked_attention" (a chunked layer whose chunk binds), "layer_type:<type>"
+    (a ``config.layer_types`` entry that is not full, sliding or chunked attention),
+    "layer_not_selected", "not_causal", "dropout", "position_bias", "packed" (FlashAttention's
+    ``cu_seq_lens_*`` / ``max_length_*``), "softcap" (soft-capped logits: the kernels cannot
+    tanh-cap), "output_attentions", "indices" (a top-k indexer's keys, folded into the mask),
+    "sinks" (sink logits of an unexpected shape), "unknown_kwarg:<names>" (an argument this
+    module does not know), "dense_above" (a custom selector's blocks were denser than
     ``config.dense_above``; without a selector the operator decides and ``stats.dense`` says
-    so), "selector_varlen" (a custom selector, which takes a plain batch only,
-    on a padded or cached-prefix call), "unsupported_head_dim", "unsupported_dtype", "softcap".
+    so), "selector_varlen" (a custom selector, which takes a plain batch only, on a padded or
+    cached-prefix call), "unsupported_head_dim" (query/key), "unsupported_value_head_dim"
+    (value head dim differs from the query's), "unsupported_dtype".
     ``varlen``: the call ran :func:`flex_prefill_attention_varlen` on the packed valid rows
     (padding and/or a cached prefix); ``lengths``: then the ``(n_q, n_k)`` of each packed
     sequence (batch elements with at least one valid query, in batch order).
     ``stats``: :class:`PatternStats` of a FlexPrefill call when stats collection is on (per
     packed sequence and head when ``varlen``).
+    ``sink``: the layer's attention-sink logits (``s_aux``) joined each row's softmax on the fast
+    path (exactly, from the operator's log-sum-exp).  ``exact``: "sdpa" or "eager" on the dense path.
     """
 
     path: str
@@ -138,6 +154,8 @@ class LayerRecord:
     stats: PatternStats | None = None
     varlen: bool = False
     lengths: tuple | None = None
+    sink: bool = False
+    exact: str = ""
 
 
 @dataclass
@@ -339,9 +357,22 @@ def _window_unsupported(query, key, value, window, cfg) -> bool:
     return query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16)
 
 
-def _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense):
+def _sink_scaled(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """``out [..., H, D]`` renormalised as if the sink logit ``sink [H]`` were one more key of every
+    row's softmax (attention sinks: GPT-OSS's ``s_aux``), from the row's ``lse [..., H]`` (natural log,
+    fp32).  With ``L = log sum_j exp(x_j)`` the sink softmax gives key ``j`` the weight
+    ``exp(x_j) / (exp(L) + exp(s)) = softmax_j * exp(L) / (exp(L) + exp(s))``, so
+    ``out_sink = out * sigmoid(L - s)``: exact, no kernel change.  A row that sees no key
+    (``L = -inf``) gives zeros, as eager's softmax puts all its mass on the sink."""
+    if sink is None:
+        return out
+    scale = torch.sigmoid(lse.float() - sink.float().to(lse.device))
+    return (out.float() * scale[..., None]).to(out.dtype)
+
+
+def _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense, sink):
     """A sliding-window layer: the exact windowed kernel where the mask is a causal window
-    (plain, padded or over a cached prefix), SDPA otherwise."""
+    (plain, padded or over a cached prefix), the exact path otherwise."""
     q_len, k_len = query.shape[2], key.shape[2]
     if attention_mask is None or _window_unsupported(query, key, value, window, cfg):
         # no mask: transformers found the window does not bind, SDPA's causal path is exact
@@ -357,69 +388,230 @@ def _sliding(module, query, key, value, attention_mask, window, cfg, scale, dens
         if lay.reason:
             return dense("sliding_window")
         plain = lay.plain
+    want_lse = sink is not None
     if plain:
-        out = sliding_window_attention(
+        res = sliding_window_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), window=window, softmax_scale=scale,
-            backend="triton",
+            return_lse=want_lse, backend="triton",
         )
-        _record(module, LayerRecord("window", "", q_len, k_len))
+        out = _sink_scaled(res[0], res[1].transpose(1, 2), sink) if want_lse else res
+        _record(module, LayerRecord("window", "", q_len, k_len, sink=want_lse))
         return out, None
     qb, qi, kb, kj, cu_q, cu_k = lay.packing(query.device)
-    op = sliding_window_attention_varlen(
+    res = sliding_window_attention_varlen(
         query[qb, :, qi], key[kb, :, kj], value[kb, :, kj], cu_q, cu_k, lay.max_q, lay.max_k,
-        window=window, softmax_scale=scale, backend="triton",
+        window=window, softmax_scale=scale, return_lse=want_lse, backend="triton",
     )
+    op = _sink_scaled(res[0], res[1].t(), sink) if want_lse else res
     out = query.new_zeros(B, q_len, query.shape[1], query.shape[-1])
     out[qb, qi] = op
     lens = tuple((r1 - r0, e - s) for _, r0, r1, s, e in lay.seqs)
-    _record(module, LayerRecord("window", "", q_len, k_len, varlen=True, lengths=lens))
+    _record(module, LayerRecord("window", "", q_len, k_len, varlen=True, lengths=lens, sink=want_lse))
     return out, None
 
 
+# layer types (``config.layer_types``) whose attention is causal, restricted only by what the mask says
+_FULL_TYPES = ("full_attention", "chunked_attention")
+
+
+def _layer_kind(module, layer_idx, kwargs, mask=None) -> tuple[str, int | None]:
+    """What kind of layer this call is, as transformers decides it: ``("sliding_attention", window)``,
+    ``("full_attention", None)`` or ``(another layer type, None)``.
+
+    The model's own ``sliding_window=`` argument wins (it is the value of this very layer, None
+    on full layers: Exaone 4 keeps ``module.sliding_window`` on every layer and passes it only on
+    its local ones), then the placeholder mask of a plain windowed prefill, then
+    ``config.layer_types[layer_idx]``, then a ``sliding_window`` attribute of the module.  Every
+    decision is checked against the materialised mask before a fast path runs, so a wrong guess
+    costs speed, never exactness."""
+    lazy = _lazy(mask)
+    if lazy is not None:
+        return "sliding_attention", lazy["window"]
+    types = getattr(getattr(module, "config", None), "layer_types", None)
+    layer_type = None
+    if types is not None and isinstance(layer_idx, int) and 0 <= layer_idx < len(types):
+        layer_type = types[layer_idx]
+    if "sliding_window" in kwargs:
+        if kwargs["sliding_window"] is not None:
+            return "sliding_attention", kwargs["sliding_window"]
+        if layer_type in (None, "sliding_attention"):
+            return "full_attention", None
+        return layer_type, None
+    if layer_type == "sliding_attention":
+        window = getattr(module, "sliding_window", None) or getattr(module.config, "sliding_window", None)
+        return layer_type, window
+    if layer_type is not None:
+        return layer_type, None
+    window = getattr(module, "sliding_window", None)
+    return ("sliding_attention", window) if window is not None else ("full_attention", None)
+
+
 def _is_sliding(module, layer_idx, kwargs) -> bool:
-    if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
-        return True
-    layer_types = getattr(getattr(module, "config", None), "layer_types", None)
-    if layer_types is not None and layer_idx is not None and layer_idx < len(layer_types):
-        return layer_types[layer_idx] != "full_attention"
-    return False
+    return _layer_kind(module, layer_idx, kwargs)[0] == "sliding_attention"
 
 
-def _softcap_eager(module, query, key, value, attention_mask, scaling, softcap, is_causal):
-    """Exact attention with tanh soft-capping of the logits, fp32 softmax; SDPA's mask semantics."""
-    groups = query.shape[1] // key.shape[1]
+# --- the one rule for transformers' keyword arguments ----------------------------------
+#
+# Every keyword argument a transformers model passes to its attention function is honoured
+# exactly on every path, or it sends the call to an exact path (transformers' own SDPA or the
+# model's own eager function); :func:`_triage` is the only place that decides.
+
+# honoured by every path of this module (see attention_forward)
+_HONOURED = frozenset({"is_causal", "sliding_window", "s_aux", "sinks"})
+# no effect on the attention math: bookkeeping of the model's forward, or facts the mask
+# already encodes (positions; transformers' SDPA ignores them too)
+_INERT = frozenset({
+    "position_ids", "use_cache", "cache_position", "output_hidden_states", "return_dict",
+    "output_router_logits", "encoder_hidden_states", "encoder_attention_mask", "deterministic",
+    "past_key_values", "cache", "layer_past", "position_embeddings", "logits_to_keep",
+})
+# exact on transformers' SDPA (which honours position_bias; packing metadata of FlashAttention
+# kernels that SDPA ignores as the mask carries the packing)
+_EXACT_SDPA = frozenset({"position_bias", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+# exact only on the model's eager function: soft-capped logits (the kernels cannot tanh-cap
+# yet), attention weights asked for
+_EXACT_EAGER = frozenset({"softcap", "output_attentions"})
+# a top-k indexer's keys (DeepSeek V3.2): folded into the mask as transformers does for SDPA
+_INDEX = "indices"
+
+
+def _set(value) -> bool:
+    """transformers passes None (or False) for a feature that is off."""
+    return value is not None and value is not False
+
+
+def _triage(kwargs: dict, dropout) -> tuple[str, str, tuple]:
+    """``(reason, executor, names)``: ``("", "", ())`` when the fast paths honour every argument,
+    else why the call runs exact, on which executor ("sdpa" or "eager") and which arguments."""
+    eager = [k for k, v in kwargs.items() if k in _EXACT_EAGER and _set(v)]
+    unknown = [
+        k for k, v in kwargs.items()
+        if k not in _HONOURED and k not in _INERT and k not in _EXACT_SDPA and k not in _EXACT_EAGER
+        and k != _INDEX and v is not None
+    ]
+    if unknown:
+        return "unknown_kwarg:" + ",".join(sorted(unknown)), "eager", tuple(sorted(unknown))
+    if eager:
+        return eager[0], "eager", tuple(eager)
+    if _set(kwargs.get(_INDEX)):
+        return "indices", "sdpa", (_INDEX,)
+    sdpa = [k for k, v in kwargs.items() if k in _EXACT_SDPA and _set(v)]
+    if sdpa:
+        return ("position_bias" if "position_bias" in sdpa else "packed"), "sdpa", tuple(sdpa)
+    if dropout:
+        return "dropout", "sdpa", ("dropout",)
+    return "", "", ()
+
+
+def _exact_message(module, reason, names, executor) -> str:
+    what = {
+        "softcap": "soft-caps its attention logits (softcap); the kernels cannot tanh-cap yet",
+        "indices": "restricts attention to an indexer's top-k keys (indices); FlexPrefill does not combine with it",
+        "output_attentions": "asks for attention weights (output_attentions)",
+        "position_bias": "adds a position bias (position_bias)",
+        "packed": f"passes packed-sequence metadata ({', '.join(names)})",
+    }.get(reason, f"passes {', '.join(names)}, which flexprefill does not know")
+    return (
+        f"{type(module).__name__} (layer {getattr(module, 'layer_idx', None)}) {what}; these calls run "
+        f"exact {executor} attention as transformers does"
+    )
+
+
+def _sink(kwargs: dict) -> torch.Tensor | None:
+    """The per-head sink logits ``[Hq]`` of ``s_aux`` / ``sinks``, or None."""
+    for name in ("s_aux", "sinks"):
+        s = kwargs.get(name)
+        if s is not None:
+            return s
+    return None
+
+
+def _sink_fits(sink, heads: int) -> bool:
+    return isinstance(sink, torch.Tensor) and sink.numel() == heads and sink.dim() <= 1
+
+
+def _eager_function(module):
+    """The model's own ``eager_attention_forward`` (what ``attn_implementation="eager"`` runs)."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _eager_mask(mask, query, key, is_causal):
+    """The additive float mask transformers' eager attention takes, for SDPA's mask ``mask``:
+    0 where allowed, ``finfo.min`` elsewhere (a row that sees nothing stays finite, as in eager);
+    None becomes SDPA's ``is_causal`` (top-left) where it applies."""
     q_len, k_len = query.shape[2], key.shape[2]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    if attention_mask is None and is_causal and q_len > 1 and k_len > q_len:
-        # as sdpa_attention_forward: no mask and a longer key only happens for an empty static cache
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    s = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-    s = softcap * torch.tanh(s / softcap)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            s = s.masked_fill(~attention_mask, -math.inf)
+    if mask is None:
+        if not (is_causal and q_len > 1):
+            return None
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    zero = torch.zeros((), dtype=query.dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(query.dtype).min)
+
+
+def _fold_indices(mask, indices, query, key, is_causal):
+    """The mask restricted to the top-k keys ``indices [B, n, topk]`` of an indexer, as
+    transformers builds it for eager and SDPA (DeepSeek V3.2); negative entries select nothing."""
+    B, _, q_len, k_len = *query.shape[:3], key.shape[2]
+    if (
+        not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.shape[:2] not in ((B, q_len), (1, q_len))
+        or indices.dtype.is_floating_point
+    ):
+        raise NotImplementedError(
+            f"flexprefill: indices of shape {tuple(getattr(indices, 'shape', ()))} (expected top-k key ids "
+            f"[B={B}, n={q_len}, topk]); run this model with attn_implementation='sdpa' or 'eager'"
+        )
+    idx = indices.long()
+    idx = torch.where(idx < 0, k_len, idx)
+    keep = torch.zeros(*idx.shape[:2], k_len + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+    keep = keep[..., :k_len].unsqueeze(1)  # [B, 1, n, K]
+    if mask is None:
+        if is_causal and q_len > 1:
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=idx.device).tril()[None, None]
         else:
-            s = s + attention_mask.float()
-    elif is_causal and q_len > 1:
-        causal = torch.ones(q_len, key.shape[2], dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~causal, -math.inf)
-    p = torch.softmax(s, dim=-1)
-    out = torch.matmul(p, value.float()).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+            return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
+def _exact(module, query, key, value, attention_mask, reason, kwargs, *, dropout, scaling, executor="sdpa"):
+    """The call as transformers itself runs it: its SDPA function, or the model's own eager
+    function where SDPA would drop an argument (sinks, soft-capping, attention weights, anything
+    this module does not know)."""
+    if any(_set(kwargs.get(k)) for k in ("s_aux", "sinks", "softcap")):
+        executor = "eager"  # SDPA would drop the sink, and refuses softcap
+    _record(module, LayerRecord("dense", reason, query.shape[2], key.shape[2], exact=executor))
+    mask = _real_mask(attention_mask)
+    kwargs = dict(kwargs)
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if _set(kwargs.get(_INDEX)):
+        mask = _fold_indices(mask, kwargs[_INDEX], query, key, is_causal)
+    kwargs.pop(_INDEX, None)
+    if executor == "eager":
+        eager = _eager_function(module)
+        if eager is None:
+            raise NotImplementedError(
+                f"flexprefill: {type(module).__name__} (layer {getattr(module, 'layer_idx', None)}) needs its "
+                f"eager attention for {reason!r} and its module defines no eager_attention_forward; "
+                "run it with attn_implementation='eager'"
+            )
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        kwargs.pop("is_causal", None)
+        return eager(
+            module, query, key, value, _eager_mask(mask, query, key, is_causal), dropout=dropout, scaling=scaling,
+            **kwargs,
+        )
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _record(module, rec: LayerRecord) -> None:
     setattr(module, _LAST, rec)
     if rec.q_len > 1:
         setattr(module, _LAST_PREFILL, rec)
-
-
-def _dense(module, query, key, value, attention_mask, layer_idx, reason, kwargs, *, dropout, scaling):
-    _record(module, LayerRecord("dense", reason, query.shape[2], key.shape[2]))
-    attention_mask = _real_mask(attention_mask)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def attention_forward(
@@ -433,16 +625,18 @@ def attention_forward(
     **kwargs,
 ):
     """transformers attention function: FlexPrefill for a long causal prefill (padded or over a
-    cached prefix too, see the module docstring), SDPA otherwise.
+    cached prefix too, see the module docstring), exact attention otherwise.
 
     Args:
         query: [B, Hq, n, D]; key, value: [B, Hkv, K, D] (GQA by head index), ``K >= n``.
         attention_mask: None (plain causal, decode or an empty static cache) or the mask
             ``sdpa_mask`` built (boolean), or a 4D mask the caller passed (bool or additive).
         scaling: softmax scale (default ``1/sqrt(D)``).
+        kwargs: what the model passes; each is honoured exactly or sends the call to an exact
+            path (see :func:`_triage`), with a one-time warning naming it.
 
     Returns:
-        ``(out [B, N, Hq, D], None)``.
+        ``(out [B, N, Hq, D], None)`` (the eager path returns its attention weights).
     """
     state: _PatchState | None = getattr(module, _STATE, None)
     cfg = (state.config if state is not None else None) or _DEFAULT_CONFIG
@@ -451,19 +645,21 @@ def attention_forward(
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
 
-    dense = lambda reason: _dense(  # noqa: E731
-        module, query, key, value, attention_mask, layer_idx, reason, kwargs, dropout=dropout, scaling=scaling
-    )
-    # soft-capped logits (Gemma 2 passes ``softcap``): neither FlexPrefill nor SDPA can, so exact eager
-    softcap = kwargs.pop("softcap", None)
-    if softcap is not None:
-        _warn_once(
-            "softcap",
-            f"layer {layer_idx} soft-caps attention logits ({softcap}); FlexPrefill and SDPA cannot, "
-            "so these layers run exact eager attention",
+    def dense(reason, executor="sdpa"):
+        return _exact(
+            module, query, key, value, attention_mask, reason, kwargs, dropout=dropout, scaling=scaling,
+            executor=executor,
         )
-        _record(module, LayerRecord("dense", "softcap", q_len, k_len))
-        return _softcap_eager(module, query, key, value, _real_mask(attention_mask), scaling, softcap, is_causal)
+
+    reason, executor, names = _triage(kwargs, dropout)
+    if reason:
+        if reason != "dropout":
+            _warn_once(",".join(names), _exact_message(module, reason, names, executor))
+        return dense(reason, executor)
+    sink = _sink(kwargs)
+    if sink is not None and not _sink_fits(sink, query.shape[1]):
+        _warn_once("sink_shape", f"attention sinks of shape {tuple(sink.shape)} (expected [{query.shape[1]}]); exact eager runs")
+        return dense("sinks", "eager")
     if getattr(module, "attn_logit_softcapping", None) is not None:
         # the module has a cap but its forward does not pass it (Gemma 3): transformers' own
         # sdpa and eager ignore it, so dense SDPA is the model's behaviour; FlexPrefill stays off
@@ -478,16 +674,15 @@ def attention_forward(
         return dense("not_causal")
     if q_len == 1:
         return dense("decode")
-    if _is_sliding(module, layer_idx, kwargs):
-        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    kind, window = _layer_kind(module, layer_idx, kwargs, attention_mask)
+    if kind == "sliding_attention":
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense)
+        return _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense, sink)
+    if kind not in _FULL_TYPES:
+        _warn_once(f"layer_type:{kind}", f"layer type {kind!r} is not causal attention FlexPrefill knows; exact attention runs")
+        return dense(f"layer_type:{kind}")
     if state is not None and state.layers is not None and layer_idx not in state.layers:
         return dense("layer_not_selected")
-    if dropout and module.training:
-        return dense("dropout")
-    if kwargs.get("position_bias") is not None:
-        return dense("position_bias")
     # no sequence can be longer than the keys there are: short without reading any mask
     if (q_len if attention_mask is None else k_len) < cfg.min_seq_len:
         return dense("short")
@@ -495,28 +690,41 @@ def attention_forward(
     lay = None
     if attention_mask is None:
         # SDPA's is_causal is top-left: with a longer key (an empty static cache) only the
-        # first q_len keys take part, as sdpa_attention_forward slices them
+        # first q_len keys take part, as sdpa_attention_forward slices them; a chunked layer
+        # without a mask is one whose chunk does not bind (transformers materialises it otherwise)
         min_k = q_len
     else:
         lay = _layout(attention_mask, B, query.shape[1], q_len, k_len)
         if lay.reason:
-            return dense(lay.reason)
+            return dense("chunked_attention" if kind == "chunked_attention" else lay.reason)
         min_k = q_len if lay.plain else lay.max_k
         if lay.plain:
             lay = None
     if min_k < cfg.min_seq_len:
         return dense("short")
-    D = query.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS or key.shape[-1] != D or value.shape[-1] != D:
-        _warn_once(f"head_dim{D}", f"head dim {D} is not supported (accepted: {SUPPORTED_HEAD_DIMS}); dense SDPA runs")
+    D, Dv = query.shape[-1], value.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS or key.shape[-1] != D:
+        _warn_once(
+            f"head_dim{D}", f"query/key head dim {D} is not supported (accepted: {SUPPORTED_HEAD_DIMS}); exact attention runs"
+        )
         return dense("unsupported_head_dim")
+    if Dv != D:
+        _warn_once(
+            f"value_head_dim{Dv}-{D}",
+            f"value head dim {Dv} differs from the query/key head dim {D} (the kernels need them equal); "
+            "exact attention runs",
+        )
+        return dense("unsupported_value_head_dim")
     if query.is_cuda and query.dtype not in (torch.float16, torch.bfloat16):
-        _warn_once(f"dtype{query.dtype}", f"{query.dtype} on CUDA is not supported (fp16/bf16); dense SDPA runs")
+        _warn_once(f"dtype{query.dtype}", f"{query.dtype} on CUDA is not supported (fp16/bf16); exact attention runs")
         return dense("unsupported_dtype")
 
     scale = scaling if scaling is not None else D**-0.5
     collect = state.collect_stats if state is not None else _DEFAULT_COLLECT
     selector = state.selector if state is not None else None
+    # the pattern search ignores a sink: it adds the same term to every row's denominator, so
+    # it rescales all key masses of a row alike and leaves which blocks reach gamma unchanged
+    want_lse = sink is not None
     stats = None
     if lay is not None:
         if selector is not None:
@@ -525,13 +733,16 @@ def attention_forward(
         # [B, H, N, D] indexed at (b, :, i): the advanced dims go first -> [total, H, D]
         qp, kp, vp = query[qb, :, qi], key[kb, :, kj], value[kb, :, kj]
         res = flex_prefill_attention_varlen(
-            qp, kp, vp, cu_q, cu_k, lay.max_q, lay.max_k, config=cfg, softmax_scale=scale, return_stats=collect
+            qp, kp, vp, cu_q, cu_k, lay.max_q, lay.max_k, config=cfg, softmax_scale=scale,
+            return_lse=want_lse, return_stats=collect,
         )
-        op, stats = res if collect else (res, None)
+        res = res if isinstance(res, tuple) else (res,)
+        op = _sink_scaled(res[0], res[1].t(), sink) if want_lse else res[0]
+        stats = res[-1] if collect else None
         out = query.new_zeros(B, q_len, query.shape[1], D)
         out[qb, qi] = op
         lens = tuple((r1 - r0, e - s) for _, r0, r1, s, e in lay.seqs)
-        _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats, varlen=True, lengths=lens))
+        _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats, varlen=True, lengths=lens, sink=want_lse))
         return out, None
 
     if k_len > q_len:
@@ -542,14 +753,15 @@ def attention_forward(
         if too_dense(sel.counts, cfg):
             # as the operator does with dense_above: this selection would not pay
             return dense("dense_above")
-        out = block_sparse_attention(q, k, v, sel, softmax_scale=scale, backend=cfg.backend)
+        res = block_sparse_attention(q, k, v, sel, softmax_scale=scale, return_lse=want_lse, backend=cfg.backend)
         if collect:
             stats = sel.stats()
-    elif collect:
-        out, stats = flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale, return_stats=True)
     else:
-        out = flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale)
-    _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats))
+        res = flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale, return_lse=want_lse, return_stats=collect)
+        if collect:
+            res, stats = (res[:-1], res[-1]) if want_lse else (res[0], res[1])
+    out = _sink_scaled(res[0], res[1].transpose(1, 2), sink) if want_lse else res
+    _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats, sink=want_lse))
     return out, None
 
 
@@ -752,29 +964,44 @@ def patched(model, config: FlexPrefillConfig | None = None, **kwargs):
         unpatch(model)
 
 
-def last_record(model, *, prefill: bool = False) -> dict[int, LayerRecord]:
-    """Per layer, what its last attention call did (path, reason, lengths, stats if collected).
+def _keyed_modules(model) -> list:
+    """``(key, module)`` of every attention module: the key is ``layer_idx`` where those are
+    unique (decoder-only models), else the module's name in the model (``"encoder.block.0.layer.0.
+    SelfAttention"``): encoder self-, decoder self- and cross-attention share layer indices."""
+    mods = _attention_modules(model)
+    idx = [m.layer_idx for m in mods]
+    if None not in idx and len(set(idx)) == len(idx):
+        return list(zip(idx, mods))
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(m)], m) for m in mods]
+
+
+def last_record(model, *, prefill: bool = False) -> dict:
+    """Per attention layer, what its last attention call did (path, reason, lengths, stats if
+    collected); keyed by layer index, or by module name where layer indices repeat (encoder-decoder
+    models).
 
     ``prefill=True``: the last call with more than one query instead (decode steps skipped).
     """
     attr = _LAST_PREFILL if prefill else _LAST
     out = {}
-    for i, m in enumerate(_attention_modules(model)):
+    for key, m in _keyed_modules(model):
         rec = getattr(m, attr, None)
         if rec is not None:
-            out[m.layer_idx if m.layer_idx is not None else i] = rec
+            out[key] = rec
     return out
 
 
-def last_stats(model) -> dict[int, PatternStats]:
+def last_stats(model) -> dict:
     """:class:`PatternStats` of the layers that ran FlexPrefill in the last prefill (call with more
-    than one query; later decode steps do not clear it).  Empty unless stats collection is on
-    (``patch(..., collect_stats=True)`` or ``set_default_config(..., collect_stats=True)``)."""
+    than one query; later decode steps do not clear it), keyed as :func:`last_record`.  Empty unless
+    stats collection is on (``patch(..., collect_stats=True)`` or
+    ``set_default_config(..., collect_stats=True)``)."""
     out = {}
-    for i, m in enumerate(_attention_modules(model)):
+    for key, m in _keyed_modules(model):
         rec = getattr(m, _LAST_PREFILL, None)
         if rec is not None and rec.stats is not None:
-            out[m.layer_idx if m.layer_idx is not None else i] = rec.stats
+            out[key] = rec.stats
     return out
 
 
