@@ -34,8 +34,8 @@ __all__ = ["add_parser", "run_demo", "build_needle_prompt", "needle_key", "CPU_L
 
 # prompt tokens and block size of the demo on the CPU (the GPU runs the model's context at
 # block 128); CPU timings on 2 shared cores are in the module-level comment of run_demo
-CPU_LENGTH = 2048
-CPU_BLOCK_SIZE = 128
+CPU_LENGTH = 1024
+CPU_BLOCK_SIZE = 64
 
 # The needle names a key and marks the number with "#"; the question names the key before and
 # after the essays, and the prompt ends with the needle's own words up to the "#", so the model

@@ -25,8 +25,8 @@ import torch
 __all__ = ["add_parser", "run_inspect", "CPU_LENGTH", "CPU_BLOCK_SIZE"]
 
 # prompt tokens and block size on the CPU (the GPU runs the model's context at block 128)
-CPU_LENGTH = 2048
-CPU_BLOCK_SIZE = 128
+CPU_LENGTH = 1024
+CPU_BLOCK_SIZE = 64
 
 
 def add_parser(sub) -> None:

@@ -82,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list: full, flexprefill[-g0.95-t0.1], streaming[-w1024-k128], "
                         "vertical_slash_fixed[-v1024-s2048-q64], or kind:name=value,name=value (default %(default)s)")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--min-budget", type=int, default=1024, help="FlexPrefill min_budget in tokens")
+    # at the default 1024 tokens: 16 blocks of 64, two of them always kept, so the search selects
+    # (a min_budget of 1024 tokens would keep every block: full attention under another name)
+    p.add_argument("--block-size", type=int, default=64, help="tokens per block (default %(default)s)")
+    p.add_argument("--min-budget", type=int, default=128,
+                   help="FlexPrefill min_budget in tokens (default %(default)s; 1024 suits 8k and longer)")
     p.add_argument("--max-budget", type=int, default=None)
     p.add_argument("--min-seq-len", type=int, default=0,
                    help="dense below this many tokens (default 0: sparse at every length, so lengths are comparable)")
