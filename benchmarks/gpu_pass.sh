@@ -32,7 +32,7 @@ case "$phase" in
     run gpu_tests 590 python -m pytest tests -q -m gpu -p no:cacheprovider
     ;;
   checks)
-    run operator_check 100 env OUT="$out" python -m pytest tests/test_gpu_checks.py -q -m gpu -p no:cacheprovider -k operator
+    run operator_check 100 env OUT="$out" python benchmarks/gpu_check_operator.py
     run bench_suite 330 python benchmarks/suite.py --out "$out/bench" --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4
     ;;
   models)
