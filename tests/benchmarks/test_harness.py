@@ -221,7 +221,7 @@ def test_plot_hopper_kernels_picks_the_kernels_and_draws(tmp_path):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_hopper_kernels.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "plot_hopper_kernels.py"
     spec = importlib.util.spec_from_file_location("plot_hopper_kernels", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

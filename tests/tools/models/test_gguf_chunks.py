@@ -8,7 +8,7 @@ import pytest
 from flexprefill_tools import models
 from flexprefill_tools.models.packages import sha256_file
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gguf_chunks.py"
+_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "gguf_chunks.py"
 _spec = importlib.util.spec_from_file_location("gguf_chunks", _SCRIPT)
 gguf_chunks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gguf_chunks)
