@@ -25,7 +25,7 @@ import time
 
 from triton.testing import do_bench
 
-from flexprefill.benchmarking import EFFICIENCY_DENSITIES, causal_density, efficiency_cases, env_stamp
+from harness import EFFICIENCY_DENSITIES, causal_density, efficiency_cases, env_stamp
 from flexprefill.ops.sparse_attention import _launch
 from flexprefill.ops.sparse_attention_hopper import hopper_configs, ws_configs
 

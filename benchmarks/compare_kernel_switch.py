@@ -17,7 +17,7 @@ import sys
 
 from triton.testing import do_bench
 
-from flexprefill.benchmarking import EFFICIENCY_DENSITIES, causal_density, efficiency_cases, env_stamp
+from harness import EFFICIENCY_DENSITIES, causal_density, efficiency_cases, env_stamp
 from flexprefill.ops.sparse_attention import sparse_attention
 
 BS = 128

@@ -19,7 +19,7 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import env_stamp
+from harness import env_stamp
 from flexprefill.ops.sparse_attention import kernel_name
 
 SHAPES = (("gemma3-270m-local", 4, 1, 256, 512), ("mistral-7b", 32, 8, 128, 4096), ("llama-w1024", 32, 8, 128, 1024))

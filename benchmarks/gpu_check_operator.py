@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 import flexprefill as fp
 from flexprefill import reference as R
-from flexprefill.benchmarking import env_stamp
+from harness import env_stamp
 from flexprefill.ops.selection import select_blocks_fast
-from flexprefill.synthetic import structured_qkv
+from flexprefill_tools.synthetic import structured_qkv
 
 
 def _sdpa(q, k, v, scale):

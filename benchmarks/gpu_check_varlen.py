@@ -31,7 +31,7 @@ import triton
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.synthetic import structured_qkv
+from flexprefill_tools.synthetic import structured_qkv
 
 HQ, HKV, D = 32, 8, 128
 BF16 = torch.bfloat16

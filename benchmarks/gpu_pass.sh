@@ -33,13 +33,13 @@ case "$phase" in
     ;;
   checks)
     run operator_check 100 env OUT="$out" python benchmarks/gpu_check_operator.py
-    run bench_suite 330 python benchmarks/bench_attention.py --out "$out/bench" --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4
+    run bench_suite 330 python benchmarks/suite.py --out "$out/bench" --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4
     ;;
   models)
-    run bench_models 200 python benchmarks/bench_attention.py --mode breakeven,model --out "$out/bench_models" --max-minutes 3
-    run demo_gemma 90 python -m flexprefill demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
-    run demo_smollm2 50 python -m flexprefill demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
-    run evals 200 python -m flexprefill eval --model gemma3-270m --lengths 4k,8k,16k,32k \
+    run bench_models 200 python benchmarks/suite.py --mode breakeven,model --out "$out/bench_models" --max-minutes 3
+    run demo_gemma 90 python -m flexprefill_tools demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
+    run demo_smollm2 50 python -m flexprefill_tools demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
+    run evals 200 python -m flexprefill_tools eval --model gemma3-270m --lengths 4k,8k,16k,32k \
       --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0,0.25,0.5,0.75,1 --samples 1 \
       --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2.8
     ;;
@@ -49,17 +49,17 @@ case "$phase" in
     run profile_selection 120 env OUT="$out" python benchmarks/profile_selection.py 8192,32768,131072
     ;;
   layer)
-    run bench_layer 200 python benchmarks/bench_attention.py --mode suite,gqa --quick --shapes llama3.1-8b \
+    run bench_layer 200 python benchmarks/suite.py --mode suite,gqa --quick --shapes llama3.1-8b \
       --inputs synthetic,random --lengths 8k,32k,128k --random-max-len 32768 --out "$out/bench_layer" --max-minutes 2.5
     ;;
   kvloads)
     run gpu_tests 150 python -m pytest tests/ops tests/test_varlen.py -q -m gpu -p no:cacheprovider
     run kv_loads 260 env OUT="$out" python benchmarks/compare_kv_loads.py 131072 230
-    run bench_gqa 90 python benchmarks/bench_attention.py --mode gqa --out "$out/bench_gqa" --max-minutes 1.2
+    run bench_gqa 90 python benchmarks/suite.py --mode gqa --out "$out/bench_gqa" --max-minutes 1.2
     ;;
   window)
     run window_tests 120 python -m pytest tests/ops/test_sliding_window.py tests/integrations -q -m gpu -p no:cacheprovider
-    run bench_window 200 python benchmarks/bench_attention.py --mode window --out "$out/bench_window" --max-minutes 2.5
+    run bench_window 200 python benchmarks/suite.py --mode window --out "$out/bench_window" --max-minutes 2.5
     ;;
   ncu)
     # Nsight Compute on the low-density d128 case (the kernel-efficiency miss) and cuDNN dense
@@ -79,9 +79,9 @@ case "$phase" in
     # dense_above on the near-dense random inputs (with and without it, same run)
     # (every GPU test: phase tests, a call of its own)
     run operator_memory 90 env OUT="$out" python benchmarks/operator_memory.py 9/3/64:262144,32/8/128:131072
-    run dense_above_off 100 python benchmarks/bench_attention.py --mode suite --shapes llama3.1-8b,smollm2-135m \
+    run dense_above_off 100 python benchmarks/suite.py --mode suite --shapes llama3.1-8b,smollm2-135m \
       --inputs random --lengths 32k,128k --methods cudnn,flexprefill --out "$out/dense_above_off" --max-minutes 1.3
-    run dense_above_on 100 python benchmarks/bench_attention.py --mode suite --shapes llama3.1-8b,smollm2-135m \
+    run dense_above_on 100 python benchmarks/suite.py --mode suite --shapes llama3.1-8b,smollm2-135m \
       --inputs random --lengths 32k,128k --methods cudnn,flexprefill --dense-above 0.75 --out "$out/dense_above_on" --max-minutes 1.3
     ;;
   diagfirst)
@@ -116,9 +116,9 @@ case "$phase" in
     ( CUDA_VISIBLE_DEVICES=0 COMPARE_SEARCH_VARIANTS=two_pass,default,block_stats \
         run compare_search 330 env OUT="$out" python benchmarks/compare_search.py 32768,65536,131072
       CUDA_VISIBLE_DEVICES=0 run gpu_tests_search 200 python -m pytest tests/test_selection.py tests/test_varlen.py tests/ops -q -m gpu -p no:cacheprovider ) &
-    ( CUDA_VISIBLE_DEVICES=1 run bench_suite 330 python benchmarks/bench_attention.py --out "$out/suite" \
+    ( CUDA_VISIBLE_DEVICES=1 run bench_suite 330 python benchmarks/suite.py --out "$out/suite" \
         --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4.3
-      CUDA_VISIBLE_DEVICES=1 run bench_gemma 200 python benchmarks/bench_attention.py --mode suite --shapes gemma3-270m \
+      CUDA_VISIBLE_DEVICES=1 run bench_gemma 200 python benchmarks/suite.py --mode suite --shapes gemma3-270m \
         --out "$out/gemma_run" --max-minutes 2 ) &
     wait
     ;;
@@ -137,7 +137,7 @@ case "$phase" in
     run search_pool 330 env OUT="$out/pool" python benchmarks/search_pool.py 32768,131072
     ;;
   captured)
-    run captured 540 python benchmarks/bench_attention.py --mode model,suite --shapes smollm2-135m,gemma3-270m \
+    run captured 540 python benchmarks/suite.py --mode model,suite --shapes smollm2-135m,gemma3-270m \
       --inputs synthetic,captured --lengths 8k,16k,32k --out "$out/captured" --max-minutes 5.8
     ;;
   wsvarlen)
@@ -145,16 +145,16 @@ case "$phase" in
     run varlen_triton 150 env OUT="$out/varlen_triton" FLEXPREFILL_HOPPER_KERNEL=0 python benchmarks/gpu_check_varlen.py
     ;;
   whole)
-    run bench_models 150 python benchmarks/bench_attention.py --mode model --out "$out/bench_models" --max-minutes 2
-    run demo_gemma 90 python -m flexprefill demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
-    run demo_smollm2 50 python -m flexprefill demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
-    run inspect_smollm2 60 python -m flexprefill inspect --model smollm2-135m-instruct --device cuda --length 8192 --no-progress --out "$out/inspect_smollm2"
+    run bench_models 150 python benchmarks/suite.py --mode model --out "$out/bench_models" --max-minutes 2
+    run demo_gemma 90 python -m flexprefill_tools demo --model gemma3-270m --device cuda --out "$out/demo_gemma"
+    run demo_smollm2 50 python -m flexprefill_tools demo --model smollm2-135m-instruct --device cuda --out "$out/demo_smollm2"
+    run inspect_smollm2 60 python -m flexprefill_tools inspect --model smollm2-135m-instruct --device cuda --length 8192 --no-progress --out "$out/inspect_smollm2"
     ;;
   evals)
-    run evals_gemma 220 python -m flexprefill eval --model gemma3-270m --lengths 8k,16k,32k \
+    run evals_gemma 220 python -m flexprefill_tools eval --model gemma3-270m --lengths 8k,16k,32k \
       --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0.1,0.5,0.9 --samples 1 \
       --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2.8
-    run evals_smollm2 100 python -m flexprefill eval --model smollm2-135m-instruct --lengths 4k,8k \
+    run evals_smollm2 100 python -m flexprefill_tools eval --model smollm2-135m-instruct --lengths 4k,8k \
       --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0.1,0.5,0.9 --samples 1 \
       --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 1.3
     ;;

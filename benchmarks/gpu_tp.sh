@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_tp.sh needles OUT [PARTS] # Gemma at needle depths 0.1 and 0.9 (another key)
 # PARTS: a folder with gemma3-270m.gguf.partNN + gemma3-270m.sha256 (scripts/gguf_chunks.py
 # split), joined into $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
-# Runs: flexprefill tp on Gemma 3 270M (K/V head repeated to 2, 32k needle prompt) and on a
+# Runs: flexprefill tp-check on Gemma 3 270M (K/V head repeated to 2, 32k needle prompt) and on a
 # random-weight model with Llama-3.1-8B's layer shapes (8 layers, 128k tokens), each checked
 # against one GPU; the example script.
 set -u
@@ -26,18 +26,18 @@ nvidia-smi topo -m > "$out/topo.txt" 2>&1; cat "$out/topo.txt"
 python -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.device_count())"
 case "$phase" in
   gemma)
-run tp_gemma 300 torchrun --standalone --nproc-per-node 2 -m flexprefill tp --model gemma3-270m --out "$out/tp_gemma"
+run tp_gemma 300 torchrun --standalone --nproc-per-node 2 -m flexprefill_tools tp-check --model gemma3-270m --out "$out/tp_gemma"
 run example 150 torchrun --standalone --nproc-per-node 2 examples/tp_prefill.py
     ;;
   needles)
     # the needle at other depths and keys (the checkpoint converted by the gemma phase is reused)
     for d in 0.1 0.9; do
-      run tp_gemma_depth$d 200 torchrun --standalone --nproc-per-node 2 -m flexprefill tp --model gemma3-270m \
+      run tp_gemma_depth$d 200 torchrun --standalone --nproc-per-node 2 -m flexprefill_tools tp-check --model gemma3-270m \
         --depth $d --seed 1 --repeats 1 --out "$out/tp_gemma_depth$d"
     done
     ;;
   llama)
-run tp_llama 540 torchrun --standalone --nproc-per-node 2 -m flexprefill tp --model random:llama3.1-8b --layers 8 \
+run tp_llama 540 torchrun --standalone --nproc-per-node 2 -m flexprefill_tools tp-check --model random:llama3.1-8b --layers 8 \
   --repeats 2 --out "$out/tp_llama"
     ;;
 esac

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from flexprefill.benchmarking import make_dense_fn, random_qkv, random_selection
+from harness import make_dense_fn, random_qkv, random_selection
 from flexprefill.ops.sparse_attention import _launch
 
 # best per head dim at 128k on the H200 (benchmarks/results/h200/kv_loads/)

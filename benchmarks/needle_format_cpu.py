@@ -8,7 +8,7 @@ in the answer: the demo's scoring), and the teacher-forced log-probability of th
 tokens after the prompt (``logp`` summed, ``min_lp`` of the worst token, ``worst_rank`` of
 the correct token among the vocabulary), a finer signal than found / not found.
 
-Formats: ``demo`` is ``flexprefill.cli.build_needle_prompt`` as shipped; ``old`` is the
+Formats: ``demo`` is ``flexprefill_tools.cli.build_needle_prompt`` as shipped; ``old`` is the
 demo's former prompt; the others are the variants screened on the way (their keys come from
 a fixed list indexed by the seed). Every prompt ends with an answer prefix that repeats the
 needle's words up to the number; the question never contains the number. Results:
@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from flexprefill import cli
-from flexprefill.models import haystack_text, load
+from flexprefill_tools import cli
+from flexprefill_tools.models import haystack_text, load
 
 Q = "What is the special magic number{kk} mentioned in the text above? Answer with the number only."
 HEAD = "There is a special magic number{kk} hidden in the text below. Find it and remember it.\n\n"

@@ -16,8 +16,8 @@ import sys
 import torch
 
 import flexprefill as fp
-from flexprefill.benchmarking import env_stamp
-from flexprefill.synthetic import structured_qkv
+from harness import env_stamp
+from flexprefill_tools.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 

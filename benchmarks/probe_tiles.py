@@ -29,7 +29,7 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill.ops.sparse_attention as SA
-from flexprefill.benchmarking import (
+from harness import (
     attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv, random_selection,
 )
 from flexprefill.block_table import compact_block_mask

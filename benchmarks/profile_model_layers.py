@@ -20,7 +20,7 @@ import sys
 import torch
 
 import flexprefill as fp
-from flexprefill.benchmarking import CAPTURE_MODELS, _dense_sdpa_context, _set_attn, env_stamp, load_model, needle_prompt
+from harness import CAPTURE_MODELS, _dense_sdpa_context, _set_attn, env_stamp, load_model, needle_prompt
 from flexprefill.integrations import transformers as tfi
 
 

@@ -21,8 +21,8 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import env_stamp
-from flexprefill.synthetic import structured_qkv
+from harness import env_stamp
+from flexprefill_tools.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 HQ, HKV, D = 32, 8, 128

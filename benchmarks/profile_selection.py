@@ -19,8 +19,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_pool_mb, env_stamp
-from flexprefill.synthetic import structured_qkv
+from harness import cached_graph_pool_mb, env_stamp
+from flexprefill_tools.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 HQ, HKV, D = 32, 8, 128

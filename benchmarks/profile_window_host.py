@@ -20,7 +20,7 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill
-from flexprefill.benchmarking import env_stamp, random_qkv
+from harness import env_stamp, random_qkv
 from flexprefill.ops import dense
 from flexprefill.ops.sparse_attention import _tma_descriptors
 

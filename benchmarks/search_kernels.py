@@ -20,8 +20,8 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_pool_mb, cudnn_reference, env_stamp
-from flexprefill.synthetic import structured_qkv
+from harness import cached_graph_pool_mb, cudnn_reference, env_stamp
+from flexprefill_tools.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 

@@ -31,8 +31,8 @@ import torch
 from triton.testing import do_bench
 
 import flexprefill as fp
-from flexprefill.benchmarking import cached_graph_memory, cudnn_reference, env_stamp
-from flexprefill.synthetic import structured_qkv
+from harness import cached_graph_memory, cudnn_reference, env_stamp
+from flexprefill_tools.synthetic import structured_qkv
 from flexprefill.ops import selection as S
 
 MB = 2**20

@@ -20,7 +20,7 @@ import time
 import torch
 from triton.testing import do_bench
 
-from flexprefill.benchmarking import (
+from harness import (
     attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv, random_selection,
 )
 from flexprefill.ops.sparse_attention import _launch

@@ -6,7 +6,7 @@
 transformers splits every attention layer's heads over the ranks (its own tensor-parallel
 plan); the "flexprefill" attention then runs on each rank's heads, unchanged.  Gemma 3 270M has
 one key/value head, which cannot be split, so the checkpoint prepared below repeats it once per
-rank (an exact rewrite).  ``flexprefill tp`` (same options) also checks the result against one
+rank (an exact rewrite).  ``flexprefill tp-check`` (same options) also checks the result against one
 GPU and times dense and sparse prefill; this file is the shortest path to a sharded prefill.
 Runs on CPUs too (gloo, float32), slowly.
 """
@@ -21,10 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.distributed import DistributedConfig
 
 from flexprefill import FlexPrefillConfig
-from flexprefill.cli import build_needle_prompt
-from flexprefill.integrations.tensor_parallel import init_distributed, prepare_checkpoint
+from flexprefill.integrations.tensor_parallel import init_distributed
 from flexprefill.integrations.transformers import set_default_config
-from flexprefill.models import haystack_text
+from flexprefill_tools.demo import build_needle_prompt
+from flexprefill_tools.models import haystack_text
+from flexprefill_tools.tp_check import prepare_packaged_checkpoint
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="gemma3-270m", help="packaged name, HF folder, or random:<arch>")
@@ -37,7 +38,7 @@ rank, world, device = init_distributed()  # NCCL on GPUs, one rank per GPU
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
 # 1. a checkpoint whose key/value heads split over the ranks (written once, by rank 0)
-folder = [str(prepare_checkpoint(args.model, tp_size=world, dtype=dtype, layers=args.layers)) if rank == 0 else None]
+folder = [str(prepare_packaged_checkpoint(args.model, tp_size=world, dtype=dtype, layers=args.layers)) if rank == 0 else None]
 if world > 1:
     dist.broadcast_object_list(folder, src=0)
 folder = folder[0]

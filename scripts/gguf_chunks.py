@@ -4,9 +4,9 @@
         writes OUT/gemma3-270m.gguf.part00, part01, ... and OUT/gemma3-270m.sha256
     python scripts/gguf_chunks.py join IN gemma3-270m DEST
         concatenates the parts, checks the SHA-256, prints the path of the joined file;
-        then flexprefill.models.load(that_path) converts it (cache keyed on the checksum)
+        then flexprefill_tools.models.load(that_path) converts it (cache keyed on the checksum)
 
-`join` needs only the standard library; `split` needs flexprefill.models and the model's package.
+`join` needs only the standard library; `split` needs flexprefill_tools.models and the model's package.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _BLOCK = 1 << 22
 
 def split(name: str, outdir: str | os.PathLike, *, chunk_mb: float = 50) -> list[Path]:
     """Write ``outdir/<name>.gguf.partNN`` (``chunk_mb`` MiB each) and ``outdir/<name>.sha256``."""
-    from flexprefill.models import gguf_path
+    from flexprefill_tools.models import gguf_path
 
     if chunk_mb <= 0:
         raise ValueError(f"chunk_mb={chunk_mb}: expected a positive size in MiB")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_split = sub.add_parser("split", help="cut a packaged model's GGUF into parts")
-    p_split.add_argument("name", help="a name of flexprefill.models.MODELS")
+    p_split.add_argument("name", help="a name of flexprefill_tools.models.MODELS")
     p_split.add_argument("outdir")
     p_split.add_argument("--chunk-mb", type=float, default=50, help="part size in MiB (default 50)")
     p_join = sub.add_parser("join", help="join parts and verify the checksum")

@@ -7,7 +7,7 @@ import torch
 
 import flexprefill as fp
 from flexprefill import reference as R
-from flexprefill.synthetic import structured_qkv
+from flexprefill_tools.synthetic import structured_qkv
 
 
 def _qkv(B=1, N=200, Hq=4, Hkv=2, D=64, dtype=torch.float32, seed=0):

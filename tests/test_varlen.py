@@ -11,7 +11,7 @@ import torch
 
 import flexprefill as fp
 from flexprefill import reference as R
-from flexprefill.synthetic import structured_qkv
+from flexprefill_tools.synthetic import structured_qkv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [pytest.param("reference", id="reference"), pytest.param("triton", id="triton")]

@@ -18,7 +18,7 @@ from flexprefill.config import FlexPrefillConfig
 from flexprefill.ops.dense import dense_causal_attention, full_causal_selection
 from flexprefill.ops.sparse_attention import _launch, kernel_name, sparse_attention
 from flexprefill.block_table import mask_to_selection
-from flexprefill.synthetic import structured_qkv
+from flexprefill_tools.synthetic import structured_qkv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 _FLOOR = {torch.float32: 1e-5, torch.float16: 0.0, torch.bfloat16: 0.0}

@@ -21,7 +21,7 @@ from flexprefill.ops.selection import (
 )
 from flexprefill.ops.sparse_attention import sparse_attention_varlen
 from flexprefill.block_table import VarlenBlockSelection, compact_block_mask
-from flexprefill.synthetic import structured_qkv
+from flexprefill_tools.synthetic import structured_qkv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16

@@ -1,0 +1,63 @@
+"""scripts/gguf_chunks.py: split a packaged GGUF into parts and join them back, verified."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from flexprefill_tools import models
+from flexprefill_tools.models.packages import sha256_file
+
+_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "gguf_chunks.py"
+_spec = importlib.util.spec_from_file_location("gguf_chunks", _SCRIPT)
+gguf_chunks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gguf_chunks)
+
+NAME = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parts")
+    assert gguf_chunks.main(["split", NAME, str(out), "--chunk-mb", "30"]) == 0
+    return out
+
+
+def test_split_writes_bounded_parts_and_checksum(parts):
+    files = sorted(parts.glob(f"{NAME}.gguf.part*"))
+    assert [f.name[-6:] for f in files] == ["part00", "part01", "part02", "part03"]
+    assert all(f.stat().st_size <= 30 << 20 for f in files)
+    src = models.gguf_path(NAME)
+    assert sum(f.stat().st_size for f in files) == src.stat().st_size
+    assert (parts / f"{NAME}.sha256").read_text().split()[0] == sha256_file(src)
+
+
+def test_join_restores_the_file(parts, tmp_path, capsys):
+    assert gguf_chunks.main(["join", str(parts), NAME, str(tmp_path)]) == 0
+    joined = Path(capsys.readouterr().out.strip())
+    assert joined == tmp_path / f"{NAME}.gguf"
+    assert sha256_file(joined) == sha256_file(models.gguf_path(NAME))
+
+
+def test_join_rejects_a_corrupt_part(parts, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in parts.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    with open(bad / f"{NAME}.gguf.part02", "r+b") as f:
+        f.seek(100)
+        f.write(b"corrupt")
+    dest = tmp_path / "out.gguf"
+    with pytest.raises(ValueError, match="a part is corrupt"):
+        gguf_chunks.join(bad, NAME, dest)
+    assert not dest.exists() and list(tmp_path.glob(".out.gguf.tmp*")) == []
+    assert gguf_chunks.main(["join", str(bad), NAME, str(dest)]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_join_reports_a_missing_part(parts, tmp_path):
+    for f in parts.iterdir():
+        if not f.name.endswith("part01"):
+            (tmp_path / f.name).symlink_to(f)
+    with pytest.raises(FileNotFoundError, match=r"parts \[1\]"):
+        gguf_chunks.join(tmp_path, NAME, tmp_path / "out.gguf")
