@@ -20,7 +20,7 @@ from triton.testing import do_bench
 from flexprefill.benchmarking import (
     attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv, random_selection,
 )
-from flexprefill.ops.dense import full_causal_selection
+from flexprefill.block_table import full_causal_selection
 from flexprefill.ops.sparse_attention import _launch, _tma_descriptors
 
 HQ, HKV, BS = 32, 8, 128

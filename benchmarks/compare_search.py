@@ -37,7 +37,7 @@ from triton.testing import do_bench
 import flexprefill as fp
 from flexprefill.benchmarking import cached_graph_pool_mb, causal_density, cudnn_reference, env_stamp
 from flexprefill.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
 
 VARIANTS = {
     "eager": {"FLEXPREFILL_SELECTION_GRAPHS": "0"},

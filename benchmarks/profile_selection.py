@@ -21,7 +21,7 @@ from triton.testing import do_bench
 import flexprefill as fp
 from flexprefill.benchmarking import cached_graph_pool_mb, env_stamp
 from flexprefill.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
 
 HQ, HKV, D = 32, 8, 128
 

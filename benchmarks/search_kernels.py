@@ -22,7 +22,8 @@ from triton.testing import do_bench
 import flexprefill as fp
 from flexprefill.benchmarking import cached_graph_pool_mb, cudnn_reference, env_stamp
 from flexprefill.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
+from flexprefill.search import graph as G
 
 
 def kernels_of(fn) -> tuple[list, float, int]:
@@ -49,7 +50,7 @@ def main():
     stamp = env_stamp()
     res = dict(env=stamp, rows=[])
     cfg = fp.FlexPrefillConfig(min_seq_len=0)
-    chunk0 = S._graph_chunk
+    chunk0 = G._graph_chunk
     try:
         for Hq, Hkv, D in shapes:
             q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
@@ -67,7 +68,7 @@ def main():
             for r in kern[:30]:
                 print(f"   {r['us']:8.1f} us x{r['calls']:<3d} {r['name'][:100]}", flush=True)
             for chunk in (1 << 19, 1 << 21):
-                S._graph_chunk = lambda nb, chunk=chunk: chunk
+                G._graph_chunk = lambda nb, chunk=chunk: chunk
                 S.clear_graph_cache()
                 search()
                 ms = do_bench(search, warmup=5, rep=100)
@@ -79,7 +80,7 @@ def main():
             q = k = v = None
             torch.cuda.empty_cache()
     finally:
-        S._graph_chunk = chunk0
+        G._graph_chunk = chunk0
         os.environ.pop("FLEXPREFILL_SELECTION_GRAPHS", None)
         with open(os.path.join(out, f"search_kernels_{stamp.get('commit', 'unknown')}.json"), "w") as f:
             json.dump(res, f, indent=1)

@@ -33,14 +33,15 @@ from triton.testing import do_bench
 import flexprefill as fp
 from flexprefill.benchmarking import cached_graph_memory, cudnn_reference, env_stamp
 from flexprefill.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
+from flexprefill.search import graph as G
 
 MB = 2**20
 
 
 def _fresh():
     S.clear_graph_cache()
-    S.seed_log.clear()
+    G.seed_log.clear()
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -49,7 +50,7 @@ def _fresh():
 def _seed_log_mb() -> list:
     """The captures' seed log (selection.seed_log) in MB."""
     return [{k: [(a / MB, b / MB) for a, b in v] if k == "trials" else v / MB for k, v in e.items()}
-            for e in S.seed_log]
+            for e in G.seed_log]
 
 
 def _origin(frames) -> str:
@@ -90,7 +91,7 @@ def pool_breakdown(snapshot) -> dict:
 
 def case(q, k, v, cfg, scale, chunk):
     if chunk:
-        S._GRAPH_CHUNK_ELEMS_LARGE = S._GRAPH_CHUNK_ELEMS = chunk
+        G._GRAPH_CHUNK_ELEMS_LARGE = G._GRAPH_CHUNK_ELEMS = chunk
     _fresh()
     op = lambda: fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale)  # noqa: E731
     torch.cuda.memory._record_memory_history(max_entries=200000)
@@ -104,9 +105,9 @@ def case(q, k, v, cfg, scale, chunk):
     idx = S.compact_index_dtype(-(-N // cfg.block_size))
     search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale, index_dtype=idx)  # noqa: E731
     search_ms = do_bench(search, warmup=3, rep=100)
-    row["graphs"] = [key[0] for key in S._graphs]
+    row["graphs"] = [key[0] for key in G._graphs]
     row["seed_log_mb"] = _seed_log_mb()
-    S.seed_log.clear()
+    G.seed_log.clear()
     kept = cached_graph_memory()
     row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=kept["reserved_mb"], held_mb=kept["held_mb"])
     return row
@@ -124,7 +125,7 @@ def multi(shape, lengths, cfg) -> dict:
             q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
             fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=D**-0.5)
             del q, k, v
-        graphs = len(S._graphs)
+        graphs = len(G._graphs)
         kept = cached_graph_memory()
         res[mode] = dict(graphs=graphs, kept_mb=kept["reserved_mb"], held_mb=kept["held_mb"], seed_log_mb=_seed_log_mb())
     os.environ.pop("FLEXPREFILL_GRAPH_POOL", None)
@@ -142,7 +143,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     stamp = env_stamp()
     path = os.path.join(out, f"search_pool_{stamp.get('commit', 'unknown')}.json")
-    defaults = (S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS)
+    defaults = (G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS)
     res = dict(env=stamp, default_chunks=defaults, rows=[], multi={})
     cfg = fp.FlexPrefillConfig(min_seq_len=0)
     try:
@@ -153,7 +154,7 @@ def main():
                 qkv_mb = (q.numel() + k.numel() + v.numel()) * q.element_size() / MB
                 dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
                 for chunk, seed in [(c, sd) for c in chunks for sd in seeds]:
-                    S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
+                    G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS = defaults
                     os.environ["FLEXPREFILL_GRAPH_SEED"] = seed
                     row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, chunk=chunk or "default", seed=int(seed), qkv_mb=qkv_mb,
                                cudnn_ms=dense_ms, **stamp)
@@ -174,7 +175,7 @@ def main():
                     if chunk == chunks[0] and seed == seeds[0] and "top" in row:
                         for t in row["top"][:6]:
                             print(f"      {t['mb']:7.2f} MB  {t['where']}", flush=True)
-                S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
+                G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS = defaults
                 del q, k, v
                 _fresh()
             try:
@@ -183,7 +184,7 @@ def main():
             except Exception as e:  # noqa: BLE001
                 res["multi"][f"{Hq}/{Hkv}/{D}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     finally:
-        S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
+        G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS = defaults
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
         print("wrote", path)

@@ -148,7 +148,7 @@ def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scal
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(cfg, q.device) == "reference":
         return reference.select_blocks(q, k, config=cfg, softmax_scale=scale)
-    from .ops.selection import select_blocks_fast
+    from .search import select_blocks_fast
 
     return select_blocks_fast(q, k, config=cfg, softmax_scale=scale)
 
@@ -242,12 +242,12 @@ def flex_prefill_attention(
     B, N, Hq, _ = q.shape
     stats: PatternStats
     if N < cfg.min_seq_len:
-        from .ops.dense import dense_causal_attention
+        from .ops.dense_attention import dense_causal_attention
 
         res = dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=return_lse)
         stats = reference.dense_stats(B, Hq, N, cfg.block_size, q.device)
     else:
-        from .ops.selection import compact_index_dtype, select_blocks_fast
+        from .search import compact_index_dtype, select_blocks_fast
         from .ops.sparse_attention import sparse_attention
 
         # the operator's own selection never leaves it: int16 block ids where they fit
@@ -255,7 +255,7 @@ def flex_prefill_attention(
                                  index_dtype=compact_index_dtype(math.ceil(N / cfg.block_size)))
         stats = sel.stats()
         if not return_lse and reference.too_dense(sel.counts, cfg):
-            from .ops.dense import dense_causal_attention
+            from .ops.dense_attention import dense_causal_attention
 
             res = dense_causal_attention(q, k, v, softmax_scale=scale)
             stats.dense = True
@@ -390,7 +390,8 @@ def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
         return reference.select_blocks_varlen(
             q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
         )
-    from .ops.selection import full_causal_selection_varlen, select_blocks_varlen_fast
+    from .block_table import full_causal_selection_varlen
+    from .search import select_blocks_varlen_fast
 
     bounds = (cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])
     S, Hq = cu_q.numel() - 1, q.shape[1]
@@ -502,7 +503,7 @@ def flex_prefill_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats,
         )
-    from .ops.selection import compact_index_dtype
+    from .search import compact_index_dtype
     from .ops.sparse_attention import sparse_attention_varlen
 
     sel = _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale, cfg.min_seq_len,
@@ -541,7 +542,8 @@ def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
         starts = torch.arange(B, dtype=torch.int32, device=q.device) * N
         ends = starts + seq_lens
         qf, kf, vf = (t.reshape(B * N, *t.shape[2:]) for t in (q, k, v))
-        from .ops.selection import compact_index_dtype, full_causal_selection_varlen, select_blocks_varlen_fast
+        from .block_table import full_causal_selection_varlen
+        from .search import compact_index_dtype, select_blocks_varlen_fast
 
         if N < cfg.min_seq_len:
             counts, indices = full_causal_selection_varlen(starts, ends, starts, ends, Hq, N, cfg.block_size)
@@ -608,7 +610,7 @@ def sliding_window_attention(
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
         return reference.dense_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, window=window)
-    from .ops.dense import sliding_window_attention as _swa
+    from .ops.window_attention import sliding_window_attention as _swa
 
     return _swa(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse)
 
@@ -631,7 +633,7 @@ def sliding_window_attention_varlen(
         return reference.dense_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse, window=window
         )
-    from .ops.dense import sliding_window_attention_varlen as _swa_varlen
+    from .ops.window_attention import sliding_window_attention_varlen as _swa_varlen
 
     return _swa_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

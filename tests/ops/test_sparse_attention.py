@@ -15,7 +15,8 @@ import torch
 
 from flexprefill import reference as R
 from flexprefill.config import FlexPrefillConfig
-from flexprefill.ops.dense import dense_causal_attention, full_causal_selection
+from flexprefill.block_table import full_causal_selection
+from flexprefill.ops.dense_attention import dense_causal_attention
 from flexprefill.ops.sparse_attention import _launch, kernel_name, sparse_attention
 from flexprefill.block_table import mask_to_selection
 from flexprefill.synthetic import structured_qkv

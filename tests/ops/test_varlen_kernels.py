@@ -12,9 +12,9 @@ import torch
 
 from flexprefill import reference as R
 from flexprefill.config import FlexPrefillConfig
-from flexprefill.ops.selection import (
+from flexprefill.block_table import full_causal_selection_varlen
+from flexprefill.search import (
     block_means_varlen,
-    full_causal_selection_varlen,
     representative_block_scores,
     representative_block_scores_varlen,
     select_blocks_varlen_fast,
