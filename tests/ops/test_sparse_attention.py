@@ -283,7 +283,7 @@ def test_gpu_config_space_fits_every_block_size(bs):
     import triton
 
     from flexprefill.ops.autotune import autotune_configs, interpreting
-    from flexprefill.ops.kernels.sparse_attention import _SPACE, _prune
+    from flexprefill.ops.sparse_attention import _SPACE, _prune
 
     if interpreting():
         assert len(autotune_configs(_SPACE[128], interpret=dict(BLOCK_M=32, BLOCK_N=32))) == 1
@@ -479,7 +479,7 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
 def test_hopper_config_space_fits_shared_memory_and_blocks():
     # runs on the CPU: the tile configs the Gluon kernel may get divide every block size it
     # takes, fit the H200's shared memory and use one warpgroup per 64 rows
-    from flexprefill.ops.kernels.sparse_attention_hopper import SMEM_LIMIT, smem_bytes
+    from flexprefill.ops.sparse_attention_hopper import SMEM_LIMIT, smem_bytes
     from flexprefill.ops.sparse_attention_hopper import hopper_configs
 
     for D in (64, 128, 256):
@@ -493,7 +493,7 @@ def test_hopper_config_space_fits_shared_memory_and_blocks():
     # a config over the limit is dropped
     assert smem_bytes(256, BLOCK_M=64, BLOCK_N=128, STAGES=2) > SMEM_LIMIT
     # the warp-specialised kernel: 128-row query tiles, so block sizes that are multiples of 128
-    from flexprefill.ops.kernels.sparse_attention_hopper_ws import ws_smem_bytes
+    from flexprefill.ops.sparse_attention_hopper import ws_smem_bytes
     from flexprefill.ops.sparse_attention_hopper import ws_configs
 
     for D in (64, 128, 256):

@@ -18,62 +18,7 @@ copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse
 import triton
 import triton.language as tl
 
-from ..autotune import autotune_configs
-
 _LN2 = tl.constexpr(0.6931471805599453)
-
-# a few configs per head-dim bucket (padded head dim <= 64, <= 128, <= 256); tiles are
-# clamped to the selection block size by the prune below.  A sweep of 64 configs on an
-# H200 (benchmarks/sweep_kernel_configs.py, results/h200/kernel_config_sweep_*.json) found
-# no config outside this space within 1% of the best of each head dim
-_SPACE = {
-    64: [
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
-    ],
-    128: [
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    ],
-    256: [
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-    ],
-}
-# the interpreter's one config divides every block size and runs both sub-tiling paths
-_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-
-
-def _set_tma_blocks(nargs):
-    """Autotune pre-hook: the descriptors' tile shape follows the config's BLOCK_N."""
-    if nargs.get("TMA"):
-        for name in ("k_desc", "v_desc"):
-            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BD"]]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Clamp tiles to the selection block size and drop the duplicates that makes."""
-    bs = {**named_args, **kwargs}["BS"]
-    kept, seen = [], set()
-    for c in configs:
-        bm, bn = min(c.kwargs["BLOCK_M"], bs), min(c.kwargs["BLOCK_N"], bs)
-        # small tiles do not feed 8 warps
-        warps = min(c.num_warps, 4) if bm * bn < 64 * 64 else c.num_warps
-        sig = (bm, bn, warps, c.num_stages)
-        if sig not in seen:
-            seen.add(sig)
-            kept.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=c.num_stages,
-                                      pre_hook=_set_tma_blocks))
-    return kept
-
 
 @triton.jit
 def _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag, n_diag, n_k,
@@ -263,23 +208,3 @@ def sparse_attention_fwd_kernel(
         else:
             p_lse = lse + (i_b * (HKV * GROUP) + i_h) * N + o_m
         tl.store(p_lse, b_lse, mask=m_m)
-
-
-def length_bucket(n: int) -> int:
-    """Autotune length class of a call with ``n`` keys: log2 rounded up, clamped to [13, 17]."""
-    return min(max(int(n - 1).bit_length(), 13), 17)
-
-
-# one autotuner per head-dim bucket, keyed on (padded head dim, block size, varlen, length
-# bucket); triton adds the dtypes.  ``N_BUCKET`` (unused by the body) is the key's length
-# class: with configs tuned on the first (8k) call, the H200 suite measured d256 at 0.60-0.64
-# of cuDNN's TFLOP/s at 128k (densities 5-60%); keyed on the length class, 0.80-0.94.  Each
-# power of two from 8k to 128k tunes once
-sparse_attention_fwd_tuned = {
-    bd: triton.autotune(
-        configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
-        key=["BD", "BS", "VARLEN", "WINDOWED", "DIAG_FIRST", "N_BUCKET"],
-        prune_configs_by={"early_config_prune": _prune},
-    )(sparse_attention_fwd_kernel)
-    for bd, space in _SPACE.items()
-}

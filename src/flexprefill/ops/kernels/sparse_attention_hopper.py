@@ -234,24 +234,3 @@ def sparse_attention_fwd_hopper(
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(k_bar.index(st))
         mbarrier.invalidate(v_bar.index(st))
-
-
-# tile configs per head dim (BLOCK_M = 16 x num_warps: one 64-row wgmma per warpgroup);
-# shared memory: q BLOCK_M x D + STAGES x 2 x BLOCK_N x D, 16-bit.  Kept from two H200 runs
-# (results/h200/hopper_kernel/, 5-60% density at 128k), one config each (the others tried
-# were never the fastest, and one config leaves no autotuning noise): at head dim 64 one
-# warpgroup per CTA with three CTAs per SM (64x128, 2 stages: 0.91-0.96 of cuDNN), at 256
-# two warpgroups (128x64); at 128 none beat the Triton kernel (128x128: 1-5 points behind,
-# 64x64 and 64x32 with two CTAs per SM further behind).  Under block size 64 tiles clamp to 64
-_SPACE = {
-    64: [dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4)],
-    128: [dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8)],
-    256: [dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=8)],
-}
-# the H200's shared memory per block (227 KB) less the barriers and some slack
-SMEM_LIMIT = 232448 - 1024
-
-
-def smem_bytes(D, BLOCK_M, BLOCK_N, STAGES, **_):
-    """Shared memory of a config (16-bit q, k, v tiles)."""
-    return 2 * D * (BLOCK_M + 2 * STAGES * BLOCK_N)
