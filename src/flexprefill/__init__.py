@@ -12,6 +12,7 @@ from .api import (
     sliding_window_attention_varlen,
 )
 from .config import FlexPrefillConfig
+from .options import Options, options, set_options, use_options
 from .integrations import patch, register, unpatch
 from .block_table import BlockSelection, PatternStats, VarlenBlockSelection
 
@@ -19,6 +20,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FlexPrefillConfig",
+    "Options",
+    "options",
+    "set_options",
+    "use_options",
     "BlockSelection",
     "PatternStats",
     "flex_prefill_attention",

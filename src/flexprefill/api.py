@@ -126,9 +126,9 @@ def _backend(config: FlexPrefillConfig, device: torch.device) -> str:
 
 
 def _interpreting() -> bool:
-    import os
+    from .options import interpreting
 
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None) -> BlockSelection:

@@ -55,9 +55,9 @@ def test_radix_threshold_entry_equals_sort(T, kind, monkeypatch):
     x = x.to("cuda" if torch.cuda.is_available() else "cpu")
     for gamma in (0.5, 0.9, 0.99):
         thr, pos = _threshold_entry(x, gamma)
-        monkeypatch.setenv("FLEXPREFILL_RADIX_SELECT", "0")
+        fp.set_options(radix_select=False)
         thr_s, pos_s = _threshold_entry(x, gamma)
-        monkeypatch.delenv("FLEXPREFILL_RADIX_SELECT")
+        fp.set_options(radix_select=True)
         assert thr.dtype == thr_s.dtype and pos.dtype == pos_s.dtype
         for h in range(H):
             assert _threshold_valid(x[h].cpu(), float(thr[h]), int(pos[h]), gamma), (kind, T, gamma, h)
@@ -75,6 +75,6 @@ def test_radix_threshold_entry_with_long_splits(monkeypatch):
     x = (torch.rand(3, 9000, generator=g) ** 4).to("cuda" if torch.cuda.is_available() else "cpu")
     x[1, ::3] = 0.25  # many ties
     thr, pos = G.threshold_entry(x, 0.9)
-    monkeypatch.setenv("FLEXPREFILL_RADIX_SELECT", "0")
+    fp.set_options(radix_select=False)
     thr_s, pos_s = G.threshold_entry(x, 0.9)
     assert torch.equal(thr, thr_s) and torch.equal(pos, pos_s)

@@ -15,18 +15,18 @@ def test_graphed_assembly_above_256_blocks_equals_eager(monkeypatch):
     from flexprefill.search import graph as GR
 
     assert GR._graph_pays(32, 512) and not GR._graph_pays(32, 1024) and GR._graph_pays(9, 1024)
-    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS", "0")
+    fp.set_options(search_graph_max_elems=0)
     assert GR._graph_pays(9, 256) and not GR._graph_pays(9, 257)
-    monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS")
+    fp.set_options(search_graph_max_elems=1 << 24)
     S.clear_graph_cache()
     cfg = fp.FlexPrefillConfig(tau=0.1, gamma=0.9)
     for seed in (0, 1):
         q, k, _ = structured_qkv(1, 40000, 8, 2, 64, seed=seed, dtype=torch.bfloat16, device="cuda")
         graphed = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
         assert len(GR._graphs) == 1
-        monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+        fp.set_options(search_graphs=False)
         eager = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-        monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+        fp.set_options(search_graphs=True)
         assert torch.equal(graphed.counts, eager.counts) and torch.equal(graphed.indices, eager.indices)
     S.clear_graph_cache()
 
@@ -43,9 +43,9 @@ def test_graphed_assembly_equals_eager(tau, monkeypatch):
     for seed in (0, 1):  # the second call replays the graph captured by the first
         q, k, _ = structured_qkv(2, 4000, 8, 2, 64, seed=seed, dtype=torch.bfloat16, device="cuda")
         graphed = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-        monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+        fp.set_options(search_graphs=False)
         eager = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-        monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+        fp.set_options(search_graphs=True)
         assert torch.equal(graphed.counts, eager.counts) and torch.equal(graphed.indices, eager.indices)
         # the estimate and the pattern decision are inside the graph too
         assert torch.equal(graphed.query_aware, eager.query_aware) and torch.equal(graphed.js_distance, eager.js_distance)
@@ -56,7 +56,7 @@ def test_graphed_assembly_equals_eager(tau, monkeypatch):
     q, k, _ = (t[0] for t in structured_qkv(1, sum(lens), 8, 2, 64, seed=3, dtype=torch.bfloat16, device="cuda"))
     args = (q, k, cu[:-1], cu[1:], cu[:-1], cu[1:], max(lens))
     graphed = S.select_blocks_varlen_fast(*args, config=cfg, softmax_scale=0.125, dense_below=1000)
-    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+    fp.set_options(search_graphs=False)
     eager = S.select_blocks_varlen_fast(*args, config=cfg, softmax_scale=0.125, dense_below=1000)
     assert torch.equal(graphed[0], eager[0]) and torch.equal(graphed[1], eager[1])
     S.clear_graph_cache()
@@ -67,7 +67,7 @@ def test_graphed_assembly_equals_eager(tau, monkeypatch):
 def test_whole_search_graph_follows_the_inputs(monkeypatch):
     """The whole-search graph reads q and k wherever they are on each call: new tensors
     (the captured ones freed), transformers' [B, H, N, D] layout, and equal to the eager
-    search and to the tail-only graph (FLEXPREFILL_SEARCH_GRAPH=0)."""
+    search and to the tail-only graph (whole_search_graph=False)."""
     from flexprefill import search as S
     from flexprefill.search import graph as GR
 
@@ -79,12 +79,12 @@ def test_whole_search_graph_follows_the_inputs(monkeypatch):
             if layout == "bhnd":
                 q, k = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
             got = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-            monkeypatch.setenv("FLEXPREFILL_SEARCH_GRAPH", "0")
+            fp.set_options(whole_search_graph=False)
             tail = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-            monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+            fp.set_options(search_graphs=False)
             eager = S.select_blocks_fast(q, k, config=cfg, softmax_scale=0.125)
-            monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
-            monkeypatch.delenv("FLEXPREFILL_SEARCH_GRAPH")
+            fp.set_options(search_graphs=True)
+            fp.set_options(whole_search_graph=True)
             for want in (eager, tail):
                 assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
                 assert torch.equal(got.query_aware, want.query_aware) and torch.equal(got.js_distance, want.js_distance)
@@ -97,7 +97,7 @@ def test_whole_search_graph_follows_the_inputs(monkeypatch):
     ks = k
     assert qs.data_ptr() % 16
     got = S.select_blocks_fast(qs, ks, config=cfg, softmax_scale=0.125)
-    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+    fp.set_options(search_graphs=False)
     eager = S.select_blocks_fast(qs, ks, config=cfg, softmax_scale=0.125)
     assert torch.equal(got.counts, eager.counts) and torch.equal(got.indices, eager.indices)
     S.clear_graph_cache()
@@ -105,11 +105,11 @@ def test_whole_search_graph_follows_the_inputs(monkeypatch):
 
 def _eager_search(monkeypatch, q, k, cfg, index_dtype=torch.int32):
     """The search with CUDA graphs off: what every graph replay must equal."""
-    monkeypatch.setenv("FLEXPREFILL_SELECTION_GRAPHS", "0")
+    fp.set_options(search_graphs=False)
     try:
         return select_blocks_fast(q, k, config=cfg, softmax_scale=0.125, index_dtype=index_dtype)
     finally:
-        monkeypatch.delenv("FLEXPREFILL_SELECTION_GRAPHS")
+        fp.set_options(search_graphs=True)
 
 
 def _assert_same_blocks(got, want):
@@ -130,7 +130,7 @@ def test_graphs_of_several_shapes_share_one_pool(monkeypatch):
     want = {s: _eager_search(monkeypatch, q, k, cfg) for s, (q, k) in inputs.items()}
     reserved = {}
     for mode in ("private", "shared"):
-        monkeypatch.setenv("FLEXPREFILL_GRAPH_POOL", mode)
+        fp.set_options(graph_pool=mode)
         S.clear_graph_cache()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -170,7 +170,7 @@ def test_seeded_pool_keeps_less_and_selects_the_same(N, monkeypatch):
     want = _eager_search(monkeypatch, q, k, cfg, dt)
     kept = {}
     for seed in ("0", "1"):
-        monkeypatch.setenv("FLEXPREFILL_GRAPH_SEED", seed)
+        fp.set_options(graph_seed=seed == "1")
         S.clear_graph_cache()
         GR.seed_log.clear()
         # pools of earlier tests' graphs may still be alive: only new ones count
@@ -219,7 +219,7 @@ def test_seed_trial_failure_keeps_the_graph(monkeypatch):
 
 def test_graph_pool_policy(monkeypatch):
     """One pool handle per device, shared by every capture until the cache is cleared;
-    FLEXPREFILL_GRAPH_POOL=private gives none (each graph its own pool)."""
+    graph_pool="private" gives none (each graph its own pool)."""
     from flexprefill import search as S
     from flexprefill.search import graph as GR
 
@@ -229,9 +229,9 @@ def test_graph_pool_policy(monkeypatch):
     a, b = GR._graph_pool("cuda:0"), GR._graph_pool(torch.device("cuda", 0))
     c = GR._graph_pool("cuda:1")
     assert a == b and a != c and len(made) == 2
-    monkeypatch.setenv("FLEXPREFILL_GRAPH_POOL", "private")
+    fp.set_options(graph_pool="private")
     assert GR._graph_pool("cuda:0") is None
-    monkeypatch.delenv("FLEXPREFILL_GRAPH_POOL")
+    fp.set_options(graph_pool="shared")
     S.clear_graph_cache()  # dropping the graphs drops the pool too
     assert GR._graph_pool("cuda:0") != a and len(made) == 3
     S.clear_graph_cache()

@@ -43,13 +43,13 @@ def test_representative_scores_match_reference(B, N, Hq, Hkv, D, bs):
 
 @pytest.mark.parametrize("B,N,Hq,Hkv,D,bs", CASES)
 def test_representative_scores_from_block_stats(B, N, Hq, Hkv, D, bs, monkeypatch):
-    """FLEXPREFILL_REP_BLOCK_STATS=1 (one pass over the keys storing each block's row max and
+    """rep_block_stats=True (one pass over the keys storing each block's row max and
     sum, the masses from them): the two-pass result within fp32 rounding, and the oracle's."""
     q, k = _inputs(B, N, Hq, Hkv, D, seed=N + 1, structured=True)
     scale = D**-0.5
-    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "0")
+    fp.set_options(rep_block_stats=False)
     v0, s0 = representative_block_scores(q, k, block_size=bs, scale=scale)
-    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "1")
+    fp.set_options(rep_block_stats=True)
     v1, s1 = representative_block_scores(q, k, block_size=bs, scale=scale)
     torch.testing.assert_close(v1, v0, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(s1, s0, atol=1e-6, rtol=1e-5)
@@ -63,12 +63,12 @@ def test_block_stats_default_follows_heads_times_blocks(monkeypatch):
     up to 9216, slower at 32768); '0' and '1' force it off and on."""
     from flexprefill.search.scores import _block_stats_enabled
 
-    monkeypatch.delenv("FLEXPREFILL_REP_BLOCK_STATS", raising=False)
+    fp.set_options(rep_block_stats=None)
     assert _block_stats_enabled(32, 256) and _block_stats_enabled(9, 1024) and _block_stats_enabled(4, 4096)
     assert not _block_stats_enabled(32, 1024) and not _block_stats_enabled(64, 512)
-    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "0")
+    fp.set_options(rep_block_stats=False)
     assert not _block_stats_enabled(1, 1)
-    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", "1")
+    fp.set_options(rep_block_stats=True)
     assert _block_stats_enabled(32, 1024)
 
 
@@ -150,8 +150,7 @@ def test_fast_selection_equals_reference(B, N, Hq, Hkv, D, bs, cfg_kw, structure
             # the radix threshold sums in another order than the sorted cumsum: where a running
             # sum sits on the goal within fp32 rounding it may take one ranked entry more or
             # less; the sort path must then give the reference exactly
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("FLEXPREFILL_RADIX_SELECT", "0")
+            with fp.use_options(radix_select=False):
                 by_sort = select_blocks_fast(q, k, config=cfg, softmax_scale=scale)
             assert torch.equal(by_sort.counts, ref.counts) and torch.equal(by_sort.indices, ref.indices)
             per_head = (fast.counts.sum(-1) - ref.counts.sum(-1)).abs()
@@ -449,5 +448,5 @@ def test_compact_index_dtype(monkeypatch):
 
     assert compact_index_dtype(2048) == torch.int16 and compact_index_dtype(32767) == torch.int16
     assert compact_index_dtype(32768) == torch.int32
-    monkeypatch.setenv("FLEXPREFILL_INT16_BLOCK_IDS", "0")
+    fp.set_options(int16_block_ids=False)
     assert compact_index_dtype(2048) == torch.int32

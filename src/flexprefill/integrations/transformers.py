@@ -77,7 +77,7 @@ from ..api import (
 )
 from ..config import FlexPrefillConfig
 from ..reference import too_dense
-from ..ops.autotune import interpreting
+from ..options import interpreting
 from ..block_table import PatternStats
 
 __all__ = [

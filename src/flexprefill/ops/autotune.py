@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import triton
 
+from ..options import interpreting
+
 __all__ = ["interpreting", "autotune_configs", "length_bucket"]
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def autotune_configs(space: Iterable[dict], *, interpret: dict, pre_hook=None) -> list[triton.Config]:

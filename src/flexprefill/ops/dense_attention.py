@@ -8,12 +8,12 @@ With an LSE, the block-sparse kernel on the full causal selection, built on the 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ..block_table import full_causal_selection
+from ..options import options
 
 __all__ = ["dense_causal_attention"]
 
@@ -22,9 +22,9 @@ _BLOCK = 128
 
 def _sdpa_order(device: torch.device):
     """The SDPA backends of the dense path: on CUDA cuDNN first, then torch's own choices
-    (FlashAttention, memory-efficient, math) for what cuDNN refuses.  ``FLEXPREFILL_DENSE_CUDNN=0``
-    keeps torch's default order (a no-op context)."""
-    if device.type != "cuda" or os.environ.get("FLEXPREFILL_DENSE_CUDNN", "1") == "0":
+    (FlashAttention, memory-efficient, math) for what cuDNN refuses.  ``Options.dense_cudnn``
+    off keeps torch's default order (a no-op context)."""
+    if device.type != "cuda" or not options().dense_cudnn:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

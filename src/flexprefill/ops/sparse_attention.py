@@ -10,13 +10,13 @@ import functools
 import importlib
 import inspect
 import math
-import os
 
 import torch
 import triton
 
 from ..config import BLOCK_SIZES
-from .autotune import autotune_configs, interpreting, length_bucket
+from ..options import interpreting, options
+from .autotune import autotune_configs, length_bucket
 from .kernels.sparse_attention import sparse_attention_fwd_kernel
 
 __all__ = ["sparse_attention", "sparse_attention_varlen"]
@@ -115,10 +115,10 @@ def _tma_descriptors(k, v, D: int, BD: int):
 
     Each descriptor views its tensor as ``[rows, stride_n]`` (``_row_view``).  Needs ``D`` a
     power of 2 >= 64 (so a tile holds no other head's columns), 16-byte aligned rows, Hopper
-    or newer (or the interpreter, which is how CI tests this path).  ``FLEXPREFILL_TMA=0``
+    or newer (or the interpreter, which is how CI tests this path).  ``Options.tma`` off
     turns it off.
     """
-    if os.environ.get("FLEXPREFILL_TMA", "1") == "0" or D != BD:
+    if not options().tma or D != BD:
         return None
     if not interpreting():
         if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
@@ -258,24 +258,24 @@ def _hopper_kernel(q, k, v, block_size: int, *, ws_only: bool = False) -> str | 
     D = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or not _gluon_available():
         return None
-    kernel = _hopper_policy(os.environ.get("FLEXPREFILL_HOPPER_KERNEL"), D, block_size, _ws_available())
+    kernel = _hopper_policy(options().hopper_kernel, D, block_size, _ws_available())
     if kernel is None or (ws_only and kernel != "ws") or any(_row_view(t, D) is None for t in (q, k, v)):
         return None
     return kernel
 
 
-def _hopper_policy(flag: str | None, D: int, block_size: int, ws_ok: bool) -> str | None:
-    """The Hopper kernel for head dim ``D`` and a block size: ``HOPPER_DEFAULT_KERNELS``, or
-    ``FLEXPREFILL_HOPPER_KERNEL`` (``flag``): ``1`` the tiled kernel for head dims 64, 128, 256,
-    ``ws`` the warp-specialised one, ``0`` none.  The warp-specialised kernel needs block sizes
+def _hopper_policy(choice: str, D: int, block_size: int, ws_ok: bool) -> str | None:
+    """The Hopper kernel for head dim ``D`` and a block size by ``Options.hopper_kernel``
+    (``choice``): "auto" ``HOPPER_DEFAULT_KERNELS``, "tiled" the tiled kernel for head dims 64,
+    128, 256, "ws" the warp-specialised one, "off" none.  The warp-specialised kernel needs block sizes
     that are multiples of 128 and a triton whose Gluon has the list form of ``warp_specialize``
     (``ws_ok``); without them ``ws`` falls back to the tiled kernel and the defaults to the
     Triton kernel (at head dims 128 and 256 the tiled kernel measured no faster than it)."""
-    if flag == "0" or block_size < 64 or D not in (64, 128, 256):
+    if choice == "off" or block_size < 64 or D not in (64, 128, 256):
         return None
-    kernel = {"1": "tiled", "ws": "ws"}.get(flag, HOPPER_DEFAULT_KERNELS.get(D))
+    kernel = HOPPER_DEFAULT_KERNELS.get(D) if choice == "auto" else choice
     if kernel == "ws" and (block_size % 128 or not ws_ok):
-        kernel = "tiled" if flag == "ws" else None
+        kernel = "tiled" if choice == "ws" else None
     return kernel
 
 
@@ -316,10 +316,10 @@ def _diag_first(BD: int) -> bool:
     then overlap the selection's).  Default: for padded head dim 64 only.  On the H200 at 128k
     (results/h200/diag_first_16771a4) first was +0.7 to +3.0 points of cuDNN's TFLOP/s at head
     dim 64 (5-60% density), -2.7 to +1.3 at 128 and 10-17 points worse at 256 (a second
-    pipelined loop's buffers).  ``FLEXPREFILL_DIAG_FIRST=1`` / ``=0`` forces it on / off."""
-    flag = os.environ.get("FLEXPREFILL_DIAG_FIRST")
-    if flag in ("0", "1"):
-        return flag == "1"
+    pipelined loop's buffers).  ``Options.diag_first`` True / False forces it on / off."""
+    forced = options().diag_first
+    if forced is not None:
+        return forced
     return BD == 64
 
 

@@ -5,13 +5,12 @@ and their union per row compacted into the block table, in one Triton pass per r
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from ..block_table import compact_block_mask
 from ..config import FlexPrefillConfig
+from ..options import options
 from ..ops.kernels.search import assemble_rows_kernel
 from . import gamma as G
 
@@ -241,8 +240,8 @@ def per_head(x: torch.Tensor) -> torch.Tensor:
 def compact_index_dtype(nb: int) -> torch.dtype:
     """The narrowest index dtype the kernel takes for ``nb`` blocks: int16 below 2^15 blocks
     (halves the [.., nb, nb] table: 151 MB instead of 302 MB for 9 heads at 256k), else int32.
-    ``FLEXPREFILL_INT16_BLOCK_IDS=0`` keeps int32."""
-    if os.environ.get("FLEXPREFILL_INT16_BLOCK_IDS", "1") == "0":
+    ``Options.int16_block_ids`` off keeps int32."""
+    if not options().int16_block_ids:
         return torch.int32
     return torch.int16 if nb < (1 << 15) else torch.int32
 

@@ -4,11 +4,10 @@ them).  Every set of the search (vertical, slash, query-aware) is cut by these f
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
+from ..options import options
 from ..ops.kernels.search import radix_final_kernel, radix_hist_kernel
 
 __all__ = ["sort_desc", "cumsum_rows", "count_to_mass", "top_n", "keep_to_mass", "threshold_entry"]
@@ -75,7 +74,7 @@ def keep_to_mass(scores: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def _radix_enabled() -> bool:
-    return os.environ.get("FLEXPREFILL_RADIX_SELECT", "1") != "0"
+    return options().radix_select
 
 
 # list entries per program of a radix pass (at least; more past _RADIX_MAX_SPLITS splits:
@@ -94,7 +93,7 @@ def threshold_entry(flat: torch.Tensor, gamma: float) -> tuple[torch.Tensor, tor
     running sum of the largest entries first reaches ``gamma`` of the row total.
 
     By radix selection on the fp32 bit patterns (10 launches, no sort, no [H, T] temporaries)
-    for ``gamma < 1`` when ``FLEXPREFILL_RADIX_SELECT`` is not ``0``; else by a stable sort.
+    for ``gamma < 1`` with ``Options.radix_select`` on; else by a stable sort.
     The running sums are grouped differently from a sorted cumsum, so where a partial sum
     lies within fp32 rounding of the goal the two may pick neighbouring entries.
     """

@@ -11,12 +11,12 @@ captures such a function once per shape and replays it.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import OrderedDict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..options import options
 from . import gamma as G
 
 __all__ = ["clear_graph_cache", "call", "call_reading_inputs", "seed_log"]
@@ -57,21 +57,18 @@ def _graph_chunk(nb: int) -> int:
 def _graph_pays(bh: int, nb: int) -> bool:
     if nb <= _GRAPH_MAX_NB:
         return True
-    flag = os.environ.get("FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS")
-    limit = int(flag) if flag else _GRAPH_MAX_ELEMS
-    return bh * nb * nb <= limit
+    return bh * nb * nb <= options().search_graph_max_elems
 
 
 _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
-
 
 # One memory pool per device shared by every cached search graph: a graph's temporaries are
 # only live during its replay and every replay's outputs are cloned at once on the same
 # stream, so graphs of different shapes may reuse each other's memory; the cache then keeps
 # the largest graph's pool instead of the sum over up to _GRAPH_CACHE shapes.  (Replays of
 # two shapes on two streams at once would race; so would two replays of one shape with
-# private pools, as both write the graph's static outputs.)  FLEXPREFILL_GRAPH_POOL=private:
-# one pool per graph, as before.
+# private pools, as both write the graph's static outputs.)  ``Options.graph_pool="private"``:
+# one pool per graph.
 #
 # The pool is seeded: the CUDA caching allocator gives every request of 1-10 MB a 20 MB
 # segment of its own (a request of 10 MB or more gets a segment of its size, rounded to 2
@@ -81,23 +78,12 @@ _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 # live outside the pool (see _capture), so all of the pool is free between replays.  Which
 # seed, if any, is found by trial calls in a private pool set up as the shared pool is (its
 # free segments, then the seed): the one the capture grows the pool least with (none where
-# other shapes' segments already hold the requests).  FLEXPREFILL_GRAPH_SEED=0: no seed.
-# Measured on an H200: README, "Search graph memory".
+# other shapes' segments already hold the requests).  ``Options.graph_seed`` off: no seed.
 _pools: dict = {}
-
-
 _capture_streams: dict = {}
-
-
 _SEED_MIN = 10 << 20  # the allocator's kMinLargeAlloc: smaller large requests take 20 MB segments
-
-
 _SEED_ROUND = 2 << 20  # its kRoundLarge
-
-
 _SEED_TRIALS = 4  # trial calls at most per capture (see _choose_seed)
-
-
 # (measured need and largest request, free bytes and wholly free segments found, seed taken,
 # large segments added past it, the trials' (seed, added)) of the last captures, for benchmarks
 seed_log: list = []
@@ -111,7 +97,7 @@ def clear_graph_cache() -> None:
 
 def _graph_pool(device):
     """The shared pool handle of ``device`` (None: a private pool per graph)."""
-    if os.environ.get("FLEXPREFILL_GRAPH_POOL", "shared") == "private":
+    if options().graph_pool == "private":
         return None
     key = torch.device(device).index
     if key not in _pools:
@@ -130,7 +116,7 @@ def _capture_stream(device):
 
 
 def _seeding() -> bool:
-    return os.environ.get("FLEXPREFILL_GRAPH_SEED", "1") != "0"
+    return options().graph_seed
 
 
 class _LargePeak(TorchDispatchMode):
@@ -235,7 +221,7 @@ def _trial_added(run, static, device, stream, empty: list, seed: int, peak=None)
 
 
 def _graphs_enabled() -> bool:
-    return os.environ.get("FLEXPREFILL_SELECTION_GRAPHS", "1") != "0"
+    return options().search_graphs
 
 
 def _graph_applies(t: torch.Tensor, bh: int, nb: int) -> bool:
@@ -330,7 +316,7 @@ def _cache(key, entry):
 
 
 def _search_graph_enabled() -> bool:
-    return os.environ.get("FLEXPREFILL_SEARCH_GRAPH", "1") != "0"
+    return options().whole_search_graph
 
 
 def _kwargs_key(kwargs: dict) -> tuple:

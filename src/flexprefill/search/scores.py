@@ -5,7 +5,6 @@ and its Jensen-Shannon distance to the true distribution (steps 1-3 of FlexPrefi
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -13,6 +12,7 @@ import triton
 from ..ops.kernels.search import (
     block_mean_kernel, block_mean_varlen_kernel, combine_splits_kernel, rep_block_mass_kernel, rep_row_stats_kernel,
 )
+from ..options import options
 from ..reference import js_distance
 
 __all__ = [
@@ -79,11 +79,11 @@ def _block_stats_enabled(rows: int, nb: int) -> bool:
     """Whether the representative rows' first pass stores each key block's row max and sum, so
     the block-mass pass reads them instead of a second pass over the keys (half the QK^T and exp
     work of the two passes).  ``rows``: sequences x query heads, ``nb``: key blocks.
-    ``FLEXPREFILL_REP_BLOCK_STATS=1`` always, ``=0`` never, unset: while ``rows * nb <=``
+    ``Options.rep_block_stats`` True always, False never, None: while ``rows * nb <=``
     ``_BLOCK_STATS_MAX``.  Both paths are tested against each other and the oracle."""
-    flag = os.environ.get("FLEXPREFILL_REP_BLOCK_STATS", "auto")
-    if flag in ("0", "1"):
-        return flag == "1"
+    forced = options().rep_block_stats
+    if forced is not None:
+        return forced
     return rows * nb <= _BLOCK_STATS_MAX
 
 
