@@ -24,6 +24,7 @@ from flexprefill.benchmarking import env_stamp, random_qkv
 from flexprefill import block_table
 from flexprefill.ops import window_attention
 from flexprefill.ops.sparse_attention import _tma_descriptors
+from flexprefill.options import set_from_env
 
 
 def _host_us(fn, reps: int = 300) -> float:
@@ -50,10 +51,10 @@ def main():
     row["op_call_host_us"] = _host_us(call)
     row["api_call_host_us"] = _host_us(api)
     row["op_call_gpu_ms"] = do_bench(call, warmup=5, rep=100)
-    os.environ["FLEXPREFILL_TMA"] = "0"
+    set_from_env("FLEXPREFILL_TMA", "0")
     row["op_call_host_us_no_tma"] = _host_us(call)
     row["op_call_gpu_ms_no_tma"] = do_bench(call, warmup=5, rep=100)
-    del os.environ["FLEXPREFILL_TMA"]
+    set_from_env("FLEXPREFILL_TMA", None)
     print(json.dumps(row), flush=True)
     out = os.environ.get("OUT", "./out")
     os.makedirs(out, exist_ok=True)

@@ -24,6 +24,7 @@ from flexprefill.benchmarking import cached_graph_pool_mb, cudnn_reference, env_
 from flexprefill.synthetic import structured_qkv
 from flexprefill import search as S
 from flexprefill.search import graph as G
+from flexprefill.options import set_from_env
 
 
 def kernels_of(fn) -> tuple[list, float, int]:
@@ -57,10 +58,10 @@ def main():
             scale = D**-0.5
             dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
             search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731
-            os.environ["FLEXPREFILL_SELECTION_GRAPHS"] = "0"
+            set_from_env("FLEXPREFILL_SELECTION_GRAPHS", "0")
             kern, total_us, launches = kernels_of(search)
             eager_ms = do_bench(search, warmup=5, rep=100)
-            del os.environ["FLEXPREFILL_SELECTION_GRAPHS"]
+            set_from_env("FLEXPREFILL_SELECTION_GRAPHS", None)
             row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, cudnn_ms=dense_ms, eager_ms=eager_ms, kernel_us=total_us,
                        launches=launches, kernels=kern, graphed={}, **stamp)
             print(f"{row['shape']} N={N}: cuDNN {dense_ms:.3f} ms, eager search {eager_ms:.3f} ms, "
@@ -81,7 +82,7 @@ def main():
             torch.cuda.empty_cache()
     finally:
         G._graph_chunk = chunk0
-        os.environ.pop("FLEXPREFILL_SELECTION_GRAPHS", None)
+        set_from_env("FLEXPREFILL_SELECTION_GRAPHS", None)
         with open(os.path.join(out, f"search_kernels_{stamp.get('commit', 'unknown')}.json"), "w") as f:
             json.dump(res, f, indent=1)
 

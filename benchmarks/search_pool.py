@@ -35,6 +35,7 @@ from flexprefill.benchmarking import cached_graph_memory, cudnn_reference, env_s
 from flexprefill.synthetic import structured_qkv
 from flexprefill import search as S
 from flexprefill.search import graph as G
+from flexprefill.options import set_from_env
 
 MB = 2**20
 
@@ -118,8 +119,8 @@ def multi(shape, lengths, cfg) -> dict:
     Hq, Hkv, D = shape
     res = {}
     for mode in ("shared", "shared_unseeded", "private"):
-        os.environ["FLEXPREFILL_GRAPH_POOL"] = mode.split("_")[0]
-        os.environ["FLEXPREFILL_GRAPH_SEED"] = "0" if mode.endswith("unseeded") else "1"
+        set_from_env("FLEXPREFILL_GRAPH_POOL", mode.split("_")[0])
+        set_from_env("FLEXPREFILL_GRAPH_SEED", "0" if mode.endswith("unseeded") else "1")
         _fresh()
         for N in lengths:
             q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
@@ -128,8 +129,8 @@ def multi(shape, lengths, cfg) -> dict:
         graphs = len(G._graphs)
         kept = cached_graph_memory()
         res[mode] = dict(graphs=graphs, kept_mb=kept["reserved_mb"], held_mb=kept["held_mb"], seed_log_mb=_seed_log_mb())
-    os.environ.pop("FLEXPREFILL_GRAPH_POOL", None)
-    os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
+    set_from_env("FLEXPREFILL_GRAPH_POOL", None)
+    set_from_env("FLEXPREFILL_GRAPH_SEED", None)
     _fresh()
     return res
 
@@ -155,7 +156,7 @@ def main():
                 dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
                 for chunk, seed in [(c, sd) for c in chunks for sd in seeds]:
                     G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS = defaults
-                    os.environ["FLEXPREFILL_GRAPH_SEED"] = seed
+                    set_from_env("FLEXPREFILL_GRAPH_SEED", seed)
                     row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, chunk=chunk or "default", seed=int(seed), qkv_mb=qkv_mb,
                                cudnn_ms=dense_ms, **stamp)
                     try:
@@ -171,7 +172,7 @@ def main():
                         f"pool {row['pool_mb']:6.1f} MB ({row['pool_frac_qkv']:.0%} of qkv {qkv_mb:.0f}) held {row['held_mb']:.1f} ({row['held_frac_qkv']:.0%}) segs {row['segments_mb']:.1f} "
                         f"{row['segment_sizes_mb']} {row['seed_log_mb']} peak live {row['peak_live_mb']:.1f}  search {row['search_ms']:.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "
                         f"{dense_ms:.2f}) op {row['operator_ms']:.3f}" if "pool_mb" in row else row.get("error", "")), flush=True)
-                    os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
+                    set_from_env("FLEXPREFILL_GRAPH_SEED", None)
                     if chunk == chunks[0] and seed == seeds[0] and "top" in row:
                         for t in row["top"][:6]:
                             print(f"      {t['mb']:7.2f} MB  {t['where']}", flush=True)

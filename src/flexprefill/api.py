@@ -121,8 +121,24 @@ def _backend(config: FlexPrefillConfig, device: torch.device) -> str:
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                 f"got tensors on {device}. Use backend='auto' or 'reference' on the CPU."
             )
+        _require_triton()
         return "triton"
-    return "triton" if device.type == "cuda" else "reference"
+    if device.type == "cuda":
+        _require_triton()
+        return "triton"
+    return "reference"
+
+
+def _require_triton() -> None:
+    """Triton is an optional dependency (CPU torch wheels do not bring it): imported only here,
+    where a kernel path is about to run."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            'the Triton backend needs triton: pip install "flexprefill[triton]" '
+            "(or use backend='reference' on any device)"
+        ) from e
 
 
 def _interpreting() -> bool:

@@ -18,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass, fields, replace
 
-__all__ = ["Options", "options", "set_options", "use_options", "interpreting", "ENV"]
+__all__ = ["Options", "options", "set_options", "use_options", "set_from_env", "interpreting", "ENV"]
 
 HOPPER_KERNELS = ("auto", "tiled", "ws", "off")
 GRAPH_POOLS = ("shared", "private")
@@ -183,3 +183,14 @@ def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` when
     flexprefill was imported)."""
     return _TRITON_INTERPRET
+
+
+def set_from_env(var: str, value: str | None) -> Options:
+    """Set the option of environment variable ``var`` (e.g. ``"FLEXPREFILL_TMA"``) as if
+    ``value`` had been in the environment at import (None: the option's default), for scripts
+    that sweep switches by their variable names; returns the options now in force."""
+    by_var = {v: (name, parse) for name, (v, parse) in ENV.items()}
+    if var not in by_var:
+        raise ValueError(f"{var!r} is not an option's variable; accepted: {sorted(by_var)}")
+    name, parse = by_var[var]
+    return set_options(**{name: getattr(Options(), name) if value is None else parse(value)})
