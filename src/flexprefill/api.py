@@ -129,6 +129,19 @@ def _backend(config: FlexPrefillConfig, device: torch.device) -> str:
     return "reference"
 
 
+def _check_no_grad(*named) -> None:
+    """The Triton and Gluon kernels have no backward: refuse inputs that would need one,
+    rather than return outputs whose gradients are silently missing."""
+    if not torch.is_grad_enabled():
+        return
+    needs = [name for name, t in named if t.requires_grad]
+    if needs:
+        raise RuntimeError(
+            f"{', '.join(needs)} require grad, but the Triton backend has no backward pass; use "
+            "backend='reference' (plain PyTorch, differentiable) or run under torch.no_grad()"
+        )
+
+
 def _require_triton() -> None:
     """Triton is an optional dependency (CPU torch wheels do not bring it): imported only here,
     where a kernel path is about to run."""
@@ -202,6 +215,7 @@ def block_sparse_attention(
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
         return reference.block_sparse_attention(q, k, v, selection, softmax_scale=scale, return_lse=return_lse)
+    _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.sparse_attention import sparse_attention
 
     return sparse_attention(
@@ -248,6 +262,8 @@ def flex_prefill_attention(
     _check_qkv(q, k, v)
     scale = _check_scale(softmax_scale, q.shape[-1])
     backend = _backend(cfg, q.device)
+    if backend != "reference":
+        _check_no_grad(("q", q), ("k", k), ("v", v))
     if seq_lens is not None:
         _check_seq_lens(seq_lens, q)
         return _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats)
@@ -465,6 +481,7 @@ def block_sparse_attention_varlen(
         return reference.block_sparse_attention_varlen(
             q, k, v, selection, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse
         )
+    _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.sparse_attention import sparse_attention_varlen
 
     return sparse_attention_varlen(
@@ -519,6 +536,7 @@ def flex_prefill_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats,
         )
+    _check_no_grad(("q", q), ("k", k), ("v", v))
     from .search import compact_index_dtype
     from .ops.sparse_attention import sparse_attention_varlen
 
@@ -626,6 +644,7 @@ def sliding_window_attention(
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
         return reference.dense_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, window=window)
+    _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.window_attention import sliding_window_attention as _swa
 
     return _swa(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse)
@@ -649,6 +668,7 @@ def sliding_window_attention_varlen(
         return reference.dense_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse, window=window
         )
+    _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.window_attention import sliding_window_attention_varlen as _swa_varlen
 
     return _swa_varlen(
