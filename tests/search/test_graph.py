@@ -186,7 +186,7 @@ def test_seeded_pool_keeps_less_and_selects_the_same(N, monkeypatch):
     assert len(GR.seed_log) == 1 and GR.seed_log[0]["seed"] > 0 and GR.seed_log[0]["grown"] == 0, GR.seed_log
     assert GR.seed_log[0]["trials"][-1] == (GR.seed_log[0]["seed"], 0), GR.seed_log
     assert kept["1"] < kept["0"], kept
-    # the bound on the search's extra memory: a quarter of one layer's q + k + v
+    # the bound on the search's extra memory: a quarter of one layer's q + k + v
     # (H200, the trial seed: 13 of 60 MB at 32k, 56 of 240 MB at 128k)
     qkv_mb = N * (9 + 3 + 3) * 64 * 2 / 2**20
     assert kept["1"] <= 0.25 * qkv_mb, (kept, qkv_mb)

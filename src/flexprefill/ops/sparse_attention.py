@@ -25,7 +25,7 @@ _LOG2E = 1.4426950408889634
 
 # a few configs per head-dim bucket (padded head dim <= 64, <= 128, <= 256); tiles are
 # clamped to the selection block size by the prune below.  A sweep of 64 configs on an
-# H200 (benchmarks/sweep_kernel_configs.py, results/h200/kernel_config_sweep_*.json) found
+# H200 (benchmarks/sweep_kernel_configs.py) found
 # no config outside this space within 1% of the best of each head dim
 _SPACE = {
     64: [
@@ -231,11 +231,11 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
 
 
 # the Gluon kernel each head dim takes by default on Hopper (block size a multiple of 128 for
-# "ws"; other block sizes keep the Triton kernel there).  On an H200 (results/h200/hopper_kernel/,
-# 32/8 heads at 128k, 5-60% density, TFLOP/s on the computed blocks over cuDNN's):
+# "ws"; other block sizes keep the Triton kernel there).  On an H200 (32/8 heads
+# at 128k, 5-60% density, TFLOP/s on the computed blocks over cuDNN's):
 # head dim 64: the tiled kernel 0.91-0.99 against the Triton kernel's 0.86-0.92 (the
-# warp-specialised one 0.79-0.86; edc4ab4); head dim 128: the warp-specialised kernel
-# 0.87-0.95 against the Triton kernel's 0.77-0.90 (the tiled one 0.78-0.87; ws_7695ba9/);
+# warp-specialised one 0.79-0.86); head dim 128: the warp-specialised kernel
+# 0.87-0.95 against the Triton kernel's 0.77-0.90 (the tiled one 0.78-0.87);
 # head dim 256: 0.90-0.93 against 0.79-0.92 (tiled 0.81-0.94)
 HOPPER_DEFAULT_KERNELS = {64: "tiled", 128: "ws", 256: "ws"}
 
@@ -314,7 +314,7 @@ def _gluon_available() -> bool:
 def _diag_first(BD: int) -> bool:
     """Whether the kernel runs the diagonal block before the others (``DIAG_FIRST``; its loads
     then overlap the selection's).  Default: for padded head dim 64 only.  On the H200 at 128k
-    (results/h200/diag_first_16771a4) first was +0.7 to +3.0 points of cuDNN's TFLOP/s at head
+    first was +0.7 to +3.0 points of cuDNN's TFLOP/s at head
     dim 64 (5-60% density), -2.7 to +1.3 at 128 and 10-17 points worse at 256 (a second
     pipelined loop's buffers).  ``Options.diag_first`` True / False forces it on / off."""
     forced = options().diag_first

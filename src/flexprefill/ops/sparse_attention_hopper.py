@@ -20,7 +20,7 @@ __all__ = ["launch_hopper", "hopper_configs", "launch_hopper_ws", "ws_configs"]
 
 # tile configs per head dim (BLOCK_M = 16 x num_warps: one 64-row wgmma per warpgroup);
 # shared memory: q BLOCK_M x D + STAGES x 2 x BLOCK_N x D, 16-bit.  Kept from two H200 runs
-# (results/h200/hopper_kernel/, 5-60% density at 128k), one config each (the others tried
+# (5-60% density at 128k), one config each (the others tried
 # were never the fastest, and one config leaves no autotuning noise): at head dim 64 one
 # warpgroup per CTA with three CTAs per SM (64x128, 2 stages: 0.91-0.96 of cuDNN), at 256
 # two warpgroups (128x64); at 128 none beat the Triton kernel (128x128: 1-5 points behind,
@@ -40,8 +40,7 @@ def smem_bytes(D, BLOCK_M, BLOCK_N, STAGES, **_):
 
 
 # one config per head dim; shared memory 2 x D x (Q_STAGES x 128 + 2 x STAGES x BLOCK_N), 16-bit.
-# On the H200 at 128k, 5-60% density (results/h200/hopper_kernel/hopper_kernel_ws_edc4ab4.json,
-# ws_7695ba9/): ping-pong off, as it was within -3..+3 points at head dim 128 over two runs,
+# On the H200 at 128k, 5-60% density, over two runs: ping-pong off, as it was within -3..+3 points at head dim 128 over two runs,
 # -4..+1 at 256 and 2-10 behind at 64 (the intra-warpgroup overlap already keeps
 # the tensor cores busy); the tile counter on, 0.5-6.5 points ahead of the fixed stride on random
 # selections and what made the operator faster than the Triton kernel on the suite's

@@ -22,7 +22,7 @@ __all__ = ["assemble", "assemble_torch", "vs_sets", "chunk_elems_for", "compact_
 # bytes of q + k + v (15% of them) from 2^22 up to 2^23 elements: fewer, larger chunks cost
 # less host time (the 128k search is host-bound).  Not below 2^22: sized down to 15% for
 # SmolLM2's small heads (one head per chunk at 128k) the search took 32% of the operator
-# instead of 19.5% (H200 suite, 9200aa8 against c8d7dfd), for 15% instead of 28.5% memory
+# instead of 19.5% (H200 suite), for 15% instead of 28.5% memory
 _CHUNK_ELEMS = 1 << 22
 _CHUNK_FRACTION = 0.15
 _CHUNK_BYTES_PER_ELEM = 27

@@ -79,9 +79,9 @@ def _radix_enabled() -> bool:
 
 # list entries per program of a radix pass (at least; more past _RADIX_MAX_SPLITS splits:
 # every program reads all splits' histograms of the pass before), and per loop step.  At
-# 4096 a pass over SmolLM2's 32k ranking (9 heads x 33k entries, 81 programs) took ~10 us
-# (search_kernels_b60ecbd); 1024 spreads it over 4x the programs: the 9 passes 88.8 -> 67.8 us
-# there, Gemma 3's (4 heads) 87.3 -> 40.1 us (search_kernels_c2ada11)
+# 4096 a pass over SmolLM2's 32k ranking (9 heads x 33k entries, 81 programs) took ~10 us on
+# an H200; 1024 spreads it over 4x the programs: the 9 passes 88.8 -> 67.8 us there, Gemma 3's
+# (4 heads) 87.3 -> 40.1 us
 _RADIX_PER_SPLIT = 1024
 _RADIX_MAX_SPLITS = 128
 _RADIX_BT = 1024

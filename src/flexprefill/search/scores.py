@@ -69,7 +69,7 @@ def _combine_splits(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 
 
 # heads x key blocks up to which the one-pass block statistics are used by default; measured
-# (results/h200/search_b2cf59e, same run): faster at 4/1/256 32k and 128k (4096 and 1024 x 4
+# on an H200 in one run: faster at 4/1/256 32k and 128k (4096 and 1024 x 4
 # head-blocks), 9/3/64 32k and 128k (2304, 9216), 32/8/128 32k (8192: 0.857 -> 0.701 ms), slower
 # at 32/8/128 128k (32768: 4.75 -> 5.48 ms, the statistics it writes outweigh the pass it saves)
 _BLOCK_STATS_MAX = 1 << 14

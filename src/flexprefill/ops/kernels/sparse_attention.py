@@ -1,18 +1,19 @@
 """Block-sparse causal attention forward (FlashAttention-2 style, online softmax in fp32, exp2).
+Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128,
+GQA 1/2/4), the dense path on an H200 (bf16).  Limits: BLOCK_M, BLOCK_N divide the block size; D <= 256.
+
 ``VARLEN`` switches to packed sequences: per-sequence row bounds loaded in the kernel, queries =
 the last n_q of n_k positions (bottom-right causal, tiles aligned to absolute positions).
-Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128, GQA 1/2/4);
-the dense path on an H200 (bf16), the varlen path on CPU only so far.
-Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
 ``WINDOWED`` adds a sliding window (key j visible from query i when ``i - j < window``, the
 transformers convention) on top of whichever blocks the selection lists.
 ``DIAG_FIRST`` runs the diagonal block before the listed off-diagonal ones (its loads need
 no selection entry; the launcher turns it on for head dim 64, where it measured faster).
 Triton's automatic warp specialization (``tl.range(..., warp_specialize=True)`` on the
-off-diagonal loop; c2ada11, results/h200/probe_ws_c2ada11) did not help on the H200 with
-triton 3.6: with 8 warps within 1.5% of the same config without it, with 4 warps the pass failed.
+off-diagonal loop) did not help on the H200 with triton 3.6: with 8 warps within 1.5% of the
+same config without it, with 4 warps the pass failed.
 ``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
 copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
+Autotuning spaces and launch logic live in ``ops.sparse_attention``.
 """
 
 import triton

@@ -1,6 +1,8 @@
-"""Block-sparse causal attention forward for Hopper, written in Gluon (Triton's explicit-layout
-dialect): the same contract as ``sparse_attention_fwd_kernel`` for the dense (non-packed),
-non-windowed path, with a schedule Triton's own pipeliner cannot express.
+"""Block-sparse causal attention forward for Hopper in Gluon (the dense, non-windowed contract of
+``sparse_attention_fwd_kernel``).  Tested on an H200 against the Triton kernel (GPU tests);
+limits: sm_90, 16-bit q/k/v laid out for tensor descriptors, head dim 64/128/256, no interpreter.
+
+It exists for a schedule Triton's own pipeliner cannot express.
 
 What differs from the Triton kernel (why it exists):
 - FlashAttention-3's intra-warpgroup overlap: tile j's ``Q K^T`` and tile j-1's ``P V`` are
@@ -12,9 +14,8 @@ What differs from the Triton kernel (why it exists):
   loaded by TMA into ``STAGES`` buffers each, a buffer refilled as soon as the wgmma reading
   it has completed (K after its ``Q K^T``, V after its ``P V``).
 
-Needs sm_90 (wgmma), 16-bit q/k/v whose K/V layout allows tensor descriptors (see
-``ops.sparse_attention._tma_descriptors``), head dim 64, 128 or 256.  It does not run under
-the Triton interpreter; CPU tests cover the Triton kernel, GPU tests compare the two.
+The layout check is ``ops.sparse_attention._row_view``; tile configs and shared-memory limits
+live in ``ops.sparse_attention_hopper``.
 """
 
 from triton.experimental import gluon

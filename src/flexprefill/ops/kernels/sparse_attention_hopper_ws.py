@@ -1,4 +1,6 @@
 """Block-sparse causal attention forward for Hopper, warp-specialised and persistent (Gluon).
+Tested on an H200 against the Triton kernel (GPU tests); limits: sm_90, triton's Gluon
+``warp_specialize``, block size a multiple of 128, head dim 64/128/256, no interpreter.
 
 The same contract as ``sparse_attention_fwd_hopper`` (block size a multiple of 128), plus
 packed sequences (``VARLEN``: chunks over a cached prefix, tiles aligned to absolute
@@ -20,7 +22,7 @@ FlashAttention-3's division of labour:
   consumers in shared memory with the tile's Q), so heads of unequal density balance out;
   otherwise a fixed stride.
 
-Needs sm_90 and triton's Gluon ``warp_specialize``; not runnable under the interpreter.
+Configs and shared-memory limits live in ``ops.sparse_attention_hopper``.
 """
 
 from triton.experimental import gluon
