@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import flexprefill as fp
+
 
 
 @pytest.mark.parametrize("n", [7, 4096, 4097, 5000, 1 << 16, 300_001])
