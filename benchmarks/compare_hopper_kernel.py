@@ -28,6 +28,7 @@ from triton.testing import do_bench
 from harness import EFFICIENCY_DENSITIES, causal_density, efficiency_cases, env_stamp
 from flexprefill.ops.sparse_attention import _launch
 from flexprefill.ops.sparse_attention_hopper import hopper_configs, ws_configs
+from flexprefill.options import set_from_env
 
 BS = 128
 
@@ -73,7 +74,7 @@ def main():
             flops, base_ms, base_tf = case["flops"], case["cudnn_ms"], case["cudnn_tflops"]
             kw = dict(block_size=BS, softmax_scale=scale, return_lse=False)
             # FLEXPREFILL_HOPPER_KERNEL picks the kernel of the untuned calls: 0 Triton, 1 Gluon
-            os.environ["FLEXPREFILL_HOPPER_KERNEL"] = "0"
+            set_from_env("FLEXPREFILL_HOPPER_KERNEL", "0")
             ref = _launch(q, k, v, counts, idx, **kw)  # the Triton kernel (autotunes once per length class)
             variants = {"triton": dict(_env="0"), "gluon_tuned": dict(_env="1")}
             for c in hopper_configs(D, BS) + hopper_configs(D, BS, extra_configs):
@@ -87,7 +88,7 @@ def main():
             r = dict(D=D, N=n, density=causal_density(counts), cudnn_ms=base_ms, cudnn_tflops=base_tf, **stamp)
             for name, extra in variants.items():
                 extra = dict(extra)
-                os.environ["FLEXPREFILL_HOPPER_KERNEL"] = extra.pop("_env", "0")
+                set_from_env("FLEXPREFILL_HOPPER_KERNEL", extra.pop("_env", "0"))
                 try:
                     fn = lambda: _launch(q, k, v, counts, idx, **kw, **extra)  # noqa: E731
                     o = fn()
@@ -98,7 +99,7 @@ def main():
                 except Exception as e:  # a config that fails to compile or launch is reported, not fatal
                     r[f"error_{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 finally:
-                    os.environ.pop("FLEXPREFILL_HOPPER_KERNEL", None)
+                    set_from_env("FLEXPREFILL_HOPPER_KERNEL", None)
             rows.append(r)
             eff = {k[len("efficiency_"):]: round(v, 3) for k, v in r.items() if k.startswith("efficiency_")}
             errs = [k for k in r if k.startswith("error_")]

@@ -19,6 +19,7 @@ from triton.testing import do_bench
 
 from harness import EFFICIENCY_DENSITIES, causal_density, efficiency_cases, env_stamp
 from flexprefill.ops.sparse_attention import sparse_attention
+from flexprefill.options import set_from_env
 
 BS = 128
 
@@ -36,7 +37,7 @@ def main():
             times = {"0": [], "1": []}
             for _ in range(2):
                 for value in times:
-                    os.environ[switch] = value
+                    set_from_env(switch, value)
                     fn = lambda: sparse_attention(q, k, v, counts, idx, block_size=BS, softmax_scale=case["scale"])  # noqa: E731
                     fn()  # autotunes this value's key once
                     times[value].append(do_bench(fn, warmup=3, rep=100))
@@ -50,7 +51,7 @@ def main():
                   f"=1 {r['efficiency_1']:.3f}", flush=True)
             q = k = v = counts = idx = case = None
     finally:
-        os.environ.pop(switch, None)
+        set_from_env(switch, None)
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
 

@@ -20,8 +20,9 @@ from triton.testing import do_bench
 from harness import (
     attention_flops, causal_density, count_pairs, cudnn_reference, env_stamp, random_qkv, random_selection,
 )
-from flexprefill.ops.dense import full_causal_selection
+from flexprefill.block_table import full_causal_selection
 from flexprefill.ops.sparse_attention import _launch, _tma_descriptors
+from flexprefill.options import set_from_env
 
 HQ, HKV, BS = 32, 8, 128
 DENSITIES = (0.05, 0.3, 0.6, 1.0)
@@ -55,7 +56,7 @@ def main():
             dens = causal_density(counts)
             best = {}
             for tma in ("0", "1"):
-                os.environ["FLEXPREFILL_TMA"] = tma
+                set_from_env("FLEXPREFILL_TMA", tma)
                 for bm, bn, w, s in CONFIGS[D]:
                     if time.time() - t0 > budget_s:
                         break
@@ -74,7 +75,7 @@ def main():
             print(f"  density {dens:.3f}: pointer best {best.get('0')}, descriptors best {best.get('1')}", flush=True)
         q = k = v = None
         torch.cuda.empty_cache()
-    os.environ.pop("FLEXPREFILL_TMA", None)
+    set_from_env("FLEXPREFILL_TMA", None)
     with open(os.path.join(out, "kv_loads.json"), "w") as f:
         json.dump(rows, f, indent=1)
 

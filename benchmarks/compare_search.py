@@ -37,7 +37,8 @@ from triton.testing import do_bench
 import flexprefill as fp
 from harness import cached_graph_pool_mb, causal_density, cudnn_reference, env_stamp
 from flexprefill_tools.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
+from flexprefill.options import set_from_env
 
 VARIANTS = {
     "eager": {"FLEXPREFILL_SELECTION_GRAPHS": "0"},
@@ -54,8 +55,9 @@ KNOBS = ("FLEXPREFILL_RADIX_SELECT", "FLEXPREFILL_SELECTION_GRAPH_MAX_ELEMS", "F
 
 def _set(env: dict) -> None:
     for k in KNOBS:
-        os.environ.pop(k, None)
-    os.environ.update(env)
+        set_from_env(k, None)
+    for k, val in env.items():
+        set_from_env(k, val)
     S.clear_graph_cache()
     gc.collect()
     torch.cuda.empty_cache()
@@ -116,7 +118,7 @@ def main():
                 _set({})
     finally:
         for kname in KNOBS:
-            os.environ.pop(kname, None)
+            set_from_env(kname, None)
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 

@@ -21,6 +21,7 @@ from triton.testing import do_bench
 import flexprefill as fp
 from harness import env_stamp
 from flexprefill.ops.sparse_attention import kernel_name
+from flexprefill.options import set_from_env
 
 SHAPES = (("gemma3-270m-local", 4, 1, 256, 512), ("mistral-7b", 32, 8, 128, 4096), ("llama-w1024", 32, 8, 128, 1024))
 
@@ -43,13 +44,13 @@ def main():
                 for _ in range(2):  # A B A B: the second round is the one reported
                     for label, flag in (("default", None), ("triton", "0")):
                         if flag is None:
-                            os.environ.pop("FLEXPREFILL_HOPPER_KERNEL", None)
+                            set_from_env("FLEXPREFILL_HOPPER_KERNEL", None)
                         else:
-                            os.environ["FLEXPREFILL_HOPPER_KERNEL"] = flag
+                            set_from_env("FLEXPREFILL_HOPPER_KERNEL", flag)
                         o = fn()
                         res[label] = dict(ms=do_bench(fn, warmup=10, rep=200), out=o,
                                           kernel=kernel_name(q, k, v, 128, packed_or_windowed=True))
-                os.environ.pop("FLEXPREFILL_HOPPER_KERNEL", None)
+                set_from_env("FLEXPREFILL_HOPPER_KERNEL", None)
                 diff = float((res["default"]["out"].float() - res["triton"]["out"].float()).abs().max())
                 row = dict(shape=name, Hq=Hq, Hkv=Hkv, D=D, window=w, N=N, default_kernel=res["default"]["kernel"],
                            default_ms=res["default"]["ms"], triton_ms=res["triton"]["ms"],
@@ -59,7 +60,7 @@ def main():
                       f"{row['triton_ms']:8.3f} ms  x{row['speedup_default_vs_triton']:.2f}  diff {diff:.4f}", flush=True)
                 del q, k, v, res
     finally:
-        os.environ.pop("FLEXPREFILL_HOPPER_KERNEL", None)
+        set_from_env("FLEXPREFILL_HOPPER_KERNEL", None)
         path = os.path.join(out, f"compare_window_kernels_{stamp.get('commit', 'unknown')}.json")
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)

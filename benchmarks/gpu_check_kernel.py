@@ -30,8 +30,8 @@ if not CUDA:
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from flexprefill.ops.dense import full_causal_selection  # noqa: E402
-from flexprefill.ops.kernels.sparse_attention import sparse_attention_fwd_tuned  # noqa: E402
+from flexprefill.block_table import full_causal_selection  # noqa: E402
+from flexprefill.ops.sparse_attention import sparse_attention_fwd_tuned  # noqa: E402
 from flexprefill.ops.sparse_attention import sparse_attention  # noqa: E402
 from harness import env_stamp  # noqa: E402
 from flexprefill.block_table import compact_block_mask, num_causal_blocks  # noqa: E402

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import flexprefill as fp
 from flexprefill import reference as R
 from harness import env_stamp
-from flexprefill.ops.selection import select_blocks_fast
+from flexprefill.search import select_blocks_fast
 from flexprefill_tools.synthetic import structured_qkv
 
 

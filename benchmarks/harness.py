@@ -157,7 +157,7 @@ def cached_graph_memory() -> dict:
       sit in, which other allocations share);
     * ``pool_segments_mb``: the segments of the graphs' pools alone.
     """
-    from flexprefill.ops.selection import clear_graph_cache
+    from flexprefill.search import clear_graph_cache
 
     gc.collect()
     torch.cuda.synchronize()
@@ -421,7 +421,7 @@ class Case:
 
 def _select(case: Case, cfg: FlexPrefillConfig) -> BlockSelection:
     if case.q.is_cuda:
-        from flexprefill.ops.selection import select_blocks_fast
+        from flexprefill.search import select_blocks_fast
 
         return select_blocks_fast(case.q, case.k, config=cfg, softmax_scale=case.scale)
     from flexprefill import reference
@@ -456,7 +456,7 @@ def make_method_fn(method: str, case: Case, *, sel: BlockSelection, cfg: FlexPre
             from flexprefill.ops.sparse_attention import sparse_attention
         except ImportError as e:
             raise MethodUnavailable(f"flexprefill.ops.sparse_attention is not importable: {e}") from e
-        from flexprefill.ops.selection import compact_index_dtype
+        from flexprefill.search import compact_index_dtype
 
         # the block ids in the operator's own dtype (int16 below 2^15 blocks; up to 5 points of
         # kernel efficiency over int32 on the H200, suite/efficiency_int16 against _int32 at cb9b275)
@@ -1015,7 +1015,7 @@ def _efficiency_at(shape, N, dtype, device, args, stamp, sparse_attention) -> li
             pairs = count_pairs(sel.counts, sel.indices, block_size=sel.block_size, seq_len=N)
             counts, indices = sel.counts, sel.indices
             if getattr(args, "efficiency_index_dtype", "operator") == "operator":
-                from flexprefill.ops.selection import compact_index_dtype
+                from flexprefill.search import compact_index_dtype
 
                 indices = indices.to(compact_index_dtype(counts.shape[-1]))
             row["index_dtype"] = str(indices.dtype).replace("torch.", "")
@@ -1053,7 +1053,7 @@ def run_window_mode(args, state) -> None:
     """Sliding-window layers: the exact windowed kernel against SDPA with the materialised
     mask (what transformers runs), compiled FlexAttention with a sliding BlockMask, and
     cuDNN full causal (not the same attention: what the window saves)."""
-    from flexprefill.ops.dense import sliding_window_attention
+    from flexprefill.ops.window_attention import sliding_window_attention
 
     device, stamp, log = state["device"], state["stamp"], state["log"]
     dtype = _dtype(args.dtype)
@@ -1685,7 +1685,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--efficiency-len", type=int, default=131072, help="N of the kernel-efficiency sweep (halved on OOM)")
     p.add_argument("--efficiency-index-dtype", default="operator", choices=["operator", "int32"],
                    help="block-id dtype of the kernel-efficiency selections: the operator's own (int16 below 2^15 "
-                        "blocks, see ops.selection.compact_index_dtype) or the public BlockSelection's int32")
+                        "blocks, see search.compact_index_dtype) or the public BlockSelection's int32")
     p.add_argument("--gqa-len", type=int, default=65536, help="N of the GQA comparison")
     p.add_argument("--window-lengths", default="8k,32k,128k", help="N of the sliding-window mode")
     p.add_argument("--window-mask-max-len", type=int, default=65536,

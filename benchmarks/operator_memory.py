@@ -18,7 +18,7 @@ import torch
 import flexprefill as fp
 from harness import env_stamp
 from flexprefill_tools.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
 
 
 def _extra(fn, out_bytes: int) -> int:

@@ -23,7 +23,8 @@ from triton.testing import do_bench
 import flexprefill as fp
 from harness import env_stamp
 from flexprefill_tools.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
+from flexprefill.search import block_sets, scores
 
 HQ, HKV, D = 32, 8, 128
 
@@ -45,15 +46,15 @@ def main():
     q, k, v = structured_qkv(1, N, HQ, HKV, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
     scale = D**-0.5
     rows = []
-    combine = S._combine
+    combine = scores._combine
     for tau in (0.1, 0.0):
         cfg = fp.FlexPrefillConfig(tau=tau)
         search = lambda cfg=cfg: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731
         ref = None
         for fused in (True, False):
             for triton_combine in (True, False):
-                S._FUSED_ASSEMBLY = fused
-                S._combine = combine if triton_combine else S._combine_splits
+                block_sets._FUSED_ASSEMBLY = fused
+                scores._combine = combine if triton_combine else scores._combine_splits
                 sel = search()
                 if ref is None:
                     ref = sel
@@ -63,7 +64,7 @@ def main():
                            qa_heads=int(sel.query_aware.sum()))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    S._FUSED_ASSEMBLY, S._combine = True, combine
+    block_sets._FUSED_ASSEMBLY, scores._combine = True, combine
     nb = (N + 127) // 128
     tri = nb * (nb + 1) // 2
     sorts = []

@@ -21,7 +21,8 @@ from triton.testing import do_bench
 import flexprefill as fp
 from harness import cached_graph_pool_mb, env_stamp
 from flexprefill_tools.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
+from flexprefill.options import set_from_env
 
 HQ, HKV, D = 32, 8, 128
 
@@ -41,9 +42,9 @@ def profile(N: int, tau: float, heads=(HQ, HKV, D)) -> dict:
     row = dict(N=N, tau=tau, heads=f"{Hq}/{Hkv}/{D}")
     row["search_ms"] = do_bench(search, warmup=5, rep=50)
     # the same search without the cached CUDA graph of the set assembly
-    os.environ["FLEXPREFILL_SELECTION_GRAPHS"] = "0"
+    set_from_env("FLEXPREFILL_SELECTION_GRAPHS", "0")
     row["search_ms_no_graph"] = do_bench(search, warmup=5, rep=50)
-    del os.environ["FLEXPREFILL_SELECTION_GRAPHS"]
+    set_from_env("FLEXPREFILL_SELECTION_GRAPHS", None)
     row["rep_scores_ms"] = do_bench(scores, warmup=5, rep=50)
     row["cudnn_dense_ms"] = do_bench(lambda: _cudnn(q, k, v, scale), warmup=5, rep=50)
     row["search_share_of_cudnn"] = row["search_ms"] / row["cudnn_dense_ms"]
@@ -69,9 +70,9 @@ def profile(N: int, tau: float, heads=(HQ, HKV, D)) -> dict:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     # the graphed search equals the eager one
-    os.environ["FLEXPREFILL_SELECTION_GRAPHS"] = "0"
+    set_from_env("FLEXPREFILL_SELECTION_GRAPHS", "0")
     eager = search()
-    del os.environ["FLEXPREFILL_SELECTION_GRAPHS"]
+    set_from_env("FLEXPREFILL_SELECTION_GRAPHS", None)
     graphed = search()
     row["graphed_equals_eager"] = bool(torch.equal(eager.indices, graphed.indices) and torch.equal(eager.counts, graphed.counts))
     torch.cuda.reset_peak_memory_stats()

@@ -21,8 +21,10 @@ from triton.testing import do_bench
 
 import flexprefill
 from harness import env_stamp, random_qkv
-from flexprefill.ops import dense
+from flexprefill import block_table
+from flexprefill.ops import window_attention
 from flexprefill.ops.sparse_attention import _tma_descriptors
+from flexprefill.options import set_from_env
 
 
 def _host_us(fn, reps: int = 300) -> float:
@@ -40,19 +42,19 @@ def main():
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
     q, k, v = random_qkv(1, N, 4, 1, 256, seed=0, device="cuda")
     nb = (N + 127) // 128
-    call = lambda: dense.sliding_window_attention(q, k, v, window=512, softmax_scale=0.0625)  # noqa: E731
+    call = lambda: window_attention.sliding_window_attention(q, k, v, window=512, softmax_scale=0.0625)  # noqa: E731
     api = lambda: flexprefill.sliding_window_attention(q, k, v, window=512, softmax_scale=0.0625)  # noqa: E731
     row = dict(N=N, window=512, heads="4/1/256")
-    row["band_table_build_us"] = _host_us(lambda: dense._band_table(nb, 128, 512, q.device))
-    row["window_selection_cached_us"] = _host_us(lambda: dense.window_selection(1, 4, N, 128, 512, q.device))
+    row["band_table_build_us"] = _host_us(lambda: block_table.band_table(nb, 128, 512, q.device))
+    row["window_selection_cached_us"] = _host_us(lambda: block_table.window_selection(1, 4, N, 128, 512, q.device))
     row["tma_descriptors_us"] = _host_us(lambda: _tma_descriptors(k, v, 256, 256))
     row["op_call_host_us"] = _host_us(call)
     row["api_call_host_us"] = _host_us(api)
     row["op_call_gpu_ms"] = do_bench(call, warmup=5, rep=100)
-    os.environ["FLEXPREFILL_TMA"] = "0"
+    set_from_env("FLEXPREFILL_TMA", "0")
     row["op_call_host_us_no_tma"] = _host_us(call)
     row["op_call_gpu_ms_no_tma"] = do_bench(call, warmup=5, rep=100)
-    del os.environ["FLEXPREFILL_TMA"]
+    set_from_env("FLEXPREFILL_TMA", None)
     print(json.dumps(row), flush=True)
     out = os.environ.get("OUT", "./out")
     os.makedirs(out, exist_ok=True)

@@ -22,7 +22,9 @@ from triton.testing import do_bench
 import flexprefill as fp
 from harness import cached_graph_pool_mb, cudnn_reference, env_stamp
 from flexprefill_tools.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
+from flexprefill.search import graph as G
+from flexprefill.options import set_from_env
 
 
 def kernels_of(fn) -> tuple[list, float, int]:
@@ -49,17 +51,17 @@ def main():
     stamp = env_stamp()
     res = dict(env=stamp, rows=[])
     cfg = fp.FlexPrefillConfig(min_seq_len=0)
-    chunk0 = S._graph_chunk
+    chunk0 = G._graph_chunk
     try:
         for Hq, Hkv, D in shapes:
             q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
             scale = D**-0.5
             dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
             search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale)  # noqa: E731
-            os.environ["FLEXPREFILL_SELECTION_GRAPHS"] = "0"
+            set_from_env("FLEXPREFILL_SELECTION_GRAPHS", "0")
             kern, total_us, launches = kernels_of(search)
             eager_ms = do_bench(search, warmup=5, rep=100)
-            del os.environ["FLEXPREFILL_SELECTION_GRAPHS"]
+            set_from_env("FLEXPREFILL_SELECTION_GRAPHS", None)
             row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, cudnn_ms=dense_ms, eager_ms=eager_ms, kernel_us=total_us,
                        launches=launches, kernels=kern, graphed={}, **stamp)
             print(f"{row['shape']} N={N}: cuDNN {dense_ms:.3f} ms, eager search {eager_ms:.3f} ms, "
@@ -67,7 +69,7 @@ def main():
             for r in kern[:30]:
                 print(f"   {r['us']:8.1f} us x{r['calls']:<3d} {r['name'][:100]}", flush=True)
             for chunk in (1 << 19, 1 << 21):
-                S._graph_chunk = lambda nb, chunk=chunk: chunk
+                G._graph_chunk = lambda nb, chunk=chunk: chunk
                 S.clear_graph_cache()
                 search()
                 ms = do_bench(search, warmup=5, rep=100)
@@ -79,8 +81,8 @@ def main():
             q = k = v = None
             torch.cuda.empty_cache()
     finally:
-        S._graph_chunk = chunk0
-        os.environ.pop("FLEXPREFILL_SELECTION_GRAPHS", None)
+        G._graph_chunk = chunk0
+        set_from_env("FLEXPREFILL_SELECTION_GRAPHS", None)
         with open(os.path.join(out, f"search_kernels_{stamp.get('commit', 'unknown')}.json"), "w") as f:
             json.dump(res, f, indent=1)
 

@@ -33,14 +33,16 @@ from triton.testing import do_bench
 import flexprefill as fp
 from harness import cached_graph_memory, cudnn_reference, env_stamp
 from flexprefill_tools.synthetic import structured_qkv
-from flexprefill.ops import selection as S
+from flexprefill import search as S
+from flexprefill.search import graph as G
+from flexprefill.options import set_from_env
 
 MB = 2**20
 
 
 def _fresh():
     S.clear_graph_cache()
-    S.seed_log.clear()
+    G.seed_log.clear()
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -49,7 +51,7 @@ def _fresh():
 def _seed_log_mb() -> list:
     """The captures' seed log (selection.seed_log) in MB."""
     return [{k: [(a / MB, b / MB) for a, b in v] if k == "trials" else v / MB for k, v in e.items()}
-            for e in S.seed_log]
+            for e in G.seed_log]
 
 
 def _origin(frames) -> str:
@@ -90,7 +92,7 @@ def pool_breakdown(snapshot) -> dict:
 
 def case(q, k, v, cfg, scale, chunk):
     if chunk:
-        S._GRAPH_CHUNK_ELEMS_LARGE = S._GRAPH_CHUNK_ELEMS = chunk
+        G._GRAPH_CHUNK_ELEMS_LARGE = G._GRAPH_CHUNK_ELEMS = chunk
     _fresh()
     op = lambda: fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale)  # noqa: E731
     torch.cuda.memory._record_memory_history(max_entries=200000)
@@ -104,9 +106,9 @@ def case(q, k, v, cfg, scale, chunk):
     idx = S.compact_index_dtype(-(-N // cfg.block_size))
     search = lambda: S.select_blocks_fast(q, k, config=cfg, softmax_scale=scale, index_dtype=idx)  # noqa: E731
     search_ms = do_bench(search, warmup=3, rep=100)
-    row["graphs"] = [key[0] for key in S._graphs]
+    row["graphs"] = [key[0] for key in G._graphs]
     row["seed_log_mb"] = _seed_log_mb()
-    S.seed_log.clear()
+    G.seed_log.clear()
     kept = cached_graph_memory()
     row.update(operator_ms=op_ms, search_ms=search_ms, pool_mb=kept["reserved_mb"], held_mb=kept["held_mb"])
     return row
@@ -117,18 +119,18 @@ def multi(shape, lengths, cfg) -> dict:
     Hq, Hkv, D = shape
     res = {}
     for mode in ("shared", "shared_unseeded", "private"):
-        os.environ["FLEXPREFILL_GRAPH_POOL"] = mode.split("_")[0]
-        os.environ["FLEXPREFILL_GRAPH_SEED"] = "0" if mode.endswith("unseeded") else "1"
+        set_from_env("FLEXPREFILL_GRAPH_POOL", mode.split("_")[0])
+        set_from_env("FLEXPREFILL_GRAPH_SEED", "0" if mode.endswith("unseeded") else "1")
         _fresh()
         for N in lengths:
             q, k, v = structured_qkv(1, N, Hq, Hkv, D, seed=N, dtype=torch.bfloat16, device="cuda", generate_on="device")
             fp.flex_prefill_attention(q, k, v, config=cfg, softmax_scale=D**-0.5)
             del q, k, v
-        graphs = len(S._graphs)
+        graphs = len(G._graphs)
         kept = cached_graph_memory()
         res[mode] = dict(graphs=graphs, kept_mb=kept["reserved_mb"], held_mb=kept["held_mb"], seed_log_mb=_seed_log_mb())
-    os.environ.pop("FLEXPREFILL_GRAPH_POOL", None)
-    os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
+    set_from_env("FLEXPREFILL_GRAPH_POOL", None)
+    set_from_env("FLEXPREFILL_GRAPH_SEED", None)
     _fresh()
     return res
 
@@ -142,7 +144,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     stamp = env_stamp()
     path = os.path.join(out, f"search_pool_{stamp.get('commit', 'unknown')}.json")
-    defaults = (S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS)
+    defaults = (G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS)
     res = dict(env=stamp, default_chunks=defaults, rows=[], multi={})
     cfg = fp.FlexPrefillConfig(min_seq_len=0)
     try:
@@ -153,8 +155,8 @@ def main():
                 qkv_mb = (q.numel() + k.numel() + v.numel()) * q.element_size() / MB
                 dense_ms, _ = cudnn_reference(q, k, v, scale=scale)
                 for chunk, seed in [(c, sd) for c in chunks for sd in seeds]:
-                    S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
-                    os.environ["FLEXPREFILL_GRAPH_SEED"] = seed
+                    G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS = defaults
+                    set_from_env("FLEXPREFILL_GRAPH_SEED", seed)
                     row = dict(shape=f"{Hq}/{Hkv}/{D}", N=N, chunk=chunk or "default", seed=int(seed), qkv_mb=qkv_mb,
                                cudnn_ms=dense_ms, **stamp)
                     try:
@@ -170,11 +172,11 @@ def main():
                         f"pool {row['pool_mb']:6.1f} MB ({row['pool_frac_qkv']:.0%} of qkv {qkv_mb:.0f}) held {row['held_mb']:.1f} ({row['held_frac_qkv']:.0%}) segs {row['segments_mb']:.1f} "
                         f"{row['segment_sizes_mb']} {row['seed_log_mb']} peak live {row['peak_live_mb']:.1f}  search {row['search_ms']:.3f} ms ({row['search_share_of_cudnn']:.1%} of cuDNN "
                         f"{dense_ms:.2f}) op {row['operator_ms']:.3f}" if "pool_mb" in row else row.get("error", "")), flush=True)
-                    os.environ.pop("FLEXPREFILL_GRAPH_SEED", None)
+                    set_from_env("FLEXPREFILL_GRAPH_SEED", None)
                     if chunk == chunks[0] and seed == seeds[0] and "top" in row:
                         for t in row["top"][:6]:
                             print(f"      {t['mb']:7.2f} MB  {t['where']}", flush=True)
-                S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
+                G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS = defaults
                 del q, k, v
                 _fresh()
             try:
@@ -183,7 +185,7 @@ def main():
             except Exception as e:  # noqa: BLE001
                 res["multi"][f"{Hq}/{Hkv}/{D}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     finally:
-        S._GRAPH_CHUNK_ELEMS_LARGE, S._GRAPH_CHUNK_ELEMS = defaults
+        G._GRAPH_CHUNK_ELEMS_LARGE, G._GRAPH_CHUNK_ELEMS = defaults
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
         print("wrote", path)

@@ -6,7 +6,7 @@ timed (triton.testing.do_bench median) and its TFLOP/s on the computed blocks co
 with cuDNN dense SDPA's TFLOP/s on the same inputs.
 
     python benchmarks/sweep_kernel_configs.py [N] [density] [budget_s] [head dims, e.g. 128,64]  The winners go into the autotune
-space of flexprefill/ops/kernels/sparse_attention.py.
+space in flexprefill/ops/sparse_attention.py.
 """
 
 from __future__ import annotations

@@ -18,3 +18,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_options():
+    """Each test starts with the options in force at import and leaves them so."""
+    import importlib
+
+    O = importlib.import_module("flexprefill.options")
+
+    before = O._current
+    yield
+    O._current = before

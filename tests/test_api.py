@@ -185,7 +185,11 @@ def test_return_signature_combinations():
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    import importlib
+
+    O = importlib.import_module("flexprefill.options")
+
+    monkeypatch.setattr(O, "_TRITON_INTERPRET", False)
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
         fp.flex_prefill_attention(q, k, v, config=fp.FlexPrefillConfig(backend="triton"))

@@ -13,12 +13,17 @@ from .api import (
 )
 from .config import FlexPrefillConfig
 from .integrations import last_record, patch, register, unpatch
+from .options import Options, options, set_options, use_options
 from .block_table import BlockSelection, PatternStats, VarlenBlockSelection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FlexPrefillConfig",
+    "Options",
+    "options",
+    "set_options",
+    "use_options",
     "BlockSelection",
     "PatternStats",
     "flex_prefill_attention",

@@ -121,14 +121,43 @@ def _backend(config: FlexPrefillConfig, device: torch.device) -> str:
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                 f"got tensors on {device}. Use backend='auto' or 'reference' on the CPU."
             )
+        _require_triton()
         return "triton"
-    return "triton" if device.type == "cuda" else "reference"
+    if device.type == "cuda":
+        _require_triton()
+        return "triton"
+    return "reference"
+
+
+def _check_no_grad(*named) -> None:
+    """The Triton and Gluon kernels have no backward: refuse inputs that would need one,
+    rather than return outputs whose gradients are silently missing."""
+    if not torch.is_grad_enabled():
+        return
+    needs = [name for name, t in named if t.requires_grad]
+    if needs:
+        raise RuntimeError(
+            f"{', '.join(needs)} require grad, but the Triton backend has no backward pass; use "
+            "backend='reference' (plain PyTorch, differentiable) or run under torch.no_grad()"
+        )
+
+
+def _require_triton() -> None:
+    """Triton is an optional dependency (CPU torch wheels do not bring it): imported only here,
+    where a kernel path is about to run."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            'the Triton backend needs triton: pip install "flexprefill[triton]" '
+            "(or use backend='reference' on any device)"
+        ) from e
 
 
 def _interpreting() -> bool:
-    import os
+    from .options import interpreting
 
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None) -> BlockSelection:
@@ -148,7 +177,7 @@ def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scal
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(cfg, q.device) == "reference":
         return reference.select_blocks(q, k, config=cfg, softmax_scale=scale)
-    from .ops.selection import select_blocks_fast
+    from .search import select_blocks_fast
 
     return select_blocks_fast(q, k, config=cfg, softmax_scale=scale)
 
@@ -186,6 +215,7 @@ def block_sparse_attention(
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
         return reference.block_sparse_attention(q, k, v, selection, softmax_scale=scale, return_lse=return_lse)
+    _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.sparse_attention import sparse_attention
 
     return sparse_attention(
@@ -232,6 +262,8 @@ def flex_prefill_attention(
     _check_qkv(q, k, v)
     scale = _check_scale(softmax_scale, q.shape[-1])
     backend = _backend(cfg, q.device)
+    if backend != "reference":
+        _check_no_grad(("q", q), ("k", k), ("v", v))
     if seq_lens is not None:
         _check_seq_lens(seq_lens, q)
         return _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats)
@@ -242,12 +274,12 @@ def flex_prefill_attention(
     B, N, Hq, _ = q.shape
     stats: PatternStats
     if N < cfg.min_seq_len:
-        from .ops.dense import dense_causal_attention
+        from .ops.dense_attention import dense_causal_attention
 
         res = dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=return_lse)
         stats = reference.dense_stats(B, Hq, N, cfg.block_size, q.device)
     else:
-        from .ops.selection import compact_index_dtype, select_blocks_fast
+        from .search import compact_index_dtype, select_blocks_fast
         from .ops.sparse_attention import sparse_attention
 
         # the operator's own selection never leaves it: int16 block ids where they fit
@@ -255,7 +287,7 @@ def flex_prefill_attention(
                                  index_dtype=compact_index_dtype(math.ceil(N / cfg.block_size)))
         stats = sel.stats()
         if not return_lse and reference.too_dense(sel.counts, cfg):
-            from .ops.dense import dense_causal_attention
+            from .ops.dense_attention import dense_causal_attention
 
             res = dense_causal_attention(q, k, v, softmax_scale=scale)
             stats.dense = True
@@ -390,7 +422,8 @@ def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
         return reference.select_blocks_varlen(
             q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
         )
-    from .ops.selection import full_causal_selection_varlen, select_blocks_varlen_fast
+    from .block_table import full_causal_selection_varlen
+    from .search import select_blocks_varlen_fast
 
     bounds = (cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])
     S, Hq = cu_q.numel() - 1, q.shape[1]
@@ -448,6 +481,7 @@ def block_sparse_attention_varlen(
         return reference.block_sparse_attention_varlen(
             q, k, v, selection, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse
         )
+    _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.sparse_attention import sparse_attention_varlen
 
     return sparse_attention_varlen(
@@ -502,7 +536,8 @@ def flex_prefill_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats,
         )
-    from .ops.selection import compact_index_dtype
+    _check_no_grad(("q", q), ("k", k), ("v", v))
+    from .search import compact_index_dtype
     from .ops.sparse_attention import sparse_attention_varlen
 
     sel = _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale, cfg.min_seq_len,
@@ -541,7 +576,8 @@ def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
         starts = torch.arange(B, dtype=torch.int32, device=q.device) * N
         ends = starts + seq_lens
         qf, kf, vf = (t.reshape(B * N, *t.shape[2:]) for t in (q, k, v))
-        from .ops.selection import compact_index_dtype, full_causal_selection_varlen, select_blocks_varlen_fast
+        from .block_table import full_causal_selection_varlen
+        from .search import compact_index_dtype, select_blocks_varlen_fast
 
         if N < cfg.min_seq_len:
             counts, indices = full_causal_selection_varlen(starts, ends, starts, ends, Hq, N, cfg.block_size)
@@ -608,7 +644,8 @@ def sliding_window_attention(
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
         return reference.dense_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, window=window)
-    from .ops.dense import sliding_window_attention as _swa
+    _check_no_grad(("q", q), ("k", k), ("v", v))
+    from .ops.window_attention import sliding_window_attention as _swa
 
     return _swa(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse)
 
@@ -631,7 +668,8 @@ def sliding_window_attention_varlen(
         return reference.dense_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse, window=window
         )
-    from .ops.dense import sliding_window_attention_varlen as _swa_varlen
+    _check_no_grad(("q", q), ("k", k), ("v", v))
+    from .ops.window_attention import sliding_window_attention_varlen as _swa_varlen
 
     return _swa_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

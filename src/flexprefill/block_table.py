@@ -17,6 +17,8 @@ in ``[r*bs, (r+1)*bs)``.  Rows ``floor(P/bs) .. ceil(n_k/bs)-1`` hold the chunk'
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,10 @@ __all__ = [
     "compact_block_mask",
     "num_causal_blocks",
     "chunk_rows",
+    "chunk_row_mask",
+    "full_causal_selection",
+    "full_causal_selection_varlen",
+    "window_selection",
 ]
 
 
@@ -205,3 +211,87 @@ def mask_to_selection(
         query_aware=query_aware,
         js_distance=js_distance,
     )
+
+
+# --- fixed tables: every causal block, a sliding-window band ---------------------------
+
+
+def chunk_row_mask(q_starts, q_ends, k_starts, k_ends, max_nb: int, block_size: int):
+    """Bool [S, max_nb]: the absolute query blocks holding queries of each chunk; and the
+    blocks of each sequence [S] (``ceil(n_k / bs)``).  Bounds as int32 device tensors [S]
+    (rows ``[q_starts, q_ends)`` of q, ``[k_starts, k_ends)`` of k); no host sync."""
+    n_q, n_k = (q_ends - q_starts).long(), (k_ends - k_starts).long()
+    first, end = chunk_rows(n_q, n_k, block_size)
+    r = torch.arange(max_nb, device=q_starts.device)[None, :]
+    return (r >= first[:, None]) & (r < end[:, None]), end
+
+
+def full_causal_selection(B: int, Hq: int, N: int, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every causal block: counts int32 [B, Hq, nb] and indices int32 [B, Hq, nb, nb].
+
+    Both are broadcast views (stride 0 over batch and heads): one [nb, nb] table in memory.
+    """
+    nb = math.ceil(N / block_size)
+    r = torch.arange(nb, dtype=torch.int32, device=device)
+    counts = (r + 1).expand(B, Hq, nb)
+    indices = torch.where(r[None, :] <= r[:, None], r[None, :], -1).to(torch.int32).expand(B, Hq, nb, nb)
+    return counts, indices
+
+
+def full_causal_selection_varlen(q_starts, q_ends, k_starts, k_ends, Hq: int, max_seqlen_k: int, block_size: int):
+    """Every causal block of each chunk's rows: counts int32 [S, Hq, max_nb], indices int32 [S, Hq, max_nb, max_nb].
+
+    Broadcast over heads (stride 0); built on the device without a sync.
+    """
+    max_nb = math.ceil(max_seqlen_k / block_size)
+    live, _ = chunk_row_mask(q_starts, q_ends, k_starts, k_ends, max_nb, block_size)
+    r = torch.arange(max_nb, device=q_starts.device)
+    counts = torch.where(live, r[None, :] + 1, 0).to(torch.int32)
+    keep = live[:, :, None] & (r[None, :] <= r[:, None])[None]
+    indices = torch.where(keep, r[None, None, :], -1).to(torch.int32)
+    S = counts.shape[0]
+    return counts[:, None].expand(S, Hq, max_nb), indices[:, None].expand(S, Hq, max_nb, max_nb)
+
+
+# band tables of recent (nb, block size, window, device) calls: a model's sliding layers
+# all ask for the same one, and building it is ~10 small launches of host time per call
+_BAND_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+_BAND_CACHE_SIZE = 8
+
+
+def window_selection(B: int, Hq: int, N: int, block_size: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key blocks a causal sliding window reaches: row block ``r`` lists blocks
+    ``c <= r`` holding a key ``j > r * block_size - window`` (visible from the block's first row).
+
+    Returns counts int32 [B, Hq, nb] and indices int32 [B, Hq, nb, w], ``w`` = the largest
+    count (broadcast views of one [nb, w] table; -1 past each count).  The table is cached
+    (a few recent shapes; it is read-only); one first built inside a CUDA graph capture is not.
+    """
+    nb = math.ceil(N / block_size)
+    device = torch.device(device)
+    key = (nb, block_size, window, device)
+    hit = _BAND_CACHE.get(key)
+    if hit is None:
+        hit = band_table(nb, block_size, window, device)
+        # a table built inside a graph capture lives in the graph's pool: not kept
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _BAND_CACHE[key] = hit
+            while len(_BAND_CACHE) > _BAND_CACHE_SIZE:
+                _BAND_CACHE.popitem(last=False)
+    else:
+        _BAND_CACHE.move_to_end(key)
+    counts, indices = hit
+    return counts.expand(B, Hq, nb), indices.expand(B, Hq, *indices.shape)
+
+
+def band_table(nb: int, block_size: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts int32 [nb] and indices int32 [nb, w] of :func:`window_selection`."""
+    r = torch.arange(nb, device=device)
+    # first block whose last key c*bs + bs - 1 is > r*bs - window
+    lo = torch.div(r * block_size - window - block_size + 1, block_size, rounding_mode="floor") + 1
+    lo = lo.clamp_min(0)
+    counts = (r - lo + 1).to(torch.int32)
+    width = min(nb, (window + block_size - 2) // block_size + 2)
+    t = torch.arange(width, device=device)
+    indices = torch.where(t[None, :] < counts[:, None], lo[:, None] + t[None, :], -1).to(torch.int32)
+    return counts, indices

@@ -1,7 +1,7 @@
 """FlexPrefill in plain PyTorch, fp32, one head at a time: the oracle for every test.
 
-Readable over fast: loops over batches and heads, token-level masks.  Follows
-shared/design/ALGORITHM.md step by step.  Works on CPU and GPU tensors.
+Readable over fast: loops over batches and heads, token-level masks.  Follows the
+method's steps one by one.  Works on CPU and GPU tensors.
 Layout: q [B, N, Hq, D], k and v [B, N, Hkv, D].
 
 Chunked prefill: the per-sequence functions also accept ``k, v [B, n_k, Hkv, D]`` longer
@@ -183,7 +183,7 @@ def _cap_rows(mask: torch.Tensor, score: torch.Tensor, max_blocks: int) -> torch
 
 
 def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None) -> BlockSelection:
-    """Steps 1-4: choose each head's pattern and its key blocks.  See ALGORITHM.md."""
+    """Steps 1-4: choose each head's pattern and its key blocks."""
     cfg = config or FlexPrefillConfig()
     N = q.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from flexprefill.ops.dense import sliding_window_attention, window_selection
+from flexprefill.block_table import window_selection
+from flexprefill.ops.window_attention import sliding_window_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
@@ -123,16 +124,16 @@ def test_bad_window():
 
 def test_window_selection_reuses_its_band_table():
     """Repeated calls of one shape share one cached table (views of it), other shapes get their own."""
-    from flexprefill.ops import dense
+    from flexprefill import block_table
 
-    dense._BAND_CACHE.clear()
+    block_table._BAND_CACHE.clear()
     c1, i1 = window_selection(2, 3, 1000, 64, 200, DEV)
     c2, i2 = window_selection(1, 5, 1000, 64, 200, DEV)
     assert c1.shape == (2, 3, 16) and c2.shape == (1, 5, 16) and i1.shape[:3] == (2, 3, 16)
     assert c1.data_ptr() == c2.data_ptr() and i1.data_ptr() == i2.data_ptr()
     assert torch.equal(c1[0, 0], c2[0, 0]) and torch.equal(i1[0, 0], i2[0, 0])
     c3, _ = window_selection(1, 1, 1000, 64, 300, DEV)
-    assert c3.data_ptr() != c1.data_ptr() and len(dense._BAND_CACHE) == 2
+    assert c3.data_ptr() != c1.data_ptr() and len(block_table._BAND_CACHE) == 2
     for w in range(1, 20):  # bounded
         window_selection(1, 1, 1000, 64, 400 + w, DEV)
-    assert len(dense._BAND_CACHE) == dense._BAND_CACHE_SIZE
+    assert len(block_table._BAND_CACHE) == block_table._BAND_CACHE_SIZE

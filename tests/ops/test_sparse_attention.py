@@ -13,9 +13,11 @@ import math
 import pytest
 import torch
 
+import flexprefill as fp
 from flexprefill import reference as R
 from flexprefill.config import FlexPrefillConfig
-from flexprefill.ops.dense import dense_causal_attention, full_causal_selection
+from flexprefill.block_table import full_causal_selection
+from flexprefill.ops.dense_attention import dense_causal_attention
 from flexprefill.ops.sparse_attention import _launch, kernel_name, sparse_attention
 from flexprefill.block_table import mask_to_selection
 from flexprefill_tools.synthetic import structured_qkv
@@ -282,7 +284,7 @@ def test_gpu_config_space_fits_every_block_size(bs):
     import triton
 
     from flexprefill.ops.autotune import autotune_configs, interpreting
-    from flexprefill.ops.kernels.sparse_attention import _SPACE, _prune
+    from flexprefill.ops.sparse_attention import _SPACE, _prune
 
     if interpreting():
         assert len(autotune_configs(_SPACE[128], interpret=dict(BLOCK_M=32, BLOCK_N=32))) == 1
@@ -321,7 +323,7 @@ def test_tma_and_pointer_loads_agree(layout, dtype, monkeypatch):
     cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     kw = dict(block_size=bs, softmax_scale=D**-0.5, return_lse=True, config=cfg)
     out_t, lse_t = _launch(q, k, v, sel.counts, sel.indices, **kw)
-    monkeypatch.setenv("FLEXPREFILL_TMA", "0")
+    fp.set_options(tma=False)
     assert _tma_descriptors(k, v, D, D) is None
     out_p, lse_p = _launch(q, k, v, sel.counts, sel.indices, **kw)
     assert torch.equal(out_t, out_p) and torch.equal(lse_t, lse_p)
@@ -356,9 +358,9 @@ def test_tma_refuses_layouts_it_cannot_view():
 def test_diagonal_order_matches_reference(monkeypatch, diag_first, N, D, bs, bm, bn, dtype, diagonal):
     from flexprefill.ops.sparse_attention import _diag_first
 
-    monkeypatch.delenv("FLEXPREFILL_DIAG_FIRST", raising=False)
+    fp.set_options(diag_first=None)
     assert _diag_first(64) and not _diag_first(128) and not _diag_first(256)  # the default
-    monkeypatch.setenv("FLEXPREFILL_DIAG_FIRST", diag_first)
+    fp.set_options(diag_first=diag_first == "1")
     assert _diag_first(D) == (diag_first == "1")
     B, Hq, Hkv = 1, 4, 2
     q, k, v = _qkv(B, N, Hq, Hkv, D, dtype, seed=N + bm)
@@ -443,19 +445,16 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
             real, name))
     B, N, Hq, Hkv = 1, 4096, 8, 2
     sels = {bs: _random_selection(B, Hq, N, bs, 0.3, seed=5) for bs in (64, 128)}
-    # (FLEXPREFILL_HOPPER_KERNEL, head dim, block size) -> the kernel launched (None: Triton)
+    # (Options.hopper_kernel, head dim, block size) -> the kernel launched (None: Triton)
     expected = [
-        (None, 64, 128, "hopper"), (None, 128, 128, "hopper_ws"), (None, 256, 128, "hopper_ws"),
-        (None, 64, 64, "hopper"), (None, 128, 64, None),
-        ("0", 64, 128, None), ("0", 128, 128, None),
-        ("1", 128, 128, "hopper"), ("1", 256, 128, "hopper"),
+        ("auto", 64, 128, "hopper"), ("auto", 128, 128, "hopper_ws"), ("auto", 256, 128, "hopper_ws"),
+        ("auto", 64, 64, "hopper"), ("auto", 128, 64, None),
+        ("off", 64, 128, None), ("off", 128, 128, None),
+        ("tiled", 128, 128, "hopper"), ("tiled", 256, 128, "hopper"),
         ("ws", 64, 128, "hopper_ws"), ("ws", 128, 64, "hopper"),
     ]
     for flag, D, bs, kernel in expected:
-        if flag is None:
-            monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
-        else:
-            monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
+        fp.set_options(hopper_kernel=flag)
         q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
         calls.clear()
         out, lse = sparse_attention(q, k, v, sels[bs].counts, sels[bs].indices, block_size=bs, softmax_scale=D**-0.5,
@@ -466,7 +465,7 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
         assert kernel_name(q, k, v, bs, packed_or_windowed=True) == ("gluon-ws" if kernel == "hopper_ws" else "triton")
         _assert_matches(out, lse, q, k, v, sels[bs], D**-0.5)
     # no host sync after the first call, and a CUDA graph replays it exactly (both Gluon kernels)
-    monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL")
+    fp.set_options(hopper_kernel="auto")
     for D, kernel in ((64, "hopper"), (128, "hopper_ws")):
         q, k, v = _qkv(B, N, Hq, Hkv, D, BF16, seed=5)
         kw = dict(block_size=128, softmax_scale=D**-0.5, return_lse=True)
@@ -478,7 +477,7 @@ def test_hopper_kernel_default_path_no_sync_and_graph(monkeypatch):
 def test_hopper_config_space_fits_shared_memory_and_blocks():
     # runs on the CPU: the tile configs the Gluon kernel may get divide every block size it
     # takes, fit the H200's shared memory and use one warpgroup per 64 rows
-    from flexprefill.ops.kernels.sparse_attention_hopper import SMEM_LIMIT, smem_bytes
+    from flexprefill.ops.sparse_attention_hopper import SMEM_LIMIT, smem_bytes
     from flexprefill.ops.sparse_attention_hopper import hopper_configs
 
     for D in (64, 128, 256):
@@ -492,7 +491,7 @@ def test_hopper_config_space_fits_shared_memory_and_blocks():
     # a config over the limit is dropped
     assert smem_bytes(256, BLOCK_M=64, BLOCK_N=128, STAGES=2) > SMEM_LIMIT
     # the warp-specialised kernel: 128-row query tiles, so block sizes that are multiples of 128
-    from flexprefill.ops.kernels.sparse_attention_hopper_ws import ws_smem_bytes
+    from flexprefill.ops.sparse_attention_hopper import ws_smem_bytes
     from flexprefill.ops.sparse_attention_hopper import ws_configs
 
     for D in (64, 128, 256):
@@ -506,16 +505,13 @@ def test_hopper_config_space_fits_shared_memory_and_blocks():
 
 def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
     # without an sm_90 GPU (or under the interpreter, or with block size 32) the dense path
-    # stays on the Triton kernel whatever FLEXPREFILL_HOPPER_KERNEL says
+    # stays on the Triton kernel whatever Options.hopper_kernel says
     from flexprefill.ops.sparse_attention import _gluon_available, _hopper_kernel, kernel_name
 
     assert _gluon_available()  # CI's triton (>= 3.7) has Gluon's Hopper API
     q, k, v = _qkv(1, 256, 4, 2, 64, F16, seed=0)
-    for flag in ("1", "ws", "0", None):
-        if flag is None:
-            monkeypatch.delenv("FLEXPREFILL_HOPPER_KERNEL", raising=False)
-        else:
-            monkeypatch.setenv("FLEXPREFILL_HOPPER_KERNEL", flag)
+    for flag in ("tiled", "ws", "off", "auto"):
+        fp.set_options(hopper_kernel=flag)
         assert _hopper_kernel(q, k, v, 32) is None and kernel_name(q, k, v, 32) == "triton"
         assert kernel_name(q, k, v, 32, packed_or_windowed=True) == "triton"
         if not _hopper():
@@ -523,18 +519,18 @@ def test_hopper_kernel_not_taken_off_hopper(monkeypatch):
 
 
 def test_hopper_kernel_policy():
-    # runs on the CPU: which Hopper kernel each (FLEXPREFILL_HOPPER_KERNEL, head dim, block
+    # runs on the CPU: which Hopper kernel each (Options.hopper_kernel, head dim, block
     # size, triton with the warp-specialize API) gets; None = the Triton kernel
     from flexprefill.ops.sparse_attention import _hopper_policy, _ws_available
 
     assert _ws_available()  # CI's triton (>= 3.7) has Gluon's list-form warp_specialize
     table = {
-        (None, 64, 128, True): "tiled", (None, 128, 128, True): "ws", (None, 256, 128, True): "ws",
-        (None, 64, 64, True): "tiled", (None, 128, 64, True): None, (None, 256, 64, True): None,
-        (None, 128, 128, False): None, (None, 256, 128, False): None, (None, 64, 128, False): "tiled",
-        (None, 80, 128, True): None, (None, 128, 32, True): None,
-        ("0", 64, 128, True): None, ("0", 128, 128, True): None,
-        ("1", 64, 128, True): "tiled", ("1", 128, 128, True): "tiled", ("1", 256, 64, True): "tiled",
+        ("auto", 64, 128, True): "tiled", ("auto", 128, 128, True): "ws", ("auto", 256, 128, True): "ws",
+        ("auto", 64, 64, True): "tiled", ("auto", 128, 64, True): None, ("auto", 256, 64, True): None,
+        ("auto", 128, 128, False): None, ("auto", 256, 128, False): None, ("auto", 64, 128, False): "tiled",
+        ("auto", 80, 128, True): None, ("auto", 128, 32, True): None,
+        ("off", 64, 128, True): None, ("off", 128, 128, True): None,
+        ("tiled", 64, 128, True): "tiled", ("tiled", 128, 128, True): "tiled", ("tiled", 256, 64, True): "tiled",
         ("ws", 64, 128, True): "ws", ("ws", 128, 64, True): "tiled", ("ws", 256, 128, False): "tiled",
         ("ws", 96, 128, True): None,
     }

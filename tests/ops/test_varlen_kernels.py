@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
+import flexprefill as fp
 from flexprefill import reference as R
 from flexprefill.config import FlexPrefillConfig
-from flexprefill.ops.selection import (
+from flexprefill.block_table import full_causal_selection_varlen
+from flexprefill.search import (
     block_means_varlen,
-    full_causal_selection_varlen,
     representative_block_scores,
     representative_block_scores_varlen,
     select_blocks_varlen_fast,
@@ -169,8 +170,8 @@ def test_varlen_rep_scores_equal_each_sequence_alone():
 
 @pytest.mark.parametrize("block_stats", ["0", "1"])
 def test_varlen_rep_scores_and_block_means_of_chunks(block_stats, monkeypatch):
-    # FLEXPREFILL_REP_BLOCK_STATS=1: the block masses from the first pass's per-block row stats
-    monkeypatch.setenv("FLEXPREFILL_REP_BLOCK_STATS", block_stats)
+    # rep_block_stats: the block masses from the first pass's per-block row stats
+    fp.set_options(rep_block_stats=block_stats == "1")
     seqs = [(150, 407), (1, 90), (64, 192), (0, 50)]
     q, k, _, cu_q, cu_k, _, max_k = _packed(seqs, 4, 2, 64, F32, seed=5)
     bs = 32

@@ -85,6 +85,7 @@ from ..api import (
 )
 from ..config import FlexPrefillConfig
 from ..reference import too_dense
+from ..options import interpreting
 from ..block_table import PatternStats
 
 __all__ = [
@@ -348,9 +349,6 @@ def _window_unsupported(query, key, value, window, cfg) -> bool:
     ``backend="triton"`` (the interpreter, in tests), a head dim or dtype it does not run."""
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         return True
-    # imported here: ops.autotune imports triton, which a CPU-only install may lack
-    from ..ops.autotune import interpreting
-
     if not (query.is_cuda or (cfg.backend == "triton" and interpreting())):
         return True
     D = query.shape[-1]

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import triton
 
-__all__ = ["interpreting", "autotune_configs"]
+from ..options import interpreting
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["interpreting", "autotune_configs", "length_bucket"]
 
 
 def autotune_configs(space: Iterable[dict], *, interpret: dict, pre_hook=None) -> list[triton.Config]:
@@ -31,3 +27,8 @@ def autotune_configs(space: Iterable[dict], *, interpret: dict, pre_hook=None) -
         num_stages = meta.pop("num_stages", 2)
         configs.append(triton.Config(meta, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook))
     return configs
+
+
+def length_bucket(n: int) -> int:
+    """Autotune length class of a call with ``n`` keys: log2 rounded up, clamped to [13, 17]."""
+    return min(max(int(n - 1).bit_length(), 13), 17)

@@ -10,19 +10,85 @@ import functools
 import importlib
 import inspect
 import math
-import os
 
 import torch
 import triton
 
-from .autotune import interpreting
-
 from ..config import BLOCK_SIZES
-from .kernels.sparse_attention import length_bucket, sparse_attention_fwd_kernel, sparse_attention_fwd_tuned
+from ..options import interpreting, options
+from .autotune import autotune_configs, length_bucket
+from .kernels.sparse_attention import sparse_attention_fwd_kernel
 
 __all__ = ["sparse_attention", "sparse_attention_varlen"]
 
 _LOG2E = 1.4426950408889634
+
+# a few configs per head-dim bucket (padded head dim <= 64, <= 128, <= 256); tiles are
+# clamped to the selection block size by the prune below.  A sweep of 64 configs on an
+# H200 (benchmarks/sweep_kernel_configs.py) found
+# no config outside this space within 1% of the best of each head dim
+_SPACE = {
+    64: [
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+    ],
+    128: [
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ],
+    256: [
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+    ],
+}
+# the interpreter's one config divides every block size and runs both sub-tiling paths
+_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: the descriptors' tile shape follows the config's BLOCK_N."""
+    if nargs.get("TMA"):
+        for name in ("k_desc", "v_desc"):
+            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BD"]]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Clamp tiles to the selection block size and drop the duplicates that makes."""
+    bs = {**named_args, **kwargs}["BS"]
+    kept, seen = [], set()
+    for c in configs:
+        bm, bn = min(c.kwargs["BLOCK_M"], bs), min(c.kwargs["BLOCK_N"], bs)
+        # small tiles do not feed 8 warps
+        warps = min(c.num_warps, 4) if bm * bn < 64 * 64 else c.num_warps
+        sig = (bm, bn, warps, c.num_stages)
+        if sig not in seen:
+            seen.add(sig)
+            kept.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=c.num_stages,
+                                      pre_hook=_set_tma_blocks))
+    return kept
+
+
+# one autotuner per head-dim bucket, keyed on (padded head dim, block size, varlen, length
+# bucket); triton adds the dtypes.  ``N_BUCKET`` (unused by the body) is the key's length
+# class: with configs tuned on the first (8k) call, the H200 suite measured d256 at 0.60-0.64
+# of cuDNN's TFLOP/s at 128k (densities 5-60%); keyed on the length class, 0.80-0.94.  Each
+# power of two from 8k to 128k tunes once
+sparse_attention_fwd_tuned = {
+    bd: triton.autotune(
+        configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
+        key=["BD", "BS", "VARLEN", "WINDOWED", "DIAG_FIRST", "N_BUCKET"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(sparse_attention_fwd_kernel)
+    for bd, space in _SPACE.items()
+}
 
 
 def _row_view(t, D: int):
@@ -49,10 +115,10 @@ def _tma_descriptors(k, v, D: int, BD: int):
 
     Each descriptor views its tensor as ``[rows, stride_n]`` (``_row_view``).  Needs ``D`` a
     power of 2 >= 64 (so a tile holds no other head's columns), 16-byte aligned rows, Hopper
-    or newer (or the interpreter, which is how CI tests this path).  ``FLEXPREFILL_TMA=0``
+    or newer (or the interpreter, which is how CI tests this path).  ``Options.tma`` off
     turns it off.
     """
-    if os.environ.get("FLEXPREFILL_TMA", "1") == "0" or D != BD:
+    if not options().tma or D != BD:
         return None
     if not interpreting():
         if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
@@ -159,35 +225,17 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         launch(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
                softmax_scale=softmax_scale, config=hc or None, **kw)
         return (out, lse) if return_lse else out
-    # an fp32 stand-in when no lse is asked: the autotuner keys on argument dtypes, so
-    # both variants then share one tuning
-    lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)
-    BD = max(64, triton.next_power_of_2(D))
-    group = Hq // Hkv
-    descs = _tma_descriptors(k, v, D, BD)
-
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]) * group, B * Hkv)
-
-    args = (
-        q, k, v, out, lse_arg, counts, indices, *(descs or (k, v)),
-        *_dense_strides(q, k, v, out, counts, indices),
-        N, Hkv, softmax_scale * _LOG2E,
-        # sequence bounds and the lse head stride are unused by the dense path
-        counts, counts, counts, counts, 0, length_bucket(N), 0 if window is None else int(window),
-        # constexprs positionally too: every triton version hands these to the config prune
-        group, D, BD, block_size, return_lse, False, descs is not None, window is not None, _diag_first(BD),
-    )
-    _run(args, grid, BD, block_size, config, descs)
+    _launch_triton(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
+                   softmax_scale=softmax_scale, window=window, config=config)
     return (out, lse) if return_lse else out
 
 
 # the Gluon kernel each head dim takes by default on Hopper (block size a multiple of 128 for
-# "ws"; other block sizes keep the Triton kernel there).  On an H200 (results/h200/hopper_kernel/,
-# 32/8 heads at 128k, 5-60% density, TFLOP/s on the computed blocks over cuDNN's):
+# "ws"; other block sizes keep the Triton kernel there).  On an H200 (32/8 heads
+# at 128k, 5-60% density, TFLOP/s on the computed blocks over cuDNN's):
 # head dim 64: the tiled kernel 0.91-0.99 against the Triton kernel's 0.86-0.92 (the
-# warp-specialised one 0.79-0.86; edc4ab4); head dim 128: the warp-specialised kernel
-# 0.87-0.95 against the Triton kernel's 0.77-0.90 (the tiled one 0.78-0.87; ws_7695ba9/);
+# warp-specialised one 0.79-0.86); head dim 128: the warp-specialised kernel
+# 0.87-0.95 against the Triton kernel's 0.77-0.90 (the tiled one 0.78-0.87);
 # head dim 256: 0.90-0.93 against 0.79-0.92 (tiled 0.81-0.94)
 HOPPER_DEFAULT_KERNELS = {64: "tiled", 128: "ws", 256: "ws"}
 
@@ -210,24 +258,24 @@ def _hopper_kernel(q, k, v, block_size: int, *, ws_only: bool = False) -> str | 
     D = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or not _gluon_available():
         return None
-    kernel = _hopper_policy(os.environ.get("FLEXPREFILL_HOPPER_KERNEL"), D, block_size, _ws_available())
+    kernel = _hopper_policy(options().hopper_kernel, D, block_size, _ws_available())
     if kernel is None or (ws_only and kernel != "ws") or any(_row_view(t, D) is None for t in (q, k, v)):
         return None
     return kernel
 
 
-def _hopper_policy(flag: str | None, D: int, block_size: int, ws_ok: bool) -> str | None:
-    """The Hopper kernel for head dim ``D`` and a block size: ``HOPPER_DEFAULT_KERNELS``, or
-    ``FLEXPREFILL_HOPPER_KERNEL`` (``flag``): ``1`` the tiled kernel for head dims 64, 128, 256,
-    ``ws`` the warp-specialised one, ``0`` none.  The warp-specialised kernel needs block sizes
+def _hopper_policy(choice: str, D: int, block_size: int, ws_ok: bool) -> str | None:
+    """The Hopper kernel for head dim ``D`` and a block size by ``Options.hopper_kernel``
+    (``choice``): "auto" ``HOPPER_DEFAULT_KERNELS``, "tiled" the tiled kernel for head dims 64,
+    128, 256, "ws" the warp-specialised one, "off" none.  The warp-specialised kernel needs block sizes
     that are multiples of 128 and a triton whose Gluon has the list form of ``warp_specialize``
     (``ws_ok``); without them ``ws`` falls back to the tiled kernel and the defaults to the
     Triton kernel (at head dims 128 and 256 the tiled kernel measured no faster than it)."""
-    if flag == "0" or block_size < 64 or D not in (64, 128, 256):
+    if choice == "off" or block_size < 64 or D not in (64, 128, 256):
         return None
-    kernel = {"1": "tiled", "ws": "ws"}.get(flag, HOPPER_DEFAULT_KERNELS.get(D))
+    kernel = HOPPER_DEFAULT_KERNELS.get(D) if choice == "auto" else choice
     if kernel == "ws" and (block_size % 128 or not ws_ok):
-        kernel = "tiled" if flag == "ws" else None
+        kernel = "tiled" if choice == "ws" else None
     return kernel
 
 
@@ -266,13 +314,87 @@ def _gluon_available() -> bool:
 def _diag_first(BD: int) -> bool:
     """Whether the kernel runs the diagonal block before the others (``DIAG_FIRST``; its loads
     then overlap the selection's).  Default: for padded head dim 64 only.  On the H200 at 128k
-    (results/h200/diag_first_16771a4) first was +0.7 to +3.0 points of cuDNN's TFLOP/s at head
+    first was +0.7 to +3.0 points of cuDNN's TFLOP/s at head
     dim 64 (5-60% density), -2.7 to +1.3 at 128 and 10-17 points worse at 256 (a second
-    pipelined loop's buffers).  ``FLEXPREFILL_DIAG_FIRST=1`` / ``=0`` forces it on / off."""
-    flag = os.environ.get("FLEXPREFILL_DIAG_FIRST")
-    if flag in ("0", "1"):
-        return flag == "1"
+    pipelined loop's buffers).  ``Options.diag_first`` True / False forces it on / off."""
+    forced = options().diag_first
+    if forced is not None:
+        return forced
     return BD == 64
+
+
+# the tiles autotuning (or ``config``) gives; every other parameter of the kernel is named below
+_TILE_META = ("BLOCK_M", "BLOCK_N")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_params() -> tuple:
+    return tuple(p for p in inspect.signature(sparse_attention_fwd_kernel.fn).parameters if p not in _TILE_META)
+
+
+def _kernel_args(**named) -> tuple:
+    """The Triton kernel's arguments in its parameter order, from their names (all but the
+    tiles): a name missing or unknown fails here, not as a shifted positional argument.
+    Passed positionally, constexprs included (every triton version hands those to the prune)."""
+    params = _kernel_params()
+    missing = [p for p in params if p not in named]
+    unknown = [n for n in named if n not in params]
+    if missing or unknown:
+        raise TypeError(f"sparse_attention_fwd_kernel arguments: missing {missing}, unknown {unknown}")
+    return tuple(named[p] for p in params)
+
+
+def _launch_triton(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, window=None,
+                   varlen=None, config=None):
+    """The one launcher of the Triton kernel (``kernels.sparse_attention``), for dense batches,
+    packed sequences and windows alike; inputs checked and laid out by the caller.
+
+    q [B, N, Hq, D], k/v [B, N, Hkv, D], out like q, lse fp32 [B, Hq, N] or None; or with
+    ``varlen`` = (q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k): packed
+    q [total_q, Hq, D], k/v [total_k, Hkv, D], lse [Hq, total_q].  ``window``: a sliding
+    window on top of the selection.  ``config``: dict(BLOCK_M, BLOCK_N, num_warps, num_stages)
+    instead of autotuning.  Returns triton's handle of the launched kernel."""
+    Hq, D = q.shape[-2:]
+    Hkv = k.shape[-2]
+    group = Hq // Hkv
+    # an fp32 stand-in when no lse is asked: the autotuner keys on argument dtypes, so
+    # both variants then share one tuning
+    lse_arg = lse if lse is not None else torch.empty(1, dtype=torch.float32, device=q.device)
+    BD = max(64, triton.next_power_of_2(D))
+    descs = _tma_descriptors(k, v, D, BD)
+    names = ("stride_qb", "stride_qn", "stride_qh", "stride_kb", "stride_kn", "stride_kh", "stride_vb", "stride_vn",
+             "stride_vh", "stride_ob", "stride_on", "stride_oh", "stride_cb", "stride_ch", "stride_ib", "stride_ih",
+             "stride_ir")
+    if varlen is None:
+        B, N = q.shape[:2]
+        strides = _dense_strides(q, k, v, out, counts, indices)
+        # sequence bounds and the lse head stride are unused by the dense path
+        bounds = dict(q_starts=counts, q_ends=counts, k_starts=counts, k_ends=counts, stride_lh=0)
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_M"]) * group, B * Hkv)
+    else:
+        q_starts, q_ends, k_starts, k_ends, max_seqlen_q, N = varlen
+        S = q_starts.shape[0]
+        # a packed tensor has no batch dim: batch strides 0
+        strides = (0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
+                   0, out.stride(0), out.stride(1), counts.stride(0), counts.stride(1), *indices.stride()[:3])
+        bounds = dict(q_starts=q_starts, q_ends=q_ends, k_starts=k_starts, k_ends=k_ends,
+                      stride_lh=lse_arg.stride(0) if lse is not None else 0)
+
+        def grid(meta):
+            # a chunk's queries span at most cdiv(n_q, BLOCK_M) + 1 tiles aligned to absolute positions
+            return ((triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) + 1) * group, S * Hkv)
+    args = _kernel_args(
+        q=q, k=k, v=v, o=out, lse=lse_arg, counts=counts, indices=indices,
+        k_desc=descs[0] if descs else k, v_desc=descs[1] if descs else v,
+        **dict(zip(names, strides)), **bounds,
+        N=N, HKV=Hkv, scale_log2=softmax_scale * _LOG2E, N_BUCKET=length_bucket(N),
+        window=0 if window is None else int(window),
+        GROUP=group, D=D, BD=BD, BS=block_size, RETURN_LSE=lse is not None, VARLEN=varlen is not None,
+        TMA=descs is not None, WINDOWED=window is not None, DIAG_FIRST=_diag_first(BD),
+    )
+    return _run(args, grid, BD, block_size, config, descs)
 
 
 def _run(args, grid, BD, block_size, config, descs):
@@ -332,27 +454,7 @@ def sparse_attention_varlen(
                          softmax_scale=softmax_scale, config=hopper_config, window=window,
                          varlen=(q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k))
         return (out, lse) if return_lse else out
-    lse_arg = lse if return_lse else torch.empty(1, dtype=torch.float32, device=q.device)
-    BD = max(64, triton.next_power_of_2(D))
-    group = Hq // Hkv
-    descs = _tma_descriptors(k, v, D, BD)
-
-    def grid(meta):
-        # a chunk's queries span at most cdiv(n_q, BLOCK_M) + 1 tiles aligned to absolute positions
-        return ((triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) + 1) * group, S * Hkv)
-
-    args = (
-        q, k, v, out, lse_arg, counts, indices, *(descs or (k, v)),
-        0, q.stride(0), q.stride(1),
-        0, k.stride(0), k.stride(1),
-        0, v.stride(0), v.stride(1),
-        0, out.stride(0), out.stride(1),
-        counts.stride(0), counts.stride(1),
-        indices.stride(0), indices.stride(1), indices.stride(2),
-        max_seqlen_k, Hkv, softmax_scale * _LOG2E,
-        q_starts, q_ends, k_starts, k_ends, lse_arg.stride(0) if return_lse else 0, length_bucket(max_seqlen_k),
-        0 if window is None else int(window),
-        group, D, BD, block_size, return_lse, True, descs is not None, window is not None, _diag_first(BD),
-    )
-    _run(args, grid, BD, block_size, config, descs)
+    _launch_triton(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
+                   softmax_scale=softmax_scale, window=window, config=config,
+                   varlen=(q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k))
     return (out, lse) if return_lse else out

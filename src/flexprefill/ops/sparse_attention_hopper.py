@@ -13,17 +13,55 @@ import functools
 import torch
 import triton
 
-from .kernels.sparse_attention import length_bucket
+from .autotune import length_bucket
 from .sparse_attention import _LOG2E, _dense_strides, _row_view
 
 __all__ = ["launch_hopper", "hopper_configs", "launch_hopper_ws", "ws_configs"]
+
+# tile configs per head dim (BLOCK_M = 16 x num_warps: one 64-row wgmma per warpgroup);
+# shared memory: q BLOCK_M x D + STAGES x 2 x BLOCK_N x D, 16-bit.  Kept from two H200 runs
+# (5-60% density at 128k), one config each (the others tried
+# were never the fastest, and one config leaves no autotuning noise): at head dim 64 one
+# warpgroup per CTA with three CTAs per SM (64x128, 2 stages: 0.91-0.96 of cuDNN), at 256
+# two warpgroups (128x64); at 128 none beat the Triton kernel (128x128: 1-5 points behind,
+# 64x64 and 64x32 with two CTAs per SM further behind).  Under block size 64 tiles clamp to 64
+_SPACE = {
+    64: [dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4)],
+    128: [dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8)],
+    256: [dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=8)],
+}
+# the H200's shared memory per block (227 KB) less the barriers and some slack
+SMEM_LIMIT = 232448 - 1024
+
+
+def smem_bytes(D, BLOCK_M, BLOCK_N, STAGES, **_):
+    """Shared memory of a config (16-bit q, k, v tiles)."""
+    return 2 * D * (BLOCK_M + 2 * STAGES * BLOCK_N)
+
+
+# one config per head dim; shared memory 2 x D x (Q_STAGES x 128 + 2 x STAGES x BLOCK_N), 16-bit.
+# On the H200 at 128k, 5-60% density, over two runs: ping-pong off, as it was within -3..+3 points at head dim 128 over two runs,
+# -4..+1 at 256 and 2-10 behind at 64 (the intra-warpgroup overlap already keeps
+# the tensor cores busy); the tile counter on, 0.5-6.5 points ahead of the fixed stride on random
+# selections and what made the operator faster than the Triton kernel on the suite's
+# structured inputs (with the stride it was 14-35% slower there: heads of unequal density)
+_WS_SPACE = {
+    64: [dict(BLOCK_N=128, STAGES=3, Q_STAGES=2, PINGPONG=False, DYNAMIC=True)],
+    128: [dict(BLOCK_N=128, STAGES=2, Q_STAGES=2, PINGPONG=False, DYNAMIC=True)],
+    256: [dict(BLOCK_N=64, STAGES=2, Q_STAGES=1, PINGPONG=False, DYNAMIC=True)],
+}
+
+
+def ws_smem_bytes(D, BLOCK_N, STAGES, Q_STAGES, **_):
+    """Shared memory of a warp-specialised config (16-bit q, k, v tiles)."""
+    from .kernels.sparse_attention_hopper_ws import ROWS_PER_WG
+
+    return 2 * D * (Q_STAGES * 2 * int(ROWS_PER_WG) + 2 * STAGES * BLOCK_N)
 
 
 def hopper_configs(D: int, block_size: int, space: list[dict] | None = None) -> list[dict]:
     """The tile configs tried for head dim ``D`` (tiles clamped to the block size, duplicates and
     configs over the shared memory dropped); ``space``: other configs than the kernel's own."""
-    from .kernels.sparse_attention_hopper import _SPACE, SMEM_LIMIT, smem_bytes
-
     kept = []
     for c in (_SPACE[D] if space is None else space):
         c = dict(c, BLOCK_M=min(c["BLOCK_M"], block_size), BLOCK_N=min(c["BLOCK_N"], block_size))
@@ -109,9 +147,6 @@ _WS_MAXNREG = 168
 def ws_configs(D: int, block_size: int) -> list[dict]:
     """The warp-specialised kernel's configs for head dim ``D`` ([] where it does not apply:
     block sizes that are not a multiple of its 128-row query tile)."""
-    from .kernels.sparse_attention_hopper import SMEM_LIMIT
-    from .kernels.sparse_attention_hopper_ws import _WS_SPACE, ws_smem_bytes
-
     if block_size % 128:
         return []
     return [dict(c, BLOCK_N=min(c["BLOCK_N"], block_size)) for c in _WS_SPACE[D]

@@ -1,79 +1,25 @@
 """Block-sparse causal attention forward (FlashAttention-2 style, online softmax in fp32, exp2).
+Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128,
+GQA 1/2/4), the dense path on an H200 (bf16).  Limits: BLOCK_M, BLOCK_N divide the block size; D <= 256.
+
 ``VARLEN`` switches to packed sequences: per-sequence row bounds loaded in the kernel, queries =
 the last n_q of n_k positions (bottom-right causal, tiles aligned to absolute positions).
-Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128, GQA 1/2/4);
-the dense path on an H200 (bf16), the varlen path on CPU only so far.
-Limits: BLOCK_M, BLOCK_N divide the block size; head dim <= 256 (padded to a power of 2).
 ``WINDOWED`` adds a sliding window (key j visible from query i when ``i - j < window``, the
 transformers convention) on top of whichever blocks the selection lists.
 ``DIAG_FIRST`` runs the diagonal block before the listed off-diagonal ones (its loads need
 no selection entry; the launcher turns it on for head dim 64, where it measured faster).
 Triton's automatic warp specialization (``tl.range(..., warp_specialize=True)`` on the
-off-diagonal loop; c2ada11, results/h200/probe_ws_c2ada11) did not help on the H200 with
-triton 3.6: with 8 warps within 1.5% of the same config without it, with 4 warps the pass failed.
+off-diagonal loop) did not help on the H200 with triton 3.6: with 8 warps within 1.5% of the
+same config without it, with 4 warps the pass failed.
 ``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
 copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
+Autotuning spaces and launch logic live in ``ops.sparse_attention``.
 """
 
 import triton
 import triton.language as tl
 
-from ..autotune import autotune_configs
-
 _LN2 = tl.constexpr(0.6931471805599453)
-
-# a few configs per head-dim bucket (padded head dim <= 64, <= 128, <= 256); tiles are
-# clamped to the selection block size by the prune below.  A sweep of 64 configs on an
-# H200 (benchmarks/sweep_kernel_configs.py, results/h200/kernel_config_sweep_*.json) found
-# no config outside this space within 1% of the best of each head dim
-_SPACE = {
-    64: [
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
-    ],
-    128: [
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    ],
-    256: [
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-    ],
-}
-# the interpreter's one config divides every block size and runs both sub-tiling paths
-_INTERPRET = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-
-
-def _set_tma_blocks(nargs):
-    """Autotune pre-hook: the descriptors' tile shape follows the config's BLOCK_N."""
-    if nargs.get("TMA"):
-        for name in ("k_desc", "v_desc"):
-            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BD"]]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Clamp tiles to the selection block size and drop the duplicates that makes."""
-    bs = {**named_args, **kwargs}["BS"]
-    kept, seen = [], set()
-    for c in configs:
-        bm, bn = min(c.kwargs["BLOCK_M"], bs), min(c.kwargs["BLOCK_N"], bs)
-        # small tiles do not feed 8 warps
-        warps = min(c.num_warps, 4) if bm * bn < 64 * 64 else c.num_warps
-        sig = (bm, bn, warps, c.num_stages)
-        if sig not in seen:
-            seen.add(sig)
-            kept.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=c.num_stages,
-                                      pre_hook=_set_tma_blocks))
-    return kept
-
 
 @triton.jit
 def _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag, n_diag, n_k,
@@ -263,23 +209,3 @@ def sparse_attention_fwd_kernel(
         else:
             p_lse = lse + (i_b * (HKV * GROUP) + i_h) * N + o_m
         tl.store(p_lse, b_lse, mask=m_m)
-
-
-def length_bucket(n: int) -> int:
-    """Autotune length class of a call with ``n`` keys: log2 rounded up, clamped to [13, 17]."""
-    return min(max(int(n - 1).bit_length(), 13), 17)
-
-
-# one autotuner per head-dim bucket, keyed on (padded head dim, block size, varlen, length
-# bucket); triton adds the dtypes.  ``N_BUCKET`` (unused by the body) is the key's length
-# class: with configs tuned on the first (8k) call, the H200 suite measured d256 at 0.60-0.64
-# of cuDNN's TFLOP/s at 128k (densities 5-60%); keyed on the length class, 0.80-0.94.  Each
-# power of two from 8k to 128k tunes once
-sparse_attention_fwd_tuned = {
-    bd: triton.autotune(
-        configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
-        key=["BD", "BS", "VARLEN", "WINDOWED", "DIAG_FIRST", "N_BUCKET"],
-        prune_configs_by={"early_config_prune": _prune},
-    )(sparse_attention_fwd_kernel)
-    for bd, space in _SPACE.items()
-}

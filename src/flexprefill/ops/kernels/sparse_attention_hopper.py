@@ -1,6 +1,8 @@
-"""Block-sparse causal attention forward for Hopper, written in Gluon (Triton's explicit-layout
-dialect): the same contract as ``sparse_attention_fwd_kernel`` for the dense (non-packed),
-non-windowed path, with a schedule Triton's own pipeliner cannot express.
+"""Block-sparse causal attention forward for Hopper in Gluon (the dense, non-windowed contract of
+``sparse_attention_fwd_kernel``).  Tested on an H200 against the Triton kernel (GPU tests);
+limits: sm_90, 16-bit q/k/v laid out for tensor descriptors, head dim 64/128/256, no interpreter.
+
+It exists for a schedule Triton's own pipeliner cannot express.
 
 What differs from the Triton kernel (why it exists):
 - FlashAttention-3's intra-warpgroup overlap: tile j's ``Q K^T`` and tile j-1's ``P V`` are
@@ -12,9 +14,8 @@ What differs from the Triton kernel (why it exists):
   loaded by TMA into ``STAGES`` buffers each, a buffer refilled as soon as the wgmma reading
   it has completed (K after its ``Q K^T``, V after its ``P V``).
 
-Needs sm_90 (wgmma), 16-bit q/k/v whose K/V layout allows tensor descriptors (see
-``ops.sparse_attention._tma_descriptors``), head dim 64, 128 or 256.  It does not run under
-the Triton interpreter; CPU tests cover the Triton kernel, GPU tests compare the two.
+The layout check is ``ops.sparse_attention._row_view``; tile configs and shared-memory limits
+live in ``ops.sparse_attention_hopper``.
 """
 
 from triton.experimental import gluon
@@ -234,24 +235,3 @@ def sparse_attention_fwd_hopper(
     for st in gl.static_range(STAGES):
         mbarrier.invalidate(k_bar.index(st))
         mbarrier.invalidate(v_bar.index(st))
-
-
-# tile configs per head dim (BLOCK_M = 16 x num_warps: one 64-row wgmma per warpgroup);
-# shared memory: q BLOCK_M x D + STAGES x 2 x BLOCK_N x D, 16-bit.  Kept from two H200 runs
-# (results/h200/hopper_kernel/, 5-60% density at 128k), one config each (the others tried
-# were never the fastest, and one config leaves no autotuning noise): at head dim 64 one
-# warpgroup per CTA with three CTAs per SM (64x128, 2 stages: 0.91-0.96 of cuDNN), at 256
-# two warpgroups (128x64); at 128 none beat the Triton kernel (128x128: 1-5 points behind,
-# 64x64 and 64x32 with two CTAs per SM further behind).  Under block size 64 tiles clamp to 64
-_SPACE = {
-    64: [dict(BLOCK_M=64, BLOCK_N=128, STAGES=2, num_warps=4)],
-    128: [dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8)],
-    256: [dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=8)],
-}
-# the H200's shared memory per block (227 KB) less the barriers and some slack
-SMEM_LIMIT = 232448 - 1024
-
-
-def smem_bytes(D, BLOCK_M, BLOCK_N, STAGES, **_):
-    """Shared memory of a config (16-bit q, k, v tiles)."""
-    return 2 * D * (BLOCK_M + 2 * STAGES * BLOCK_N)

@@ -1,4 +1,6 @@
 """Block-sparse causal attention forward for Hopper, warp-specialised and persistent (Gluon).
+Tested on an H200 against the Triton kernel (GPU tests); limits: sm_90, triton's Gluon
+``warp_specialize``, block size a multiple of 128, head dim 64/128/256, no interpreter.
 
 The same contract as ``sparse_attention_fwd_hopper`` (block size a multiple of 128), plus
 packed sequences (``VARLEN``: chunks over a cached prefix, tiles aligned to absolute
@@ -20,7 +22,7 @@ FlashAttention-3's division of labour:
   consumers in shared memory with the tile's Q), so heads of unequal density balance out;
   otherwise a fixed stride.
 
-Needs sm_90 and triton's Gluon ``warp_specialize``; not runnable under the interpreter.
+Configs and shared-memory limits live in ``ops.sparse_attention_hopper``.
 """
 
 from triton.experimental import gluon
@@ -381,22 +383,3 @@ def sparse_attention_fwd_hopper_ws(
         (_consumer, (1, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN, WINDOWED)),
         (_producer, (0, common, GROUP, D, BS, RETURN_LSE, BLOCK_N, STAGES, Q_STAGES, PINGPONG, DYNAMIC, VARLEN, WINDOWED)),
     ], [4, 1], [CONSUMER_REGS, 24])
-
-
-# one config per head dim; shared memory 2 x D x (Q_STAGES x 128 + 2 x STAGES x BLOCK_N), 16-bit.
-# On the H200 at 128k, 5-60% density (results/h200/hopper_kernel/hopper_kernel_ws_edc4ab4.json,
-# ws_7695ba9/): ping-pong off, as it was within -3..+3 points at head dim 128 over two runs,
-# -4..+1 at 256 and 2-10 behind at 64 (the intra-warpgroup overlap already keeps
-# the tensor cores busy); the tile counter on, 0.5-6.5 points ahead of the fixed stride on random
-# selections and what made the operator faster than the Triton kernel on the suite's
-# structured inputs (with the stride it was 14-35% slower there: heads of unequal density)
-_WS_SPACE = {
-    64: [dict(BLOCK_N=128, STAGES=3, Q_STAGES=2, PINGPONG=False, DYNAMIC=True)],
-    128: [dict(BLOCK_N=128, STAGES=2, Q_STAGES=2, PINGPONG=False, DYNAMIC=True)],
-    256: [dict(BLOCK_N=64, STAGES=2, Q_STAGES=1, PINGPONG=False, DYNAMIC=True)],
-}
-
-
-def ws_smem_bytes(D, BLOCK_N, STAGES, Q_STAGES, **_):
-    """Shared memory of a warp-specialised config (16-bit q, k, v tiles)."""
-    return 2 * D * (Q_STAGES * 2 * ROWS_PER_WG + 2 * STAGES * BLOCK_N)

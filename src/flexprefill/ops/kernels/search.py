@@ -1,19 +1,18 @@
-"""Block-pooled attention of the representative (last) queries, streamed over the keys.
+"""Kernels of the pattern search: the representative queries' block-pooled attention streamed
+over the keys, block means, the split combine, the row assembly and the radix threshold.
+Tested against flexprefill.reference on CPU (interpreter, fp16/fp32), bf16 on GPU.  Limits: D <= 256, n_rep <= 128.
 
-Computes, per (sequence, query head), the softmax attention of the last ``n_rep <= bs``
-queries over all keys without materialising the [n_rep, N] matrix: a first pass
-gathers each row's max and sum over key splits (flash-decoding style), a second pass
-recomputes each key block's probabilities and reduces them to the block's vertical
-mass and to its share of the two block diagonals the rows can sit on (or, with
-``BLOCK_STATS`` / ``FROM_STATS``, the first pass stores each key block's row max and sum and
-the second reads them instead of recomputing).  ``VARLEN``
-switches to packed sequences (per-sequence row bounds loaded in the kernel, queries
-= the last positions of a chunk over a cached prefix); programs past a sequence's
-keys do no work.  Also the per-block means of packed sequences, the split combine of the
-first pass, and the set assembly: each row's kept blocks built from the head's column,
-diagonal and ranked sets and compacted in one pass (``assemble_rows_kernel``).
-Tested against flexprefill.reference on CPU (interpreter, fp16/fp32); bf16 on GPU.
-Limits: head dim <= 256 (padded to a power of two), n_rep <= 128.
+``rep_row_stats_kernel`` / ``rep_block_mass_kernel``: per (sequence, query head), the softmax
+attention of the last ``n_rep <= bs`` queries over all keys without materialising the
+[n_rep, N] matrix: a first pass gathers each row's max and sum over key splits
+(flash-decoding style), a second recomputes each key block's probabilities and reduces them
+to the block's vertical mass and its share of the two block diagonals the rows can sit on
+(or, with ``BLOCK_STATS`` / ``FROM_STATS``, the first pass stores each key block's row max
+and sum and the second reads them).  ``VARLEN`` switches to packed sequences (per-sequence
+row bounds loaded in the kernel, queries = the last positions of a chunk over a cached
+prefix); programs past a sequence's keys do no work.  ``INDIRECT``: q and k are read at the
+addresses two device words hold (a CUDA graph's inputs).  ``assemble_rows_kernel``: each
+row's kept blocks from the head's column, diagonal and ranked sets, compacted in one pass.
 """
 
 import triton
