@@ -1,16 +1,16 @@
 """Block-sparse causal attention in vectorised plain PyTorch: the fast path on the CPU, runs on any device.
 
 Every (sequence, query head, query block) with a non-empty row of the block table is one
-work item.  Items are sorted by their block count and cut into chunks whose gathered
-keys stay under a memory budget; a chunk gathers each item's selected key/value rows
-(padded to the chunk's largest count and masked), runs two batched matmuls and an exact
-fp32 softmax with the token-level causal mask (and a sliding window when given).  No
-Python loop over heads or blocks: the loop is over chunks only, a handful per call.
-Matmul precision: bf16 inputs multiply in bf16 (accumulated in fp32 by the BLAS, softmax
-in fp32; three times faster than fp32 on CPUs with bf16 instructions), fp16 on the CPU
-in fp32 (CPU fp16 matmuls are slow), fp32 in fp32.  A row with no selected key gives 0
-and lse ``-inf``, as the Triton kernel and FlashAttention do.  Tested against
-``reference.py`` in tests/ops/test_torch_attention.py.
+work item.  q, k and v are laid out once in absolute blocks; items are sorted by their
+block count and cut into chunks whose gathered key/value blocks stay under a memory
+budget (padded to the chunk's largest count and masked).  No Python loop over heads or
+blocks: the loop is over chunks only.  Per chunk, on the CPU: PyTorch's fused CPU
+attention kernel over the blocks below the diagonal (padded slots masked on the key axis)
+and a second, causal call over the diagonal blocks, merged by their LSE.  Elsewhere, and
+for sliding windows: two batched matmuls in the input dtype (fp32 for fp16 on the CPU,
+where fp16 matmuls are slow) and an fp32 softmax with the token-level mask.  A row with no
+selected key gives 0 and lse ``-inf``, as the Triton kernel and FlashAttention do.  Tested
+against ``reference.py`` in tests/ops/test_torch_attention.py.
 """
 
 from __future__ import annotations
