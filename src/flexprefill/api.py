@@ -24,7 +24,7 @@ What is checked where: dtypes, shapes, devices and that the maxima are ints are
 checked on the host.  The *values* of ``cu_seqlens`` (monotone, start at 0, end at
 ``total``, ``n_q <= n_k``, lengths within the maxima) live on the device and are not
 read there (no host sync): violating them gives undefined results on CUDA.  On the
-CPU (reference path, host memory) they are checked and raise ``ValueError``.
+CPU (host memory) they are checked and raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -123,10 +123,12 @@ def _backend(config: FlexPrefillConfig, device: torch.device) -> str:
             )
         _require_triton()
         return "triton"
+    if config.backend == "torch":
+        return "torch"
     if device.type == "cuda":
         _require_triton()
         return "triton"
-    return "reference"
+    return "torch"
 
 
 def _check_no_grad(*named) -> None:
@@ -175,7 +177,7 @@ def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scal
     cfg = _check_config(config)
     _check_qkv(q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    if _backend(cfg, q.device) == "reference":
+    if _backend(cfg, q.device) in ("reference", "torch"):
         return reference.select_blocks(q, k, config=cfg, softmax_scale=scale)
     from .search import select_blocks_fast
 
@@ -205,7 +207,7 @@ def block_sparse_attention(
         q: [B, N, Hq, D]; k, v: [B, N, Hkv, D].
         selection: from :func:`select_blocks` (or any method producing the same format).
         return_lse: also return the log-sum-exp [B, Hq, N] (fp32, natural log).
-        backend: "auto", "triton" or "reference".
+        backend: "auto" (triton on CUDA tensors, torch on the CPU), "triton", "torch" or "reference".
 
     Returns:
         ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
@@ -213,8 +215,16 @@ def block_sparse_attention(
     _check_qkv(q, k, v)
     _check_selection(selection, q)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
+    be = _backend(FlexPrefillConfig(backend=backend), q.device)
+    if be == "reference":
         return reference.block_sparse_attention(q, k, v, selection, softmax_scale=scale, return_lse=return_lse)
+    if be == "torch":
+        from .ops import torch_attention
+
+        return torch_attention.sparse_attention(
+            q, k, v, selection.counts, selection.indices, block_size=selection.block_size, softmax_scale=scale,
+            return_lse=return_lse,
+        )
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.sparse_attention import sparse_attention
 
@@ -271,6 +281,8 @@ def flex_prefill_attention(
         return reference.flex_prefill_attention(
             q, k, v, config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats
         )
+    if backend == "torch":
+        return _flex_prefill_torch(q, k, v, cfg, scale, return_lse, return_stats)
     B, N, Hq, _ = q.shape
     stats: PatternStats
     if N < cfg.min_seq_len:
@@ -293,6 +305,30 @@ def flex_prefill_attention(
             stats.dense = True
         else:
             res = sparse_attention(
+                q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse
+            )
+    res = res if isinstance(res, tuple) else (res,)
+    if return_stats:
+        res = res + (stats,)
+    return res[0] if len(res) == 1 else res
+
+
+def _flex_prefill_torch(q, k, v, cfg, scale, return_lse, return_stats):
+    """The operator on the "torch" backend: dense through SDPA below ``min_seq_len``, else search + torch attention."""
+    from .ops import torch_attention
+
+    B, N, Hq, _ = q.shape
+    if N < cfg.min_seq_len:
+        res = torch_attention.dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=return_lse)
+        stats = reference.dense_stats(B, Hq, N, cfg.block_size, q.device)
+    else:
+        sel = select_blocks(q, k, config=cfg, softmax_scale=scale)
+        stats = sel.stats()
+        if not return_lse and reference.too_dense(sel.counts, cfg):
+            res = torch_attention.dense_causal_attention(q, k, v, softmax_scale=scale)
+            stats.dense = True
+        else:
+            res = torch_attention.sparse_attention(
                 q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse
             )
     res = res if isinstance(res, tuple) else (res,)
@@ -418,7 +454,7 @@ def select_blocks_varlen(
 
 def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
                    index_dtype: torch.dtype = torch.int32) -> VarlenBlockSelection:
-    if _backend(cfg, q.device) == "reference":
+    if _backend(cfg, q.device) in ("reference", "torch"):
         return reference.select_blocks_varlen(
             q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
         )
@@ -467,7 +503,7 @@ def block_sparse_attention_varlen(
         selection: from :func:`select_blocks_varlen` (its ``max_seqlen_q/k`` size the grid).
         cu_seqlens_q, cu_seqlens_k: int32 [n_seq + 1], as given to the selection.
         return_lse: also return ``lse`` fp32 [Hq, total_q] (natural log; FlashAttention's varlen layout).
-        backend: "auto", "triton" or "reference".
+        backend: "auto" (triton on CUDA tensors, torch on the CPU), "triton", "torch" or "reference".
 
     Returns:
         ``out`` [total_q, Hq, D] in the input dtype, and ``lse`` when asked.
@@ -477,9 +513,18 @@ def block_sparse_attention_varlen(
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, selection.max_seqlen_q, selection.max_seqlen_k)
     _check_varlen_selection(selection, q)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
+    be = _backend(FlexPrefillConfig(backend=backend), q.device)
+    if be == "reference":
         return reference.block_sparse_attention_varlen(
             q, k, v, selection, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse
+        )
+    if be == "torch":
+        from .ops import torch_attention
+
+        return torch_attention.sparse_attention_varlen(
+            q, k, v, selection.counts, selection.indices,
+            cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:],
+            block_size=selection.block_size, softmax_scale=scale, return_lse=return_lse,
         )
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.sparse_attention import sparse_attention_varlen
@@ -536,6 +581,9 @@ def flex_prefill_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats,
         )
+    if _backend(cfg, q.device) == "torch":
+        return _flex_prefill_varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale,
+                                          return_lse, return_stats)
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .search import compact_index_dtype
     from .ops.sparse_attention import sparse_attention_varlen
@@ -555,16 +603,37 @@ def flex_prefill_attention_varlen(
     return res[0] if len(res) == 1 else res
 
 
+def _flex_prefill_varlen_torch(q, k, v, cu_q, cu_k, max_q, max_k, cfg, scale, return_lse, return_stats):
+    """:func:`flex_prefill_attention_varlen` on the "torch" backend."""
+    from .ops import torch_attention
+
+    sel = _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, cfg.min_seq_len)
+    res = torch_attention.sparse_attention_varlen(
+        q, k, v, sel.counts, sel.indices, cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:],
+        block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse,
+    )
+    res = res if isinstance(res, tuple) else (res,)
+    if return_stats:
+        stats = sel.stats()
+        stats.dense = max_k < cfg.min_seq_len
+        res = res + (stats,)
+    return res[0] if len(res) == 1 else res
+
+
 def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
     """A right-padded batch as packed sequences: rows ``b*N .. b*N + seq_lens[b]``."""
     B, N, Hq, D = q.shape
-    if backend == "reference":
+    if backend in ("reference", "torch"):
         lens = seq_lens.tolist()
         cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(B)], dtype=torch.int32, device=q.device)
         pack = lambda t: torch.cat([t[b, : lens[b]] for b in range(B)])  # noqa: E731
-        o, l, stats = reference.flex_prefill_attention_varlen(
-            pack(q), pack(k), pack(v), cu, cu, N, N, config=cfg, softmax_scale=scale, return_lse=True, return_stats=True
-        )
+        qp, kp, vp = pack(q), pack(k), pack(v)
+        if backend == "reference":
+            o, l, stats = reference.flex_prefill_attention_varlen(
+                qp, kp, vp, cu, cu, N, N, config=cfg, softmax_scale=scale, return_lse=True, return_stats=True
+            )
+        else:
+            o, l, stats = _flex_prefill_varlen_torch(qp, kp, vp, cu, cu, N, N, cfg, scale, True, True)
         out = torch.zeros_like(q)
         lse = torch.full((B, Hq, N), float("-inf"), device=q.device)
         for b in range(B):
@@ -634,7 +703,7 @@ def sliding_window_attention(
         window: tokens, >= 1 (``window >= N`` is plain causal attention).
         softmax_scale: default ``1/sqrt(D)``.
         return_lse: also return ``lse`` [B, Hq, N] fp32 (natural log).
-        backend: "auto" (Triton on CUDA, fp32 reference on CPU), "triton" or "reference".
+        backend: "auto" (Triton on CUDA, torch on the CPU), "triton", "torch" or "reference".
 
     Returns:
         ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
@@ -642,8 +711,13 @@ def sliding_window_attention(
     _check_qkv(q, k, v)
     window = _check_window(window)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
+    be = _backend(FlexPrefillConfig(backend=backend), q.device)
+    if be == "reference":
         return reference.dense_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, window=window)
+    if be == "torch":
+        from .ops import torch_attention
+
+        return torch_attention.sliding_window_attention(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse)
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.window_attention import sliding_window_attention as _swa
 
@@ -664,9 +738,16 @@ def sliding_window_attention_varlen(
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     window = _check_window(window)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    if _backend(FlexPrefillConfig(backend=backend), q.device) == "reference":
+    be = _backend(FlexPrefillConfig(backend=backend), q.device)
+    if be == "reference":
         return reference.dense_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse, window=window
+        )
+    if be == "torch":
+        from .ops import torch_attention
+
+        return torch_attention.sliding_window_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, window=window, softmax_scale=scale, return_lse=return_lse
         )
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.window_attention import sliding_window_attention_varlen as _swa_varlen

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 __all__ = ["FlexPrefillConfig", "BACKENDS", "BLOCK_SIZES"]
 
 BLOCK_SIZES = (32, 64, 128)
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 
 # Below this many tokens the operator runs dense causal attention: the pattern
 # search cannot pay for itself there.  Measured on an H200 (bf16, 32/8 heads, d=128,
@@ -41,8 +41,10 @@ class FlexPrefillConfig:
             CUDA), so a near-dense input is not slower than dense.  Reading the density costs
             one host sync per call; it is skipped while a CUDA graph is being captured, with
             ``return_lse=True``, and for packed or padded inputs.
-        backend: "auto" (triton on CUDA tensors, reference on CPU), "triton" or
-            "reference" (plain PyTorch in fp32, slow, the test oracle).
+        backend: "auto" (triton on CUDA tensors, torch on the CPU), "triton", "torch"
+            (vectorised plain-PyTorch block-sparse attention, any device; on the CPU through
+            PyTorch's fused attention kernel, dense fallback through SDPA) or "reference"
+            (plain PyTorch in fp32, one head at a time, slow: the test oracle).
     """
 
     block_size: int = 128
