@@ -1,5 +1,5 @@
 """Without triton installed (CPU torch wheels do not bring it) the library still imports and
-its reference path works; asking for the Triton backend says how to install it."""
+its torch and reference paths work; asking for the Triton backend says how to install it."""
 
 import subprocess
 import sys
@@ -25,7 +25,8 @@ import flexprefill.integrations.transformers  # noqa: F401
 q, k, v = (torch.randn(1, 96, 2, 64) for _ in range(3))
 cfg = FlexPrefillConfig(block_size=32, min_seq_len=0)
 out = fp.flex_prefill_attention(q, k, v, config=cfg)
-assert torch.equal(out, reference.flex_prefill_attention(q, k, v, config=cfg))
+# auto on the CPU is the vectorised torch path: equal to the oracle within fp32 rounding
+assert torch.allclose(out, reference.flex_prefill_attention(q, k, v, config=cfg), atol=1e-5, rtol=1e-5)
 sel = fp.select_blocks(q, k, config=cfg.replace(backend="reference"))
 fp.block_sparse_attention(q, k, v, sel, backend="reference")
 try:
