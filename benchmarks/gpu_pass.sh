@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU pass of every check and benchmark, in two halves that each fit a 10-minute call.
 #   bash benchmarks/gpu_pass.sh tests OUT    # every GPU test (~450 s on a fresh H200: a call of its own)
-#   bash benchmarks/gpu_pass.sh checks OUT   # operator checks, benchmark suite
+#   bash benchmarks/gpu_pass.sh checks OUT   # operator GPU tests, benchmark suite
 #   bash benchmarks/gpu_pass.sh models OUT   # break-even, whole-model prefill, demo, evals
 # Shorter phases for a tight device budget (each well under 10 minutes):
 #   selection OUT (selection GPU tests, pattern-search profile), layer OUT (Llama layer 8k-128k + GQA),
@@ -32,7 +32,7 @@ case "$phase" in
     run gpu_tests 590 python -m pytest tests -q -m gpu -p no:cacheprovider
     ;;
   checks)
-    run operator_check 100 env OUT="$out" python benchmarks/gpu_check_operator.py
+    run operator_tests 150 python -m pytest tests/test_gpu_checks_operator.py -q -m gpu -p no:cacheprovider
     run bench_suite 330 python benchmarks/suite.py --out "$out/bench" --lengths 8k,16k,32k,64k,128k,256k --max-minutes 4
     ;;
   models)
@@ -123,7 +123,8 @@ case "$phase" in
     wait
     ;;
   varlen)
-    run varlen_check 150 env OUT="$out" python benchmarks/gpu_check_varlen.py
+    run varlen_tests 150 python -m pytest tests/test_gpu_checks_varlen.py tests/test_varlen.py -q -m gpu -p no:cacheprovider
+    run varlen_speed 150 env OUT="$out" python benchmarks/varlen_speed.py
     ;;
   wspaths)
     # the warp-specialised Gluon kernel on varlen and windowed calls: its GPU tests, then
@@ -141,8 +142,10 @@ case "$phase" in
       --inputs synthetic,captured --lengths 8k,16k,32k --out "$out/captured" --max-minutes 5.8
     ;;
   wsvarlen)
-    run varlen_ws 150 env OUT="$out/varlen_ws" python benchmarks/gpu_check_varlen.py
-    run varlen_triton 150 env OUT="$out/varlen_triton" FLEXPREFILL_HOPPER_KERNEL=0 python benchmarks/gpu_check_varlen.py
+    run varlen_ws_tests 150 python -m pytest tests/test_gpu_checks_varlen.py -q -m gpu -p no:cacheprovider
+    run varlen_triton_tests 150 env FLEXPREFILL_HOPPER_KERNEL=0 python -m pytest tests/test_gpu_checks_varlen.py -q -m gpu -p no:cacheprovider
+    run varlen_ws 150 env OUT="$out/varlen_ws" python benchmarks/varlen_speed.py
+    run varlen_triton 150 env OUT="$out/varlen_triton" FLEXPREFILL_HOPPER_KERNEL=0 python benchmarks/varlen_speed.py
     ;;
   whole)
     run bench_models 150 python benchmarks/suite.py --mode model --out "$out/bench_models" --max-minutes 2
