@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from flexprefill import FlexPrefillConfig, select_blocks
 from flexprefill.block_table import mask_to_selection
 from flexprefill.ops import torch_attention
-from flexprefill.synthetic import structured_qkv
+from flexprefill_tools.synthetic import structured_qkv
 
 
 def _best(fn, repeat):
