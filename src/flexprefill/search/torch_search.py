@@ -86,10 +86,12 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     a = torch.softmax(s, dim=-1) / n_rep  # [B, Hq, n_rep, N]
     vert = torch.zeros(B, Hq, nb, dtype=torch.float32, device=dev)
     vert.scatter_add_(2, key_blk.expand(B, Hq, N), a.sum(2))
-    src = a[:, :, causal]  # [B, Hq, M], row-major over (query, key) as in the oracle
-    slash = torch.zeros(B, Hq, nb, dtype=torch.float32, device=dev)
-    slash.scatter_add_(2, offset_blk[causal].expand(B, Hq, -1), src)
-    return vert, slash
+    # the oracle adds the causal pairs row-major over (query, key); here every pair is added in
+    # that order, the others (weight 0) into a spare bin nb: the same sums in the same order
+    bins = torch.where(causal, offset_blk, nb).view(-1)
+    slash = torch.zeros(B, Hq, nb + 1, dtype=torch.float32, device=dev)
+    slash.scatter_add_(2, bins.expand(B, Hq, -1), a.reshape(B, Hq, -1))
+    return vert, slash[:, :, :nb].contiguous()
 
 
 def _rank(scores: torch.Tensor) -> torch.Tensor:
