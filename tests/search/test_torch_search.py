@@ -104,3 +104,12 @@ def test_public_torch_backend_uses_it():
     got = fp.select_blocks(q, k, config=cfg)
     want = R.select_blocks(q, k, config=cfg)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.indices, want.indices)
+
+
+def test_head_chunks_change_nothing(monkeypatch):
+    """The representative scores computed a few heads at a time give the same table."""
+    q, k = _qkv("structured", 2, 1000, 6, 2, 64, seed=4)
+    cfg = FlexPrefillConfig(block_size=64, tau=0.2, min_budget=128, min_seq_len=0)
+    want = R.select_blocks(q, k, config=cfg)
+    monkeypatch.setattr(TS, "_SCORE_BYTES", 1)
+    _compare(want, TS.select_blocks(q, k, config=cfg), cfg.tau)

@@ -20,6 +20,9 @@ from ..reference import block_means, estimated_block_distribution, js_distance
 
 __all__ = ["select_blocks", "select_blocks_varlen"]
 
+# bytes of the representative queries' fp32 scores computed at once (heads in chunks)
+_SCORE_BYTES = 256 << 20
+
 
 def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None) -> BlockSelection:
     """Steps 1-4 for a batch ``q [B, n_q, Hq, D]``, ``k [B, n_k, Hkv, D]`` (queries = last ``n_q`` positions)."""
@@ -79,18 +82,26 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     key_blk = torch.div(pos_k, block_size, rounding_mode="floor")
     offset_blk = torch.div(pos_q, block_size, rounding_mode="floor")[:, None] - key_blk[None, :]  # [n_rep, N]
     causal = offset_blk >= 0
-    qh = q[:, n_q - n_rep:].float().permute(0, 2, 1, 3)  # [B, Hq, n_rep, D]
-    kh = k.float().permute(0, 2, 3, 1).repeat_interleave(group, dim=1)  # [B, Hq, D, N]
-    s = torch.matmul(scale * qh, kh)
-    s = s.masked_fill(pos_k[None, :] > pos_q[:, None], float("-inf"))
-    a = torch.softmax(s, dim=-1) / n_rep  # [B, Hq, n_rep, N]
-    vert = torch.zeros(B, Hq, nb, dtype=torch.float32, device=dev)
-    vert.scatter_add_(2, key_blk.expand(B, Hq, N), a.sum(2))
+    future = pos_k[None, :] > pos_q[:, None]
     # the oracle adds the causal pairs row-major over (query, key); here every pair is added in
     # that order, the others (weight 0) into a spare bin nb: the same sums in the same order
     bins = torch.where(causal, offset_blk, nb).view(-1)
-    slash = torch.zeros(B, Hq, nb + 1, dtype=torch.float32, device=dev)
-    slash.scatter_add_(2, bins.expand(B, Hq, -1), a.reshape(B, Hq, -1))
+    X = B * Hq
+    qh = q[:, n_q - n_rep:].float().permute(0, 2, 1, 3).reshape(X, n_rep, D)
+    kh = k.float().permute(0, 2, 3, 1).reshape(B * Hkv, D, N)
+    kv_of = torch.arange(X, device=dev) // group  # (b, h) -> b * Hkv + h // group
+    vert = torch.zeros(X, nb, dtype=torch.float32, device=dev)
+    slash = torch.zeros(X, nb + 1, dtype=torch.float32, device=dev)
+    # heads in chunks: the scores of one chunk stay under _SCORE_BYTES
+    step = max(1, _SCORE_BYTES // max(1, n_rep * N * 4))
+    for h0 in range(0, X, step):
+        h1 = min(X, h0 + step)
+        s = torch.matmul(scale * qh[h0:h1], kh.index_select(0, kv_of[h0:h1]))
+        s = s.masked_fill(future, float("-inf"))
+        a = torch.softmax(s, dim=-1) / n_rep  # [n, n_rep, N]
+        vert[h0:h1].scatter_add_(1, key_blk.expand(h1 - h0, N), a.sum(1))
+        slash[h0:h1].scatter_add_(1, bins.expand(h1 - h0, -1), a.view(h1 - h0, -1))
+    vert, slash = vert.view(B, Hq, nb), slash.view(B, Hq, nb + 1)
     return vert, slash[:, :, :nb].contiguous()
 
 
