@@ -3,7 +3,8 @@
 For each length and dtype: SDPA causal; FlexPrefill (search + attention, backend "torch",
 what "auto" runs on the CPU) on structured inputs; and the attention alone at fixed
 densities from random block tables.  Density is against the causal grid nb*(nb+1)/2.
-Times are the best of ``--repeat`` runs (ms).  Prints one JSON row per measurement and
+Times are the best of ``--repeat`` runs (ms), SDPA and FlexPrefill interleaved in one
+process (the machine may be shared: each round times every contender once).  Prints one JSON row per measurement and
 writes them all to ``--out``.
 
     PYTHONPATH=src python benchmarks/cpu_attention.py --lengths 4096 8192 16384 --out cpu_attention.json
@@ -24,17 +25,20 @@ import torch.nn.functional as F
 from flexprefill import FlexPrefillConfig, select_blocks
 from flexprefill.block_table import mask_to_selection
 from flexprefill.ops import torch_attention
-from flexprefill.synthetic import structured_qkv
+from flexprefill_tools.synthetic import structured_qkv
 
 
-def _best(fn, repeat):
-    fn()
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def _best(fns, repeat):
+    """Best time (ms) of each function, timed in turns: one warm-up each, then ``repeat`` rounds."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    best = [math.inf] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [b * 1e3 for b in best]
 
 
 def main() -> None:
@@ -69,15 +73,16 @@ def main() -> None:
             dtype = getattr(torch, name)
             q, k, v = structured_qkv(1, N, Hq, Hkv, D, dtype=dtype, seed=N)
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            sdpa = _best(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True), args.repeat)
             cfg = FlexPrefillConfig(block_size=bs, min_seq_len=0, backend="torch")
-            search = _best(lambda: select_blocks(q, k, config=cfg), 1)
             sel = select_blocks(q, k, config=cfg)
+
+            def dense():
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
 
             def attend(s):
                 return torch_attention.sparse_attention(q, k, v, s.counts, s.indices, block_size=bs, softmax_scale=scale)
 
-            att = _best(lambda: attend(sel), args.repeat)
+            sdpa, search, att = _best([dense, lambda: select_blocks(q, k, config=cfg), lambda: attend(sel)], args.repeat)
             dens = sel.stats().density.mean().item()
             emit(N=N, dtype=name, inputs="structured", density=round(dens, 4), sdpa_ms=round(sdpa, 1),
                  search_ms=round(search, 1), attention_ms=round(att, 1), total_ms=round(search + att, 1),
@@ -89,9 +94,9 @@ def main() -> None:
                 mask |= torch.eye(nb, dtype=torch.bool)
                 rsel = mask_to_selection(mask, block_size=bs, seq_len=N, query_aware=torch.zeros(1, Hq, dtype=torch.bool),
                                          js_distance=torch.zeros(1, Hq))
-                att = _best(lambda: attend(rsel), args.repeat)
+                sdpa_r, att = _best([dense, lambda: attend(rsel)], args.repeat)
                 emit(N=N, dtype=name, inputs="random table", density=round(rsel.stats().density.mean().item(), 4),
-                     sdpa_ms=round(sdpa, 1), attention_ms=round(att, 1), attention_speedup=round(sdpa / att, 2))
+                     sdpa_ms=round(sdpa_r, 1), attention_ms=round(att, 1), attention_speedup=round(sdpa_r / att, 2))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

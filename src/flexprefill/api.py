@@ -177,8 +177,13 @@ def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scal
     cfg = _check_config(config)
     _check_qkv(q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    if _backend(cfg, q.device) in ("reference", "torch"):
+    be = _backend(cfg, q.device)
+    if be == "reference":
         return reference.select_blocks(q, k, config=cfg, softmax_scale=scale)
+    if be == "torch":
+        from .search import torch_search
+
+        return torch_search.select_blocks(q, k, config=cfg, softmax_scale=scale)
     from .search import select_blocks_fast
 
     return select_blocks_fast(q, k, config=cfg, softmax_scale=scale)
@@ -454,8 +459,12 @@ def select_blocks_varlen(
 
 def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
                    index_dtype: torch.dtype = torch.int32) -> VarlenBlockSelection:
-    if _backend(cfg, q.device) in ("reference", "torch"):
-        return reference.select_blocks_varlen(
+    be = _backend(cfg, q.device)
+    if be in ("reference", "torch"):
+        from .search import torch_search
+
+        impl = reference if be == "reference" else torch_search
+        return impl.select_blocks_varlen(
             q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
         )
     from .block_table import full_causal_selection_varlen
