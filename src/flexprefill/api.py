@@ -140,7 +140,7 @@ def _check_no_grad(*named) -> None:
     if needs:
         raise RuntimeError(
             f"{', '.join(needs)} require grad, but the Triton backend has no backward pass; use "
-            "backend='reference' (plain PyTorch, differentiable) or run under torch.no_grad()"
+            "backend='torch' or backend='reference' (plain PyTorch, differentiable) or run under torch.no_grad()"
         )
 
 
@@ -183,7 +183,8 @@ def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scal
     if be == "torch":
         from .search import torch_search
 
-        return torch_search.select_blocks(q, k, config=cfg, softmax_scale=scale)
+        with torch.no_grad():  # the selection is integer: no gradient flows through the search
+            return torch_search.select_blocks(q, k, config=cfg, softmax_scale=scale)
     from .search import select_blocks_fast
 
     return select_blocks_fast(q, k, config=cfg, softmax_scale=scale)
@@ -277,7 +278,7 @@ def flex_prefill_attention(
     _check_qkv(q, k, v)
     scale = _check_scale(softmax_scale, q.shape[-1])
     backend = _backend(cfg, q.device)
-    if backend != "reference":
+    if backend == "triton":
         _check_no_grad(("q", q), ("k", k), ("v", v))
     if seq_lens is not None:
         _check_seq_lens(seq_lens, q)
@@ -464,9 +465,10 @@ def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
         from .search import torch_search
 
         impl = reference if be == "reference" else torch_search
-        return impl.select_blocks_varlen(
-            q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
-        )
+        with torch.no_grad():  # the selection is integer: no gradient flows through the search
+            return impl.select_blocks_varlen(
+                q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
+            )
     from .block_table import full_causal_selection_varlen
     from .search import select_blocks_varlen_fast
 

@@ -111,7 +111,10 @@ def sparse_attention_varlen(q, k, v, counts, indices, q_starts, q_ends, k_starts
     item_cnt = order.values[:n_items].tolist()
 
     mm = _matmul_dtype(q.dtype, dev)
-    fused = window is None and dev.type == "cpu" and _flash_cpu() is not None
+    # the fused CPU kernel's LSE carries no gradient, and the diagonal merge needs one: inputs
+    # that need grad take the bmm path, which autograd differentiates exactly
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    fused = window is None and dev.type == "cpu" and _flash_cpu() is not None and not grad
     # absolute block layout [S * H * nb, bs, D]: item (s, h, r) is block (s*H + h)*nb + r of q,
     # its key block c of kv head hk is block (s*Hkv + hk)*nb + c; positions without a token are 0
     q_rows, q_ok = _rows(q_starts - prefix, prefix, n_k, nb * bs)
@@ -140,7 +143,8 @@ def sparse_attention_varlen(q, k, v, counts, indices, q_starts, q_ends, k_starts
         if fused:
             o, row_lse = _chunk_fused(qb, idx, cnt[it], r_i, kb_all, vb_all, kv_base, softmax_scale)
         else:
-            o, row_lse = _chunk_bmm(qb, idx, cnt[it], r_i, kb_all, vb_all, kv_base, n_k[s_i], softmax_scale, window)
+            o, row_lse = _chunk_bmm(qb, idx, cnt[it], r_i, kb_all, vb_all, kv_base, n_k[s_i], softmax_scale, window,
+                                    in_place=not grad)
         ob_all.index_copy_(0, it, o)
         if return_lse:
             lb_all.index_copy_(0, it, row_lse)
@@ -218,8 +222,9 @@ def _chunk_fused(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, scale):
     return o, row_lse
 
 
-def _chunk_bmm(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, n_k, scale, window):
-    """One chunk with two batched matmuls and an fp32 softmax (any device, sliding windows)."""
+def _chunk_bmm(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, n_k, scale, window, in_place=True):
+    """One chunk with two batched matmuls and an fp32 softmax (any device, sliding windows);
+    ``in_place=False`` keeps every step out of place, for autograd."""
     n, bs, _ = qb.shape
     width = idx.shape[1]
     ar = torch.arange(bs, device=qb.device)
@@ -234,11 +239,15 @@ def _chunk_bmm(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, n_k, scale, window):
     hide = kpos[:, None, :] > qpos[:, :, None]
     if window is not None:
         hide |= kpos[:, None, :] <= qpos[:, :, None] - window
-    s.masked_fill_(hide, float("-inf"))
-    m = s.amax(-1, keepdim=True)
+    s = s.masked_fill_(hide, float("-inf")) if in_place else s.masked_fill(hide, float("-inf"))
+    # the row maximum only shifts the exponent (and returns in the lse): no gradient through it
+    m = s.detach().amax(-1, keepdim=True)
     # a row that sees no key stays -inf: keep exp away from -inf - -inf
     m = torch.where(m == float("-inf"), 0.0, m)
-    s.sub_(m).mul_(scale).exp_()
+    if in_place:
+        s.sub_(m).mul_(scale).exp_()
+    else:
+        s = ((s - m) * scale).exp()
     l = s.sum(-1, keepdim=True)
     l_safe = torch.where(l > 0, l, 1.0)
     o = torch.bmm(s.to(kb.dtype), vb).float() / l_safe
