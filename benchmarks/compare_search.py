@@ -7,17 +7,17 @@ for three variants, set by environment switches:
 
 * ``eager``: no CUDA graph (``FLEXPREFILL_SELECTION_GRAPHS=0``);
 * ``tail_graph``: the passes over q and k eager, the rest graphed where that pays
-  (``FLEXPREFILL_SEARCH_GRAPH=0``, the default before 4fddf74);
+  (``FLEXPREFILL_SEARCH_GRAPH=0``);
 * ``two_pass``: the default with ``FLEXPREFILL_REP_BLOCK_STATS=0`` (two passes over the keys
-  for the representative rows: the default before the b2cf59e measurement);
+  for the representative rows);
 * ``default``: where a graph pays, the whole search in one graph (its kernels read q and k
   at the addresses two device words hold); one pass with block statistics while heads x key
   blocks <= 2^14;
 * ``block_stats``: the default with ``FLEXPREFILL_REP_BLOCK_STATS=1`` (one pass always).
 ``COMPARE_SEARCH_VARIANTS=a,b``: only those.
 
-The c335050/4d5477b runs (results/h200/search_*) compared the query-aware threshold by sort
-(``FLEXPREFILL_RADIX_SELECT=0``) and by radix selection instead.  Also: whether each variant's
+``FLEXPREFILL_RADIX_SELECT=0`` takes the query-aware threshold by sort instead of radix
+selection.  Also: whether each variant's
 selection equals the first one's (heads whose block count differs), the memory a cached
 graph keeps, and the HBM bandwidth of a 4 GiB device copy (what bounds the sparse kernel on
 selections without K/V reuse).

@@ -458,8 +458,8 @@ def make_method_fn(method: str, case: Case, *, sel: BlockSelection, cfg: FlexPre
             raise MethodUnavailable(f"flexprefill.ops.sparse_attention is not importable: {e}") from e
         from flexprefill.search import compact_index_dtype
 
-        # the block ids in the operator's own dtype (int16 below 2^15 blocks; up to 5 points of
-        # kernel efficiency over int32 on the H200, suite/efficiency_int16 against _int32 at cb9b275)
+        # the block ids in the operator's own dtype (int16 below 2^15 blocks: fewer bytes per
+        # index, up to 5 points of kernel efficiency over int32 on the H200; docs/results.md)
         counts, bs = sel.counts, sel.block_size
         indices = sel.indices.to(compact_index_dtype(counts.shape[-1]))
         return (lambda: sparse_attention(q, k, v, counts, indices, block_size=bs, softmax_scale=scale),

@@ -16,7 +16,7 @@ import torch
 from harness import make_dense_fn, random_qkv, random_selection
 from flexprefill.ops.sparse_attention import _launch
 
-# best per head dim at 128k on the H200 (benchmarks/results/h200/kv_loads/)
+# the fastest tile per head dim at 128k on the H200 (docs/results.md)
 BEST = {64: (128, 128, 4, 3), 128: (128, 128, 8, 2), 256: (128, 64, 8, 2)}
 
 

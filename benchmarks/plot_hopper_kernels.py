@@ -3,7 +3,7 @@ that ``compare_hopper_kernel.py`` writes (runs on the CPU: it only reads and dra
 
 One panel per head dim at the longest N in the files: the Triton kernel, the tiled Gluon kernel
 (autotuned) and the warp-specialised Gluon kernel (its default config), each as TFLOP/s on the
-computed blocks over cuDNN dense's in the same run, with issue 7's 0.85 target.  For a head
+computed blocks over cuDNN dense's in the same run, with a line at the 0.85 target.  For a head
 dim found in several files the later file on the command line wins; each panel names its commit.
 Usage: python benchmarks/plot_hopper_kernels.py OUT.png RESULTS.json [RESULTS.json ...]
 """

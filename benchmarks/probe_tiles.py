@@ -11,9 +11,7 @@ given) and two kinds of selections:
 
 each with a few explicit tile configs (some capped at 128 registers per thread with
 ``maxnreg`` so that two CTAs fit on an SM) and the autotuned one.  Per config: registers,
-spills, shared memory, and the CTAs per SM they allow.  (The fdce16e run in
-``results/h200/probe_fdce16e/`` also A/B'd a ``LAST_TAIL`` kernel switch, the last listed
-block through the masked pass: within noise, removed again.)
+spills, shared memory, and the CTAs per SM they allow.
 Usage: python benchmarks/probe_tiles.py [N]
 """
 

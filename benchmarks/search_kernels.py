@@ -4,8 +4,8 @@ For the given head shapes (``Hq/Hkv/D``, default SmolLM2 9/3/64 and Gemma 3 4/1/
 (default 32768), structured synthetic bf16 inputs, gamma 0.9, tau 0.1: the kernels of one
 eager search (torch.profiler, graphs off: inside a graph the same kernels run) with their
 device time and count, their sum and number; then the median time of the graphed search
-(``do_bench``) with the graph's head chunks of 2^19 and 2^21 elements (the default with the
-radix threshold since 31f3416; b60ecbd took 2^19 up to 256 blocks), against cuDNN dense on the same inputs.  Where the search is GPU-bound, this says
+(``do_bench``) with the graph's head chunks of 2^19 and 2^21 elements, against cuDNN dense
+on the same inputs.  Where the search is GPU-bound, this says
 which launches to fuse.
 Usage: python benchmarks/search_kernels.py [N] [shapes]
 """

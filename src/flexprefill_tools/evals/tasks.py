@@ -269,7 +269,7 @@ def niah(
     #1234567.``) and the prompt ends with the queried needle's own words up to the ``#``
     instead of RULER's answer prefix, so the model only has to copy the value that follows
     the one matching place. Tiny models that fail RULER's wording find the needle this way
-    (SmolLM2-135M at 8k tokens: benchmarks/results/needle_format_cpu.md). The question still
+    (docs/results.md has SmolLM2-135M's scores at 8k tokens). The question still
     names only the key. Needs one queried key with one value.
     """
     if haystack not in ("noise", "essay"):
