@@ -72,6 +72,16 @@ def _check_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+def _check_softcap(softcap) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap={softcap!r} must be a float or None (the cap of softcap * tanh(scores / softcap))")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap={softcap!r} must be a finite positive number or None (None: no soft-capping)")
+    return float(softcap)
+
+
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -162,13 +172,17 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None) -> BlockSelection:
+def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None,
+                  softcap: float | None = None) -> BlockSelection:
     """Choose each head's pattern and its key blocks (steps 1-4 of FlexPrefill).
 
     Args:
         q: [B, N, Hq, D] queries.  k: [B, N, Hkv, D] keys, ``Hq % Hkv == 0``.
         config: settings (default ``FlexPrefillConfig()``).
         softmax_scale: default ``1/sqrt(D)``; used in every estimate.
+        softcap: None or a positive float: every score of the search becomes
+            ``softcap * tanh(score / softcap)`` (logit soft-capping, Gemma 2), so the
+            pattern is that of the capped attention.
 
     Returns:
         :class:`BlockSelection` with ``counts`` int32 [B, Hq, nb] and ascending
@@ -177,17 +191,18 @@ def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scal
     cfg = _check_config(config)
     _check_qkv(q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    softcap = _check_softcap(softcap)
     be = _backend(cfg, q.device)
     if be == "reference":
-        return reference.select_blocks(q, k, config=cfg, softmax_scale=scale)
+        return reference.select_blocks(q, k, config=cfg, softmax_scale=scale, softcap=softcap)
     if be == "torch":
         from .search import torch_search
 
         with torch.no_grad():  # the selection is integer: no gradient flows through the search
-            return torch_search.select_blocks(q, k, config=cfg, softmax_scale=scale)
+            return torch_search.select_blocks(q, k, config=cfg, softmax_scale=scale, softcap=softcap)
     from .search import select_blocks_fast
 
-    return select_blocks_fast(q, k, config=cfg, softmax_scale=scale)
+    return select_blocks_fast(q, k, config=cfg, softmax_scale=scale, softcap=softcap)
 
 
 def _check_selection(selection, q) -> None:
@@ -205,14 +220,18 @@ def _check_selection(selection, q) -> None:
 
 
 def block_sparse_attention(
-    q, k, v, selection: BlockSelection, *, softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto"
+    q, k, v, selection: BlockSelection, *, softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto",
+    softcap: float | None = None,
 ):
     """Exact causal attention of each query block over its selected key blocks.
 
     Args:
         q: [B, N, Hq, D]; k, v: [B, N, Hkv, D].
         selection: from :func:`select_blocks` (or any method producing the same format).
-        return_lse: also return the log-sum-exp [B, Hq, N] (fp32, natural log).
+        return_lse: also return the log-sum-exp [B, Hq, N] (fp32, natural log; of the
+            capped scores with ``softcap``).
+        softcap: None or a positive float: scores ``s = scale * q.k`` become
+            ``softcap * tanh(s / softcap)`` before the softmax.
         backend: "auto" (triton on CUDA tensors, torch on the CPU), "triton", "torch" or "reference".
 
     Returns:
@@ -221,21 +240,24 @@ def block_sparse_attention(
     _check_qkv(q, k, v)
     _check_selection(selection, q)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    softcap = _check_softcap(softcap)
     be = _backend(FlexPrefillConfig(backend=backend), q.device)
     if be == "reference":
-        return reference.block_sparse_attention(q, k, v, selection, softmax_scale=scale, return_lse=return_lse)
+        return reference.block_sparse_attention(q, k, v, selection, softmax_scale=scale, return_lse=return_lse,
+                                                softcap=softcap)
     if be == "torch":
         from .ops import torch_attention
 
         return torch_attention.sparse_attention(
             q, k, v, selection.counts, selection.indices, block_size=selection.block_size, softmax_scale=scale,
-            return_lse=return_lse,
+            return_lse=return_lse, softcap=softcap,
         )
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.sparse_attention import sparse_attention
 
     return sparse_attention(
-        q, k, v, selection.counts, selection.indices, block_size=selection.block_size, softmax_scale=scale, return_lse=return_lse
+        q, k, v, selection.counts, selection.indices, block_size=selection.block_size, softmax_scale=scale,
+        return_lse=return_lse, softcap=softcap,
     )
 
 
@@ -249,6 +271,7 @@ def flex_prefill_attention(
     return_lse: bool = False,
     return_stats: bool = False,
     seq_lens=None,
+    softcap: float | None = None,
 ):
     """FlexPrefill causal attention: per-head pattern search, then block-sparse attention.
 
@@ -257,7 +280,10 @@ def flex_prefill_attention(
         k, v: [B, N, Hkv, D] keys and values, ``Hq % Hkv == 0``.  D in 64, 80, 96, 128, 256.
         config: :class:`FlexPrefillConfig` (default settings when None).
         softmax_scale: default ``1/sqrt(D)``.
-        return_lse: also return ``lse`` [B, Hq, N] fp32 (natural log).
+        softcap: None (default) or a positive float: logit soft-capping (Gemma 2,
+            VaultGemma), scores ``s = softmax_scale * q.k`` become ``softcap * tanh(s / softcap)``
+            before the softmax, in the attention and in every score of the pattern search.
+        return_lse: also return ``lse`` [B, Hq, N] fp32 (natural log; of the capped scores).
         return_stats: also return :class:`PatternStats` (pattern, JS distance,
             selected blocks, density per batch and head).
         seq_lens: optional int32 [B] on q's device: valid lengths of a right-padded batch
@@ -277,41 +303,43 @@ def flex_prefill_attention(
     cfg = _check_config(config)
     _check_qkv(q, k, v)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    softcap = _check_softcap(softcap)
     backend = _backend(cfg, q.device)
     if backend == "triton":
         _check_no_grad(("q", q), ("k", k), ("v", v))
     if seq_lens is not None:
         _check_seq_lens(seq_lens, q)
-        return _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats)
+        return _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats, softcap)
     if backend == "reference":
         return reference.flex_prefill_attention(
-            q, k, v, config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats
+            q, k, v, config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats, softcap=softcap
         )
     if backend == "torch":
-        return _flex_prefill_torch(q, k, v, cfg, scale, return_lse, return_stats)
+        return _flex_prefill_torch(q, k, v, cfg, scale, return_lse, return_stats, softcap)
     B, N, Hq, _ = q.shape
     stats: PatternStats
     if N < cfg.min_seq_len:
         from .ops.dense_attention import dense_causal_attention
 
-        res = dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=return_lse)
+        res = dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, softcap=softcap)
         stats = reference.dense_stats(B, Hq, N, cfg.block_size, q.device)
     else:
         from .search import compact_index_dtype, select_blocks_fast
         from .ops.sparse_attention import sparse_attention
 
         # the operator's own selection never leaves it: int16 block ids where they fit
-        sel = select_blocks_fast(q, k, config=cfg, softmax_scale=scale,
+        sel = select_blocks_fast(q, k, config=cfg, softmax_scale=scale, softcap=softcap,
                                  index_dtype=compact_index_dtype(math.ceil(N / cfg.block_size)))
         stats = sel.stats()
         if not return_lse and reference.too_dense(sel.counts, cfg):
             from .ops.dense_attention import dense_causal_attention
 
-            res = dense_causal_attention(q, k, v, softmax_scale=scale)
+            res = dense_causal_attention(q, k, v, softmax_scale=scale, softcap=softcap)
             stats.dense = True
         else:
             res = sparse_attention(
-                q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse
+                q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse,
+                softcap=softcap,
             )
     res = res if isinstance(res, tuple) else (res,)
     if return_stats:
@@ -319,23 +347,25 @@ def flex_prefill_attention(
     return res[0] if len(res) == 1 else res
 
 
-def _flex_prefill_torch(q, k, v, cfg, scale, return_lse, return_stats):
-    """The operator on the "torch" backend: dense through SDPA below ``min_seq_len``, else search + torch attention."""
+def _flex_prefill_torch(q, k, v, cfg, scale, return_lse, return_stats, softcap=None):
+    """The operator on the "torch" backend: dense below ``min_seq_len`` (SDPA, or the full block
+    table where SDPA cannot: an lse or a soft-cap), else search + torch attention."""
     from .ops import torch_attention
 
     B, N, Hq, _ = q.shape
     if N < cfg.min_seq_len:
-        res = torch_attention.dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=return_lse)
+        res = torch_attention.dense_causal_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, softcap=softcap)
         stats = reference.dense_stats(B, Hq, N, cfg.block_size, q.device)
     else:
-        sel = select_blocks(q, k, config=cfg, softmax_scale=scale)
+        sel = select_blocks(q, k, config=cfg, softmax_scale=scale, softcap=softcap)
         stats = sel.stats()
         if not return_lse and reference.too_dense(sel.counts, cfg):
-            res = torch_attention.dense_causal_attention(q, k, v, softmax_scale=scale)
+            res = torch_attention.dense_causal_attention(q, k, v, softmax_scale=scale, softcap=softcap)
             stats.dense = True
         else:
             res = torch_attention.sparse_attention(
-                q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse
+                q, k, v, sel.counts, sel.indices, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse,
+                softcap=softcap,
             )
     res = res if isinstance(res, tuple) else (res,)
     if return_stats:
@@ -436,7 +466,7 @@ def _check_seq_lens(seq_lens, q) -> None:
 
 def select_blocks_varlen(
     q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
-    config: FlexPrefillConfig | None = None, softmax_scale: float | None = None,
+    config: FlexPrefillConfig | None = None, softmax_scale: float | None = None, softcap: float | None = None,
 ) -> VarlenBlockSelection:
     """The pattern search (steps 1-4) of each sequence (or chunk) of a packed batch.
 
@@ -445,6 +475,7 @@ def select_blocks_varlen(
         cu_seqlens_q, cu_seqlens_k: int32 [n_seq + 1] on q's device (see the module docstring
             for chunked prefill: ``n_k > n_q`` means the queries are the last positions).
         max_seqlen_q, max_seqlen_k: Python ints, at least every sequence's length.
+        softcap: as in :func:`select_blocks`.
 
     Returns:
         :class:`VarlenBlockSelection`: ``counts`` int32 [n_seq, Hq, max_nb], ``indices``
@@ -455,11 +486,12 @@ def select_blocks_varlen(
     cfg = _check_config(config)
     _check_varlen(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    return _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale, 0)
+    softcap = _check_softcap(softcap)
+    return _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale, 0, softcap=softcap)
 
 
 def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
-                   index_dtype: torch.dtype = torch.int32) -> VarlenBlockSelection:
+                   index_dtype: torch.dtype = torch.int32, softcap: float | None = None) -> VarlenBlockSelection:
     be = _backend(cfg, q.device)
     if be in ("reference", "torch"):
         from .search import torch_search
@@ -467,7 +499,8 @@ def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
         impl = reference if be == "reference" else torch_search
         with torch.no_grad():  # the selection is integer: no gradient flows through the search
             return impl.select_blocks_varlen(
-                q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below
+                q, k, cu_q, cu_k, max_q, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below,
+                softcap=softcap,
             )
     from .block_table import full_causal_selection_varlen
     from .search import select_blocks_varlen_fast
@@ -480,7 +513,8 @@ def _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, dense_below,
         dist = torch.full((S, Hq), float("nan"), device=q.device)
     else:
         counts, indices, qa, dist = select_blocks_varlen_fast(
-            q, k, *bounds, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below, index_dtype=index_dtype
+            q, k, *bounds, max_k, config=cfg, softmax_scale=scale, dense_below=dense_below, index_dtype=index_dtype,
+            softcap=softcap,
         )
     return VarlenBlockSelection(
         counts=counts, indices=indices, block_size=cfg.block_size, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
@@ -505,7 +539,7 @@ def _check_varlen_selection(selection, q) -> None:
 
 def block_sparse_attention_varlen(
     q, k, v, selection: VarlenBlockSelection, cu_seqlens_q, cu_seqlens_k, *,
-    softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto",
+    softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto", softcap: float | None = None,
 ):
     """Exact causal attention of each sequence's query blocks over their selected key blocks.
 
@@ -514,6 +548,7 @@ def block_sparse_attention_varlen(
         selection: from :func:`select_blocks_varlen` (its ``max_seqlen_q/k`` size the grid).
         cu_seqlens_q, cu_seqlens_k: int32 [n_seq + 1], as given to the selection.
         return_lse: also return ``lse`` fp32 [Hq, total_q] (natural log; FlashAttention's varlen layout).
+        softcap: as in :func:`block_sparse_attention`.
         backend: "auto" (triton on CUDA tensors, torch on the CPU), "triton", "torch" or "reference".
 
     Returns:
@@ -524,10 +559,11 @@ def block_sparse_attention_varlen(
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, selection.max_seqlen_q, selection.max_seqlen_k)
     _check_varlen_selection(selection, q)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    softcap = _check_softcap(softcap)
     be = _backend(FlexPrefillConfig(backend=backend), q.device)
     if be == "reference":
         return reference.block_sparse_attention_varlen(
-            q, k, v, selection, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse
+            q, k, v, selection, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse, softcap=softcap
         )
     if be == "torch":
         from .ops import torch_attention
@@ -535,7 +571,7 @@ def block_sparse_attention_varlen(
         return torch_attention.sparse_attention_varlen(
             q, k, v, selection.counts, selection.indices,
             cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:],
-            block_size=selection.block_size, softmax_scale=scale, return_lse=return_lse,
+            block_size=selection.block_size, softmax_scale=scale, return_lse=return_lse, softcap=softcap,
         )
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.sparse_attention import sparse_attention_varlen
@@ -544,7 +580,7 @@ def block_sparse_attention_varlen(
         q, k, v, selection.counts, selection.indices,
         cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:],
         selection.max_seqlen_q, selection.max_seqlen_k,
-        block_size=selection.block_size, softmax_scale=scale, return_lse=return_lse,
+        block_size=selection.block_size, softmax_scale=scale, return_lse=return_lse, softcap=softcap,
     )
 
 
@@ -561,6 +597,7 @@ def flex_prefill_attention_varlen(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     return_stats: bool = False,
+    softcap: float | None = None,
 ):
     """FlexPrefill over a packed batch of sequences, or of prefill chunks over cached prefixes.
 
@@ -573,7 +610,7 @@ def flex_prefill_attention_varlen(
             last ``n_q`` of its ``n_k`` positions (chunked prefill over a prefix of ``n_k - n_q``
             cached keys).  Values are not read on the host on CUDA (see the module docstring).
         max_seqlen_q, max_seqlen_k: Python ints >= every ``n_q`` / ``n_k`` (grid sizes, no sync).
-        config, softmax_scale: as in :func:`flex_prefill_attention`.  A sequence with
+        config, softmax_scale, softcap: as in :func:`flex_prefill_attention`.  A sequence with
             ``n_k < config.min_seq_len`` runs dense attention (every causal block of its rows).
         return_lse: also return ``lse`` fp32 [Hq, total_q] (natural log), FlashAttention's
             varlen layout: merge chunks or key ranges with it.
@@ -587,24 +624,26 @@ def flex_prefill_attention_varlen(
     cfg = _check_config(config)
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    softcap = _check_softcap(softcap)
     if _backend(cfg, q.device) == "reference":
         return reference.flex_prefill_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats,
+            config=cfg, softmax_scale=scale, return_lse=return_lse, return_stats=return_stats, softcap=softcap,
         )
     if _backend(cfg, q.device) == "torch":
         return _flex_prefill_varlen_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale,
-                                          return_lse, return_stats)
+                                          return_lse, return_stats, softcap)
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .search import compact_index_dtype
     from .ops.sparse_attention import sparse_attention_varlen
 
     sel = _select_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cfg, scale, cfg.min_seq_len,
-                         index_dtype=compact_index_dtype(math.ceil(max_seqlen_k / cfg.block_size)))
+                         index_dtype=compact_index_dtype(math.ceil(max_seqlen_k / cfg.block_size)), softcap=softcap)
     res = sparse_attention_varlen(
         q, k, v, sel.counts, sel.indices,
         cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:],
         max_seqlen_q, max_seqlen_k, block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse,
+        softcap=softcap,
     )
     res = res if isinstance(res, tuple) else (res,)
     if return_stats:
@@ -614,14 +653,14 @@ def flex_prefill_attention_varlen(
     return res[0] if len(res) == 1 else res
 
 
-def _flex_prefill_varlen_torch(q, k, v, cu_q, cu_k, max_q, max_k, cfg, scale, return_lse, return_stats):
+def _flex_prefill_varlen_torch(q, k, v, cu_q, cu_k, max_q, max_k, cfg, scale, return_lse, return_stats, softcap=None):
     """:func:`flex_prefill_attention_varlen` on the "torch" backend."""
     from .ops import torch_attention
 
-    sel = _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, cfg.min_seq_len)
+    sel = _select_varlen(q, k, cu_q, cu_k, max_q, max_k, cfg, scale, cfg.min_seq_len, softcap=softcap)
     res = torch_attention.sparse_attention_varlen(
         q, k, v, sel.counts, sel.indices, cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:],
-        block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse,
+        block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse, softcap=softcap,
     )
     res = res if isinstance(res, tuple) else (res,)
     if return_stats:
@@ -631,7 +670,7 @@ def _flex_prefill_varlen_torch(q, k, v, cu_q, cu_k, max_q, max_k, cfg, scale, re
     return res[0] if len(res) == 1 else res
 
 
-def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
+def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats, softcap=None):
     """A right-padded batch as packed sequences: rows ``b*N .. b*N + seq_lens[b]``."""
     B, N, Hq, D = q.shape
     if backend in ("reference", "torch"):
@@ -641,10 +680,11 @@ def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
         qp, kp, vp = pack(q), pack(k), pack(v)
         if backend == "reference":
             o, l, stats = reference.flex_prefill_attention_varlen(
-                qp, kp, vp, cu, cu, N, N, config=cfg, softmax_scale=scale, return_lse=True, return_stats=True
+                qp, kp, vp, cu, cu, N, N, config=cfg, softmax_scale=scale, return_lse=True, return_stats=True,
+                softcap=softcap,
             )
         else:
-            o, l, stats = _flex_prefill_varlen_torch(qp, kp, vp, cu, cu, N, N, cfg, scale, True, True)
+            o, l, stats = _flex_prefill_varlen_torch(qp, kp, vp, cu, cu, N, N, cfg, scale, True, True, softcap)
         out = torch.zeros_like(q)
         lse = torch.full((B, Hq, N), float("-inf"), device=q.device)
         for b in range(B):
@@ -666,13 +706,13 @@ def _padded(q, k, v, seq_lens, cfg, scale, backend, return_lse, return_stats):
         else:
             counts, indices, qa, dist = select_blocks_varlen_fast(
                 qf, kf, starts, ends, starts, ends, N, config=cfg, softmax_scale=scale, dense_below=cfg.min_seq_len,
-                index_dtype=compact_index_dtype(math.ceil(N / cfg.block_size)),
+                index_dtype=compact_index_dtype(math.ceil(N / cfg.block_size)), softcap=softcap,
             )
         out = torch.zeros(B * N, Hq, D, dtype=q.dtype, device=q.device)
         lse = torch.full((Hq, B * N), float("-inf"), device=q.device) if return_lse else None
         sparse_attention_varlen(
             qf, kf, vf, counts, indices, starts, ends, starts, ends, N, N,
-            block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse, out=out, lse=lse,
+            block_size=cfg.block_size, softmax_scale=scale, return_lse=return_lse, out=out, lse=lse, softcap=softcap,
         )
         out = out.view(B, N, Hq, D)
         if return_lse:
@@ -701,7 +741,8 @@ def _check_window(window) -> int:
 
 
 def sliding_window_attention(
-    q, k, v, *, window: int, softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto"
+    q, k, v, *, window: int, softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto",
+    softcap: float | None = None,
 ):
     """Exact causal sliding-window attention: query ``i`` sees keys ``i - window < j <= i``
     (transformers' ``sliding_window`` convention).  No pattern search, no approximation.
@@ -715,6 +756,8 @@ def sliding_window_attention(
         softmax_scale: default ``1/sqrt(D)``.
         return_lse: also return ``lse`` [B, Hq, N] fp32 (natural log).
         backend: "auto" (Triton on CUDA, torch on the CPU), "triton", "torch" or "reference".
+        softcap: None or a positive float: scores ``s`` become ``softcap * tanh(s / softcap)``
+            before the softmax (Gemma 2's sliding layers).
 
     Returns:
         ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
@@ -722,26 +765,30 @@ def sliding_window_attention(
     _check_qkv(q, k, v)
     window = _check_window(window)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    softcap = _check_softcap(softcap)
     be = _backend(FlexPrefillConfig(backend=backend), q.device)
     if be == "reference":
-        return reference.dense_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, window=window)
+        return reference.dense_attention(q, k, v, softmax_scale=scale, return_lse=return_lse, window=window, softcap=softcap)
     if be == "torch":
         from .ops import torch_attention
 
-        return torch_attention.sliding_window_attention(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse)
+        return torch_attention.sliding_window_attention(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse,
+                                                        softcap=softcap)
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.window_attention import sliding_window_attention as _swa
 
-    return _swa(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse)
+    return _swa(q, k, v, window=window, softmax_scale=scale, return_lse=return_lse, softcap=softcap)
 
 
 def sliding_window_attention_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
     window: int, softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto",
+    softcap: float | None = None,
 ):
     """:func:`sliding_window_attention` over packed sequences or prefill chunks over cached
     prefixes (arguments as :func:`flex_prefill_attention_varlen`; the window is on absolute
-    positions, so a chunk sees the cached keys within the window).
+    positions, so a chunk sees the cached keys within the window; ``softcap`` as in
+    :func:`sliding_window_attention`).
 
     Returns:
         ``out`` [total_q, Hq, D] in the input dtype, and ``lse`` [Hq, total_q] when asked.
@@ -749,21 +796,23 @@ def sliding_window_attention_varlen(
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     window = _check_window(window)
     scale = _check_scale(softmax_scale, q.shape[-1])
+    softcap = _check_softcap(softcap)
     be = _backend(FlexPrefillConfig(backend=backend), q.device)
     if be == "reference":
         return reference.dense_attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse, window=window
+            q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, return_lse=return_lse, window=window, softcap=softcap
         )
     if be == "torch":
         from .ops import torch_attention
 
         return torch_attention.sliding_window_attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, window=window, softmax_scale=scale, return_lse=return_lse
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, window=window, softmax_scale=scale, return_lse=return_lse,
+            softcap=softcap,
         )
     _check_no_grad(("q", q), ("k", k), ("v", v))
     from .ops.window_attention import sliding_window_attention_varlen as _swa_varlen
 
     return _swa_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        window=window, softmax_scale=scale, return_lse=return_lse,
+        window=window, softmax_scale=scale, return_lse=return_lse, softcap=softcap,
     )

@@ -30,6 +30,7 @@ from .block_table import (
 )
 
 __all__ = [
+    "soft_cap",
     "block_means",
     "representative_block_scores",
     "estimated_block_distribution",
@@ -46,6 +47,14 @@ __all__ = [
 ]
 
 _EPS = 1e-10
+
+
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2): ``softcap * tanh(scores / softcap)``; ``scores`` unchanged when
+    ``softcap`` is None.  ``scores`` are the scaled ones (``scale * q . k``), capped before any mask."""
+    if softcap is None:
+        return scores
+    return softcap * torch.tanh(scores / softcap)
 
 
 def block_means(x: torch.Tensor, block_size: int, offset: int = 0) -> torch.Tensor:
@@ -69,8 +78,9 @@ def _block_of(pos: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.div(pos, block_size, rounding_mode="floor")
 
 
-def representative_block_scores(q, k, *, block_size: int, scale: float):
-    """Steps 1-2: attention of the last ``block_size`` queries, pooled to blocks.
+def representative_block_scores(q, k, *, block_size: int, scale: float, softcap: float | None = None):
+    """Steps 1-2: attention of the last ``block_size`` queries, pooled to blocks (scores
+    soft-capped by ``softcap`` when given, as the attention they stand for).
 
     Returns ``vert_blk`` and ``slash_blk``, both fp32 [B, Hq, nb] and summing to 1 per
     head: ``vert_blk[c]`` is the mean attention mass the representative queries put on
@@ -96,7 +106,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
         for h in range(Hq):
             qh = q[b, n_q - n_rep :, h].float()
             kh = k[b, :, h // group].float()
-            s = scale * qh @ kh.T
+            s = soft_cap(scale * qh @ kh.T, softcap)
             s = s.masked_fill(pos_k[None, :] > pos_q[:, None], float("-inf"))
             a = torch.softmax(s, dim=-1) / n_rep  # [n_rep, N], rows of 1/n_rep
             vert[b, h].index_add_(0, key_blk, a.sum(0))
@@ -105,14 +115,15 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     return vert, slash
 
 
-def estimated_block_distribution(q, k, *, block_size: int, scale: float) -> torch.Tensor:
-    """Step 3's estimate: softmax(scale * mean(Q_hat) . K_bar^T) over key blocks, fp32 [B, Hq, nb]."""
+def estimated_block_distribution(q, k, *, block_size: int, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Step 3's estimate: softmax(scale * mean(Q_hat) . K_bar^T) over key blocks, fp32 [B, Hq, nb]
+    (the logits soft-capped by ``softcap`` when given)."""
     B, n_q, Hq, D = q.shape
     group = Hq // k.shape[2]
     n_rep = min(block_size, n_q)
     q_hat = q[:, n_q - n_rep :].float().mean(dim=1)  # [B, Hq, D]
     k_bar = block_means(k, block_size).repeat_interleave(group, dim=2)  # [B, nb, Hq, D]
-    logits = scale * torch.einsum("bhd,bchd->bhc", q_hat, k_bar)
+    logits = soft_cap(scale * torch.einsum("bhd,bchd->bhc", q_hat, k_bar), softcap)
     return torch.softmax(logits, dim=-1)
 
 
@@ -182,22 +193,25 @@ def _cap_rows(mask: torch.Tensor, score: torch.Tensor, max_blocks: int) -> torch
     return out
 
 
-def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None) -> BlockSelection:
-    """Steps 1-4: choose each head's pattern and its key blocks."""
+def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None,
+                  softcap: float | None = None) -> BlockSelection:
+    """Steps 1-4: choose each head's pattern and its key blocks (``softcap``: every score of the
+    search soft-capped, as in the attention the selection is for)."""
     cfg = config or FlexPrefillConfig()
     N = q.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    masks, query_aware, dist = _select_masks(q, k, cfg, scale)
+    masks, query_aware, dist = _select_masks(q, k, cfg, scale, softcap)
     return mask_to_selection(masks, block_size=cfg.block_size, seq_len=N, query_aware=query_aware, js_distance=dist)
 
 
-def _select_masks(q, k, cfg: FlexPrefillConfig, scale: float):
+def _select_masks(q, k, cfg: FlexPrefillConfig, scale: float, softcap: float | None = None):
     """Block masks [B, Hq, nb, nb] (absolute rows, ``nb = ceil(n_k/bs)``), query_aware and JS distance [B, Hq].
 
     ``q [B, n_q, Hq, D]`` are the last ``n_q`` of ``n_k`` positions.  Only the chunk's rows
     ``r0 = floor(P/bs) .. nb-1`` are filled: the query-aware scores ``S`` are computed and
     flattened over those rows only (divided by their number), the vertical-slash
-    expansion, the sink and the diagonal are applied to those rows only.
+    expansion, the sink and the diagonal are applied to those rows only.  ``softcap``
+    caps the representative scores, the estimate's and the query-aware block logits.
     """
     B, n_q, Hq, D = q.shape
     N = k.shape[1]
@@ -209,8 +223,8 @@ def _select_masks(q, k, cfg: FlexPrefillConfig, scale: float):
     rows = nb - r0
     min_b, max_b = cfg.min_budget_blocks, cfg.max_budget_blocks
 
-    vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale)
-    a_est = estimated_block_distribution(q, k, block_size=bs, scale=scale)
+    vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, softcap=softcap)
+    a_est = estimated_block_distribution(q, k, block_size=bs, scale=scale, softcap=softcap)
     dist = js_distance(vert, a_est)
     query_aware = dist < cfg.tau
 
@@ -225,7 +239,7 @@ def _select_masks(q, k, cfg: FlexPrefillConfig, scale: float):
             if rows == 0:
                 continue
             if query_aware[b, h]:
-                logits = scale * q_bar[b, r0:, h] @ k_bar[b, :, h // group].T
+                logits = soft_cap(scale * q_bar[b, r0:, h] @ k_bar[b, :, h // group].T, softcap)
                 s_rows = torch.softmax(logits.masked_fill(~causal[r0:], float("-inf")), dim=-1)
                 flat = s_rows.flatten() / rows
                 sel = torch.zeros(nb, nb, dtype=torch.bool, device=q.device)
@@ -247,15 +261,16 @@ def _select_masks(q, k, cfg: FlexPrefillConfig, scale: float):
     return masks, query_aware, dist
 
 
-def _attend(q, k, v, allowed, scale, return_lse):
-    """Exact softmax attention in fp32 where ``allowed`` [B, Hq, n_q, n_k] is True."""
+def _attend(q, k, v, allowed, scale, return_lse, softcap=None):
+    """Exact softmax attention in fp32 where ``allowed`` [B, Hq, n_q, n_k] is True (scores
+    soft-capped by ``softcap`` when given; the lse is that of the capped scores)."""
     B, N, Hq, D = q.shape
     group = Hq // k.shape[2]
     out = torch.empty(B, N, Hq, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
     for b in range(B):
         for h in range(Hq):
-            s = scale * q[b, :, h].float() @ k[b, :, h // group].float().T
+            s = soft_cap(scale * q[b, :, h].float() @ k[b, :, h // group].float().T, softcap)
             s = s.masked_fill(~allowed[b, h], float("-inf"))
             lse[b, h] = torch.logsumexp(s, dim=-1)
             out[b, :, h] = torch.softmax(s, dim=-1) @ v[b, :, h // group].float()
@@ -263,11 +278,12 @@ def _attend(q, k, v, allowed, scale, return_lse):
     return (out, lse) if return_lse else out
 
 
-def block_sparse_attention(q, k, v, selection: BlockSelection, *, softmax_scale: float | None = None, return_lse: bool = False):
+def block_sparse_attention(q, k, v, selection: BlockSelection, *, softmax_scale: float | None = None, return_lse: bool = False,
+                           softcap: float | None = None):
     """Step 5: causal attention of each query block over its selected key blocks, fp32."""
     D = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    return _block_sparse(q, k, v, selection.to_mask(), selection.block_size, scale, return_lse)
+    return _block_sparse(q, k, v, selection.to_mask(), selection.block_size, scale, return_lse, softcap)
 
 
 def _causal(n_q: int, n_k: int, device) -> torch.Tensor:
@@ -276,20 +292,22 @@ def _causal(n_q: int, n_k: int, device) -> torch.Tensor:
     return torch.arange(n_k, device=device)[None, :] <= pos_q[:, None]
 
 
-def _block_sparse(q, k, v, block_mask, bs, scale, return_lse):
+def _block_sparse(q, k, v, block_mask, bs, scale, return_lse, softcap=None):
     """Attention where the absolute block pair is in ``block_mask`` [B, Hq, >=nb, >=nb] and causal."""
     n_q, n_k = q.shape[1], k.shape[1]
     blk_q = _block_of(torch.arange(n_k - n_q, n_k, device=q.device), bs)
     blk_k = _block_of(torch.arange(n_k, device=q.device), bs)
     token_mask = block_mask[:, :, blk_q][:, :, :, blk_k]
-    return _attend(q, k, v, token_mask & _causal(n_q, n_k, q.device), scale, return_lse)
+    return _attend(q, k, v, token_mask & _causal(n_q, n_k, q.device), scale, return_lse, softcap)
 
 
-def dense_attention(q, k, v, *, softmax_scale: float | None = None, return_lse: bool = False, window: int | None = None):
+def dense_attention(q, k, v, *, softmax_scale: float | None = None, return_lse: bool = False, window: int | None = None,
+                    softcap: float | None = None):
     """Dense causal attention in fp32 (GQA by head index), output in the input dtype.
 
     ``k, v`` may be longer than ``q``: bottom-right alignment (the queries are the last positions).
     ``window``: a sliding window, key ``j`` visible from position ``i`` when ``i - window < j <= i``.
+    ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before the softmax.
     """
     B, N, Hq, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -297,7 +315,7 @@ def dense_attention(q, k, v, *, softmax_scale: float | None = None, return_lse: 
     if window is not None:
         pos_q = torch.arange(k.shape[1] - N, k.shape[1], device=q.device)
         causal = causal & (torch.arange(k.shape[1], device=q.device)[None, :] > pos_q[:, None] - window)
-    return _attend(q, k, v, causal.expand(B, Hq, *causal.shape), scale, return_lse)
+    return _attend(q, k, v, causal.expand(B, Hq, *causal.shape), scale, return_lse, softcap)
 
 
 def dense_stats(B: int, Hq: int, N: int, block_size: int, device) -> PatternStats:
@@ -325,21 +343,21 @@ def too_dense(counts: torch.Tensor, cfg: FlexPrefillConfig) -> bool:
     return kept > cfg.dense_above * (counts.numel() // nb) * num_causal_blocks(nb)
 
 
-def flex_prefill_attention(q, k, v, *, config=None, softmax_scale=None, return_lse=False, return_stats=False):
+def flex_prefill_attention(q, k, v, *, config=None, softmax_scale=None, return_lse=False, return_stats=False, softcap=None):
     """The whole operator in plain PyTorch (no input checks: see flexprefill.flex_prefill_attention)."""
     cfg = config or FlexPrefillConfig()
     B, N, Hq, _ = q.shape
     if N < cfg.min_seq_len:
-        res = dense_attention(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse)
+        res = dense_attention(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse, softcap=softcap)
         stats = dense_stats(B, Hq, N, cfg.block_size, q.device)
     else:
-        sel = select_blocks(q, k, config=cfg, softmax_scale=softmax_scale)
+        sel = select_blocks(q, k, config=cfg, softmax_scale=softmax_scale, softcap=softcap)
         stats = sel.stats()
         if not return_lse and too_dense(sel.counts, cfg):
-            res = dense_attention(q, k, v, softmax_scale=softmax_scale)
+            res = dense_attention(q, k, v, softmax_scale=softmax_scale, softcap=softcap)
             stats.dense = True
         else:
-            res = block_sparse_attention(q, k, v, sel, softmax_scale=softmax_scale, return_lse=return_lse)
+            res = block_sparse_attention(q, k, v, sel, softmax_scale=softmax_scale, return_lse=return_lse, softcap=softcap)
     res = res if isinstance(res, tuple) else (res,)
     if return_stats:
         res = res + (stats,)
@@ -366,6 +384,7 @@ def _full_rows(nb: int, n_q: int, n_k: int, bs: int, device) -> torch.Tensor:
 def select_blocks_varlen(
     q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
     config: FlexPrefillConfig | None = None, softmax_scale: float | None = None, dense_below: int = 0,
+    softcap: float | None = None,
 ) -> VarlenBlockSelection:
     """Steps 1-4 per sequence of a packed batch: ``q [total_q, Hq, D]``, ``k [total_k, Hkv, D]``.
 
@@ -390,7 +409,7 @@ def select_blocks_varlen(
         if n_k < dense_below or n_q == 0:
             masks[s, :, :nb, :nb] = _full_rows(nb, n_q, n_k, bs, q.device)
             continue
-        m, qa, d = _select_masks(q[None, q0:q1], k[None, k0:k1], cfg, scale)
+        m, qa, d = _select_masks(q[None, q0:q1], k[None, k0:k1], cfg, scale, softcap)
         masks[s, :, :nb, :nb] = m[0]
         query_aware[s], dist[s] = qa[0], d[0]
     ar = torch.arange(max_nb, device=q.device)
@@ -403,7 +422,7 @@ def select_blocks_varlen(
 
 def block_sparse_attention_varlen(
     q, k, v, selection: VarlenBlockSelection, cu_seqlens_q, cu_seqlens_k, *,
-    softmax_scale: float | None = None, return_lse: bool = False,
+    softmax_scale: float | None = None, return_lse: bool = False, softcap: float | None = None,
 ):
     """Step 5 per sequence: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]`` fp32 (FlashAttention's varlen layout)."""
     total_q, Hq, D = q.shape
@@ -414,15 +433,16 @@ def block_sparse_attention_varlen(
     for s, (q0, q1, k0, k1) in enumerate(_bounds(cu_seqlens_q, cu_seqlens_k)):
         if q1 == q0:
             continue
-        o, l = _block_sparse(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], block_mask[s : s + 1], selection.block_size, scale, True)
+        o, l = _block_sparse(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], block_mask[s : s + 1], selection.block_size, scale,
+                             True, softcap)
         out[q0:q1], lse[:, q0:q1] = o[0], l[0]
     return (out, lse) if return_lse else out
 
 
 def dense_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float | None = None, return_lse: bool = False,
-                           window: int | None = None):
+                           window: int | None = None, softcap: float | None = None):
     """Dense causal attention per sequence (bottom-right aligned), fp32: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]``
-    (``window``: a sliding window as in :func:`dense_attention`)."""
+    (``window``, ``softcap``: as in :func:`dense_attention`)."""
     total_q, Hq, D = q.shape
     out = torch.zeros(total_q, Hq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((Hq, total_q), float("-inf"), device=q.device)
@@ -430,14 +450,14 @@ def dense_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale
         if q1 == q0:
             continue
         o, l = dense_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale=softmax_scale, return_lse=True,
-                               window=window)
+                               window=window, softcap=softcap)
         out[q0:q1], lse[:, q0:q1] = o[0], l[0]
     return (out, lse) if return_lse else out
 
 
 def flex_prefill_attention_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-    config=None, softmax_scale=None, return_lse=False, return_stats=False,
+    config=None, softmax_scale=None, return_lse=False, return_stats=False, softcap=None,
 ):
     """The whole operator per sequence of a packed batch (no input checks).
 
@@ -447,9 +467,10 @@ def flex_prefill_attention_varlen(
     cfg = config or FlexPrefillConfig()
     sel = select_blocks_varlen(
         q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        config=cfg, softmax_scale=softmax_scale, dense_below=cfg.min_seq_len,
+        config=cfg, softmax_scale=softmax_scale, dense_below=cfg.min_seq_len, softcap=softcap,
     )
-    res = block_sparse_attention_varlen(q, k, v, sel, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, return_lse=return_lse)
+    res = block_sparse_attention_varlen(q, k, v, sel, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, return_lse=return_lse,
+                                        softcap=softcap)
     stats = sel.stats()
     stats.dense = max_seqlen_k < cfg.min_seq_len
     res = res if isinstance(res, tuple) else (res,)

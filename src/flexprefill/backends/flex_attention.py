@@ -4,7 +4,8 @@ The selection's off-diagonal blocks become FlexAttention "full" blocks (no mask_
 evaluated), each row's diagonal block a "partial" block with the token-level causal
 mask.  Compiled on CUDA (the fused Triton kernel skips unlisted blocks); in eager mode
 FlexAttention evaluates ``mask_mod`` on every (query, key) pair and ignores the block
-lists, so there the mask_mod also looks the block up in the selection.
+lists, so there the mask_mod also looks the block up in the selection.  A logit soft-cap
+(``softcap``) is a ``score_mod``: FlexAttention hands it the scaled score, before the mask.
 Tested on CPU (eager and compiled) against ``flexprefill.reference.block_sparse_attention``.
 """
 
@@ -37,6 +38,17 @@ def compiled_flex_attention(dynamic: bool | None = None):
 def causal_mask_mod(b, h, q_idx, kv_idx):
     # one module-level function: a new closure per call could count as a new graph for torch.compile
     return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=None)
+def softcap_score_mod(softcap: float):
+    """FlexAttention ``score_mod`` of a logit soft-cap: ``softcap * tanh(score / softcap)`` of the
+    scaled score; one function per cap value (cached, so torch.compile sees the same one again)."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod
 
 
 def _from_kv_blocks_kwargs() -> dict:
@@ -101,6 +113,7 @@ def flex_attention_from_selection(
     block_mask=None,
     compiled: bool | None = None,
     compile_dynamic: bool | None = None,
+    softcap: float | None = None,
 ):
     """Causal attention of each query block over its selected key blocks, by FlexAttention.
 
@@ -116,6 +129,8 @@ def flex_attention_from_selection(
             False elsewhere.
         compile_dynamic: ``dynamic`` of that torch.compile (None: compile the first
             shape static, recompile with symbolic sizes when one changes).
+        softcap: None or a positive float: scores ``s`` become ``softcap * tanh(s / softcap)``
+            (a ``score_mod``).
 
     Returns:
         ``out`` in the layout of ``q``, input dtype.
@@ -138,13 +153,20 @@ def flex_attention_from_selection(
         block_mask = selection_to_block_mask(selection, exact_mask_mod=not compiled)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     gqa = k.shape[1] != Hq
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap={softcap!r} must be None or a finite positive number")
+        mods = dict(score_mod=softcap_score_mod(float(softcap)))
+    else:
+        mods = {}
     if compiled:
-        out = compiled_flex_attention(compile_dynamic)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        out = compiled_flex_attention(compile_dynamic)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                                                       **mods)
     else:
         from torch.nn.attention.flex_attention import flex_attention
 
         with warnings.catch_warnings():
             # eager is deliberate here (CPU, tests): silence "called without torch.compile"
             warnings.simplefilter("ignore", UserWarning)
-            out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+            out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, **mods)
     return out.transpose(1, 2) if layout == "BNHD" else out

@@ -2,7 +2,8 @@
 
 Without an LSE, PyTorch SDPA, on CUDA with cuDNN asked first (the fastest dense kernel on
 Hopper; torch's default order differs between versions), then flash, memory-efficient, math.
-With an LSE, the block-sparse kernel on the full causal selection, built on the device without a sync.
+With an LSE or a logit soft-cap (SDPA has neither), the block-sparse kernel on the full causal
+selection, built on the device without a sync.
 """
 
 from __future__ import annotations
@@ -35,18 +36,19 @@ def _sdpa_order(device: torch.device):
         return sdpa_kernel(order)
 
 
-def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = False):
+def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = False, softcap: float | None = None):
     """Causal attention over every key ``j <= i``.
 
     Args:
         q: [B, N, Hq, D]; k, v: [B, N, Hkv, D], ``Hq % Hkv == 0``.
         softmax_scale: scale of the scores.
         return_lse: also return ``lse`` fp32 [B, Hq, N] (natural log).
+        softcap: None or a positive float: soft-capped scores (``softcap * tanh(s / softcap)``).
 
     Returns:
         ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
     """
-    if not return_lse:
+    if not return_lse and softcap is None:
         Hq, Hkv = q.shape[2], k.shape[2]
         gqa = dict(enable_gqa=True) if Hq != Hkv else {}
         with _sdpa_order(q.device):
@@ -58,5 +60,6 @@ def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = 
     counts, indices = full_causal_selection(B, Hq, N, _BLOCK, q.device)
     from .sparse_attention import sparse_attention
 
-    return sparse_attention(q, k, v, counts, indices, block_size=_BLOCK, softmax_scale=softmax_scale, return_lse=True)
+    return sparse_attention(q, k, v, counts, indices, block_size=_BLOCK, softmax_scale=softmax_scale,
+                            return_lse=return_lse, softcap=softcap)
 

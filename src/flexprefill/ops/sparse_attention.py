@@ -84,7 +84,7 @@ def _prune(configs, named_args, **kwargs):
 sparse_attention_fwd_tuned = {
     bd: triton.autotune(
         configs=autotune_configs(space, interpret=_INTERPRET, pre_hook=_set_tma_blocks),
-        key=["BD", "BS", "VARLEN", "WINDOWED", "DIAG_FIRST", "N_BUCKET"],
+        key=["BD", "BS", "VARLEN", "WINDOWED", "DIAG_FIRST", "SOFTCAP", "N_BUCKET"],
         prune_configs_by={"early_config_prune": _prune},
     )(sparse_attention_fwd_kernel)
     for bd, space in _SPACE.items()
@@ -137,7 +137,8 @@ def _tma_descriptors(k, v, D: int, BD: int):
     return descs
 
 
-def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale: float, return_lse: bool = False):
+def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale: float, return_lse: bool = False,
+                     softcap: float | None = None):
     """Exact causal attention of each query block over its selected key blocks.
 
     Args:
@@ -151,12 +152,16 @@ def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale
         block_size: 32, 64 or 128.
         softmax_scale: scale of the scores.
         return_lse: also return the log-sum-exp.
+        softcap: None or a positive float: scores ``s`` become ``softcap * tanh(s / softcap)``
+            before the softmax.  Such calls run the Triton kernel on every GPU (the Gluon
+            kernels for Hopper do not cap).
 
     Returns:
-        ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` fp32 [B, Hq, N] (natural log)
-        when ``return_lse``.  A row with no selected key gives zeros and lse ``-inf``.
+        ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` fp32 [B, Hq, N] (natural log, of
+        the capped scores) when ``return_lse``.  A row with no selected key gives zeros and lse ``-inf``.
     """
-    return _launch(q, k, v, counts, indices, block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse)
+    return _launch(q, k, v, counts, indices, block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse,
+                   softcap=softcap)
 
 
 def _check(q, k, v, counts, indices, block_size, narrow_indices=False):
@@ -186,7 +191,7 @@ def _check(q, k, v, counts, indices, block_size, narrow_indices=False):
 
 
 def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, config=None, out=None, lse=None,
-            window=None, hopper_config=None):
+            window=None, hopper_config=None, softcap=None):
     """Launch with autotuning, or with ``config`` = dict(BLOCK_M, BLOCK_N, num_warps, num_stages)
     (the Triton kernel), or with ``hopper_config`` = dict(BLOCK_M, BLOCK_N, num_warps, STAGES)
     (the Gluon kernel for Hopper, ``sparse_attention_hopper``; ``kernel="ws"`` in it: the
@@ -196,7 +201,8 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
 
     ``out`` and ``lse`` may be given (tests poison them to catch unwritten rows).  ``window``:
     a sliding window on top of the selection (then ``indices`` may be narrower than ``nb``:
-    it needs room for the largest count only).
+    it needs room for the largest count only).  ``softcap``: soft-capped logits, on the Triton
+    kernel only (a ``hopper_config`` with it is refused).
     """
     _check(q, k, v, counts, indices, block_size, narrow_indices=window is not None)
     B, N, Hq, D = q.shape
@@ -211,11 +217,12 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
     hopper = None
     if hopper_config is not None:
+        _refuse_hopper_softcap(hopper_config, softcap)
         hopper = hopper_config.get("kernel", "tiled")
         if window is not None and hopper != "ws":
             raise ValueError(f"hopper_config {hopper_config}: only the warp-specialised kernel (kernel='ws') takes a window")
     elif config is None:
-        hopper = _hopper_kernel(q, k, v, block_size, ws_only=window is not None)
+        hopper = _hopper_kernel(q, k, v, block_size, ws_only=window is not None, softcap=softcap)
     if hopper is not None:
         from .sparse_attention_hopper import launch_hopper, launch_hopper_ws
 
@@ -226,8 +233,16 @@ def _launch(q, k, v, counts, indices, *, block_size, softmax_scale, return_lse, 
                softmax_scale=softmax_scale, config=hc or None, **kw)
         return (out, lse) if return_lse else out
     _launch_triton(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
-                   softmax_scale=softmax_scale, window=window, config=config)
+                   softmax_scale=softmax_scale, window=window, config=config, softcap=softcap)
     return (out, lse) if return_lse else out
+
+
+def _refuse_hopper_softcap(hopper_config, softcap) -> None:
+    if softcap is not None:
+        raise ValueError(
+            f"hopper_config {hopper_config} with softcap={softcap!r}: the Gluon kernels do not soft-cap; "
+            "leave hopper_config unset (soft-capped calls run the Triton kernel)"
+        )
 
 
 # the Gluon kernel each head dim takes by default on Hopper (block size a multiple of 128 for
@@ -247,12 +262,15 @@ def _dense_strides(q, k, v, out, counts, indices) -> tuple:
             *indices.stride()[:3])
 
 
-def _hopper_kernel(q, k, v, block_size: int, *, ws_only: bool = False) -> str | None:
+def _hopper_kernel(q, k, v, block_size: int, *, ws_only: bool = False, softcap: float | None = None) -> str | None:
     """Which Gluon kernel for Hopper the dense path runs (``ops.sparse_attention_hopper``):
     "tiled", "ws" (warp-specialised, persistent) or None (the Triton kernel).  Needs an sm_90
     GPU, fp16/bf16, q/k/v addressable by tensor descriptors and triton's Gluon; then
     ``_hopper_policy``.  ``ws_only`` (packed or windowed calls, which the tiled kernel does
-    not take): the warp-specialised kernel where the dense path would run it, else None."""
+    not take): the warp-specialised kernel where the dense path would run it, else None.
+    ``softcap``: soft-capped calls always run the Triton kernel (the Gluon kernels do not cap)."""
+    if softcap is not None:
+        return None
     if interpreting() or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return None
     D = q.shape[-1]
@@ -293,11 +311,11 @@ def _ws_available() -> bool:
         return False
 
 
-def kernel_name(q, k, v, block_size: int, *, packed_or_windowed: bool = False) -> str:
+def kernel_name(q, k, v, block_size: int, *, packed_or_windowed: bool = False, softcap: float | None = None) -> str:
     """The kernel a ``sparse_attention`` call on these inputs runs (``packed_or_windowed``: a
-    ``sparse_attention_varlen`` call or one with a window): "gluon-ws", "gluon-tiled" (Hopper)
-    or "triton"; benchmarks record it with their rows."""
-    kernel = _hopper_kernel(q, k, v, block_size, ws_only=packed_or_windowed)
+    ``sparse_attention_varlen`` call or one with a window; ``softcap``: a soft-capped call, always
+    "triton"): "gluon-ws", "gluon-tiled" (Hopper) or "triton"; benchmarks record it with their rows."""
+    kernel = _hopper_kernel(q, k, v, block_size, ws_only=packed_or_windowed, softcap=softcap)
     return {"ws": "gluon-ws", "tiled": "gluon-tiled", None: "triton"}[kernel]
 
 
@@ -345,15 +363,16 @@ def _kernel_args(**named) -> tuple:
 
 
 def _launch_triton(q, k, v, counts, indices, out, lse, *, block_size: int, softmax_scale: float, window=None,
-                   varlen=None, config=None):
+                   varlen=None, config=None, softcap=None):
     """The one launcher of the Triton kernel (``kernels.sparse_attention``), for dense batches,
     packed sequences and windows alike; inputs checked and laid out by the caller.
 
     q [B, N, Hq, D], k/v [B, N, Hkv, D], out like q, lse fp32 [B, Hq, N] or None; or with
     ``varlen`` = (q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k): packed
     q [total_q, Hq, D], k/v [total_k, Hkv, D], lse [Hq, total_q].  ``window``: a sliding
-    window on top of the selection.  ``config``: dict(BLOCK_M, BLOCK_N, num_warps, num_stages)
-    instead of autotuning.  Returns triton's handle of the launched kernel."""
+    window on top of the selection.  ``softcap``: soft-capped scores (``SOFTCAP``).  ``config``:
+    dict(BLOCK_M, BLOCK_N, num_warps, num_stages) instead of autotuning.  Returns triton's
+    handle of the launched kernel."""
     Hq, D = q.shape[-2:]
     Hkv = k.shape[-2]
     group = Hq // Hkv
@@ -391,8 +410,11 @@ def _launch_triton(q, k, v, counts, indices, out, lse, *, block_size: int, softm
         **dict(zip(names, strides)), **bounds,
         N=N, HKV=Hkv, scale_log2=softmax_scale * _LOG2E, N_BUCKET=length_bucket(N),
         window=0 if window is None else int(window),
+        # the capped score cap * tanh(scale * q.k / cap), in the log2 domain
+        cap_scale=0.0 if softcap is None else softmax_scale / softcap,
+        cap_log2=0.0 if softcap is None else softcap * _LOG2E,
         GROUP=group, D=D, BD=BD, BS=block_size, RETURN_LSE=lse is not None, VARLEN=varlen is not None,
-        TMA=descs is not None, WINDOWED=window is not None, DIAG_FIRST=_diag_first(BD),
+        TMA=descs is not None, WINDOWED=window is not None, DIAG_FIRST=_diag_first(BD), SOFTCAP=softcap is not None,
     )
     return _run(args, grid, BD, block_size, config, descs)
 
@@ -412,7 +434,7 @@ def _run(args, grid, BD, block_size, config, descs):
 def sparse_attention_varlen(
     q, k, v, counts, indices, q_starts, q_ends, k_starts, k_ends, max_seqlen_q: int, max_seqlen_k: int, *,
     block_size: int, softmax_scale: float, return_lse: bool = False, config=None, out=None, lse=None, window=None,
-    hopper_config=None,
+    hopper_config=None, softcap: float | None = None,
 ):
     """Block-sparse causal attention of packed sequences (chunks over a cached prefix).
 
@@ -432,6 +454,7 @@ def sparse_attention_varlen(
             ``_hopper_kernel`` picks it (Hopper, block size a multiple of 128; windows too).
         window: a sliding window on absolute positions on top of the selection (``indices``
             may then be narrower than ``max_nb``).
+        softcap: soft-capped scores, as in :func:`sparse_attention` (the Triton kernel only).
         out, lse: preallocated outputs (rows outside every sequence are left as given).
 
     Returns:
@@ -447,7 +470,9 @@ def sparse_attention_varlen(
         out = torch.empty(total_q, Hq, D, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(Hq, total_q, dtype=torch.float32, device=q.device)
-    if hopper_config is not None or (config is None and _hopper_kernel(q, k, v, block_size, ws_only=True)):
+    if hopper_config is not None:
+        _refuse_hopper_softcap(hopper_config, softcap)
+    if hopper_config is not None or (config is None and _hopper_kernel(q, k, v, block_size, ws_only=True, softcap=softcap)):
         from .sparse_attention_hopper import launch_hopper_ws
 
         launch_hopper_ws(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
@@ -455,6 +480,6 @@ def sparse_attention_varlen(
                          varlen=(q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k))
         return (out, lse) if return_lse else out
     _launch_triton(q, k, v, counts, indices, out, lse if return_lse else None, block_size=block_size,
-                   softmax_scale=softmax_scale, window=window, config=config,
+                   softmax_scale=softmax_scale, window=window, config=config, softcap=softcap,
                    varlen=(q_starts, q_ends, k_starts, k_ends, max_seqlen_q, max_seqlen_k))
     return (out, lse) if return_lse else out

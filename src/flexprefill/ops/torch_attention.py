@@ -9,7 +9,8 @@ attention kernel over the blocks below the diagonal (padded slots masked on the 
 and a second, causal call over the diagonal blocks, merged by their LSE.  Elsewhere, and
 for sliding windows: two batched matmuls in the input dtype (fp32 for fp16 on the CPU,
 where fp16 matmuls are slow) and an fp32 softmax with the token-level mask.  A row with no
-selected key gives 0 and lse ``-inf``, as the Triton kernel and FlashAttention do.  Tested
+selected key gives 0 and lse ``-inf``, as the Triton kernel and FlashAttention do.  Soft-capped
+scores (``softcap``) take the batched matmuls too: the fused CPU kernel cannot cap them.  Tested
 against ``reference.py`` in tests/ops/test_torch_attention.py.
 """
 
@@ -39,7 +40,7 @@ def _matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale: float, return_lse: bool = False,
-                     window: int | None = None):
+                     window: int | None = None, softcap: float | None = None):
     """Block-sparse causal attention of a batch.
 
     Args:
@@ -49,6 +50,7 @@ def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale
         softmax_scale: scale of the scores.
         return_lse: also return ``lse`` fp32 [B, Hq, N] (natural log).
         window: optional sliding window on top of the table: query ``i`` sees keys ``j > i - window``.
+        softcap: optional logit soft-cap: scores ``s`` become ``softcap * tanh(s / softcap)``.
 
     Returns:
         ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
@@ -58,7 +60,7 @@ def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale
     res = sparse_attention_varlen(
         q.reshape(B * N, Hq, D), k.reshape(B * N, *k.shape[2:]), v.reshape(B * N, *v.shape[2:]), counts, indices,
         starts, starts + N, starts, starts + N, block_size=block_size, softmax_scale=softmax_scale,
-        return_lse=return_lse, window=window,
+        return_lse=return_lse, window=window, softcap=softcap,
     )
     if not return_lse:
         return res.view(B, N, Hq, -1)
@@ -68,7 +70,7 @@ def sparse_attention(q, k, v, counts, indices, *, block_size: int, softmax_scale
 
 def sparse_attention_varlen(q, k, v, counts, indices, q_starts, q_ends, k_starts, k_ends, *, block_size: int,
                             softmax_scale: float, return_lse: bool = False, window: int | None = None,
-                            out=None, lse=None):
+                            out=None, lse=None, softcap: float | None = None):
     """Block-sparse causal attention of packed sequences (or chunks over a cached prefix).
 
     Args:
@@ -79,6 +81,7 @@ def sparse_attention_varlen(q, k, v, counts, indices, q_starts, q_ends, k_starts
             ``[q_starts[s], q_ends[s])`` and key rows ``[k_starts[s], k_ends[s])``; its
             ``n_q <= n_k`` queries are the last ``n_q`` of its ``n_k`` positions.
         window: optional sliding window on absolute positions.
+        softcap: optional logit soft-cap, as in :func:`sparse_attention`.
         out, lse: optional preallocated outputs (rows outside every sequence are left as given).
 
     Returns:
@@ -114,7 +117,7 @@ def sparse_attention_varlen(q, k, v, counts, indices, q_starts, q_ends, k_starts
     # the fused CPU kernel's LSE carries no gradient, and the diagonal merge needs one: inputs
     # that need grad take the bmm path, which autograd differentiates exactly
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    fused = window is None and dev.type == "cpu" and _flash_cpu() is not None and not grad
+    fused = window is None and softcap is None and dev.type == "cpu" and _flash_cpu() is not None and not grad
     # absolute block layout [S * H * nb, bs, D]: item (s, h, r) is block (s*H + h)*nb + r of q,
     # its key block c of kv head hk is block (s*Hkv + hk)*nb + c; positions without a token are 0
     q_rows, q_ok = _rows(q_starts - prefix, prefix, n_k, nb * bs)
@@ -144,7 +147,7 @@ def sparse_attention_varlen(q, k, v, counts, indices, q_starts, q_ends, k_starts
             o, row_lse = _chunk_fused(qb, idx, cnt[it], r_i, kb_all, vb_all, kv_base, softmax_scale)
         else:
             o, row_lse = _chunk_bmm(qb, idx, cnt[it], r_i, kb_all, vb_all, kv_base, n_k[s_i], softmax_scale, window,
-                                    in_place=not grad)
+                                    softcap, in_place=not grad)
         ob_all.index_copy_(0, it, o)
         if return_lse:
             lb_all.index_copy_(0, it, row_lse)
@@ -222,8 +225,8 @@ def _chunk_fused(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, scale):
     return o, row_lse
 
 
-def _chunk_bmm(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, n_k, scale, window, in_place=True):
-    """One chunk with two batched matmuls and an fp32 softmax (any device, sliding windows);
+def _chunk_bmm(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, n_k, scale, window, softcap=None, in_place=True):
+    """One chunk with two batched matmuls and an fp32 softmax (any device, sliding windows, soft-caps);
     ``in_place=False`` keeps every step out of place, for autograd."""
     n, bs, _ = qb.shape
     width = idx.shape[1]
@@ -236,6 +239,13 @@ def _chunk_bmm(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, n_k, scale, window, i
     kpos = torch.where(ok, kpos, torch.iinfo(torch.int64).max)
     qpos = r_i[:, None] * bs + ar
     s = torch.bmm(qb, kb.transpose(1, 2)).float()  # [n, bs, width*bs]
+    if softcap is not None:
+        # the capped scores; the softmax below then takes them unscaled
+        if in_place:
+            s.mul_(scale / softcap).tanh_().mul_(softcap)
+        else:
+            s = torch.tanh(s * (scale / softcap)) * softcap
+        scale = 1.0
     hide = kpos[:, None, :] > qpos[:, :, None]
     if window is not None:
         hide |= kpos[:, None, :] <= qpos[:, :, None] - window
@@ -256,18 +266,20 @@ def _chunk_bmm(qb, idx, c_i, r_i, kb_all, vb_all, kv_base, n_k, scale, window, i
 
 
 def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float, return_lse: bool = False,
-                             block_size: int = 128):
+                             block_size: int = 128, softcap: float | None = None):
     """Exact causal sliding-window attention (query ``i`` sees keys ``i - window < j <= i``) over the
     band of key blocks the window reaches: O(N * window) work.  Shapes as :func:`sparse_attention`."""
     B, N, Hq, _ = q.shape
     counts, indices = band_table(math.ceil(N / block_size), block_size, window, q.device)
     nb = counts.shape[0]
     return sparse_attention(q, k, v, counts.expand(B, Hq, nb), indices.expand(B, Hq, *indices.shape),
-                            block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse, window=window)
+                            block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse, window=window,
+                            softcap=softcap)
 
 
 def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k: int, *, window: int,
-                                    softmax_scale: float, return_lse: bool = False, block_size: int = 128):
+                                    softmax_scale: float, return_lse: bool = False, block_size: int = 128,
+                                    softcap: float | None = None):
     """:func:`sliding_window_attention` of packed sequences (chunks see the cached keys in the window).
     Returns ``out [total_q, Hq, D]`` and ``lse [Hq, total_q]`` when asked."""
     S, Hq = cu_seqlens_q.numel() - 1, q.shape[1]
@@ -276,15 +288,15 @@ def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     return sparse_attention_varlen(
         q, k, v, counts.expand(S, Hq, nb), indices.expand(S, Hq, *indices.shape),
         cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:],
-        block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse, window=window,
+        block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse, window=window, softcap=softcap,
     )
 
 
-def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = False):
+def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = False, softcap: float | None = None):
     """Dense causal attention ``q [B, N, Hq, D]``, ``k, v [B, N, Hkv, D]``: torch SDPA without an LSE
-    (SDPA returns none), the full causal block table through :func:`sparse_attention` with one."""
+    or a soft-cap (SDPA has neither), the full causal block table through :func:`sparse_attention` with one."""
     B, N, Hq, _ = q.shape
-    if not return_lse:
+    if not return_lse and softcap is None:
         gqa = dict(enable_gqa=True) if Hq != k.shape[2] else {}
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=softmax_scale, **gqa
@@ -292,4 +304,5 @@ def dense_causal_attention(q, k, v, *, softmax_scale: float, return_lse: bool = 
         return out.transpose(1, 2)
     bs = 128
     counts, indices = full_causal_selection(B, Hq, N, bs, q.device)
-    return sparse_attention(q, k, v, counts, indices, block_size=bs, softmax_scale=softmax_scale, return_lse=True)
+    return sparse_attention(q, k, v, counts, indices, block_size=bs, softmax_scale=softmax_scale, return_lse=return_lse,
+                            softcap=softcap)

@@ -19,7 +19,7 @@ def _check_window(window) -> None:
 
 
 def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float, return_lse: bool = False,
-                             block_size: int = _BLOCK):
+                             block_size: int = _BLOCK, softcap: float | None = None):
     """Exact causal sliding-window attention: query ``i`` sees keys ``i - window < j <= i``
     (the convention of transformers' ``sliding_window``).
 
@@ -30,6 +30,7 @@ def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float, retu
         softmax_scale: scale of the scores.
         return_lse: also return ``lse`` fp32 [B, Hq, N] (natural log).
         block_size: 32, 64 or 128: the tile grid of the band.
+        softcap: None or a positive float: soft-capped scores (the Triton kernel on every GPU).
 
     Returns:
         ``out`` [B, N, Hq, D] in the input dtype, and ``lse`` when asked.
@@ -38,11 +39,12 @@ def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float, retu
     B, N, Hq, _ = q.shape
     counts, indices = window_selection(B, Hq, N, block_size, window, q.device)
     return _launch(q, k, v, counts, indices, block_size=block_size, softmax_scale=softmax_scale,
-                   return_lse=return_lse, window=window)
+                   return_lse=return_lse, window=window, softcap=softcap)
 
 
 def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
-                                    window: int, softmax_scale: float, return_lse: bool = False, block_size: int = _BLOCK):
+                                    window: int, softmax_scale: float, return_lse: bool = False, block_size: int = _BLOCK,
+                                    softcap: float | None = None):
     """:func:`sliding_window_attention` of packed sequences: ``q [total_q, Hq, D]``, ``k, v
     [total_k, Hkv, D]``, int32 ``cu_seqlens``; a sequence with more keys than queries is a chunk
     over a cached prefix (its queries are the last positions).  The window is on absolute
@@ -55,6 +57,6 @@ def sliding_window_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     return sparse_attention_varlen(
         q, k, v, counts, indices, cu_seqlens_q[:-1], cu_seqlens_q[1:], cu_seqlens_k[:-1], cu_seqlens_k[1:],
         max_seqlen_q, max_seqlen_k, block_size=block_size, softmax_scale=softmax_scale, return_lse=return_lse,
-        window=window,
+        window=window, softcap=softcap,
     )
 

@@ -91,15 +91,18 @@ def _tri_flat(nb: int, device, dtype: torch.dtype = torch.int64) -> torch.Tensor
     return tri[0] * nb + tri[1]
 
 
-def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causal, tri_flat, keep_s: bool = True):
+def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causal, tri_flat, keep_s: bool = True,
+               softcap: float | None = None):
     """The query-aware ranking's scores of a head chunk: ``s``, the block-mean attention
-    softmax per row [heads, nb, nb] (None unless ``keep_s``), and ``flat``, its causal entries
-    (positions ``tri_flat``) divided by the number of rows.
+    softmax per row [heads, nb, nb] (None unless ``keep_s``; its logits soft-capped by
+    ``softcap``), and ``flat``, its causal entries (positions ``tri_flat``) divided by the number of rows.
 
     Each [heads, nb, nb] buffer is freed as soon as the next is made and the rest is done in
     place, so at most two of them are live (the logits and their softmax); the values are
     those of the out-of-place forms."""
     logits = torch.baddbmm(q_bar.new_empty(()), q_bar, k_bar.transpose(1, 2), beta=0.0, alpha=scale)
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
     s = torch.softmax(logits.masked_fill_(not_causal, float("-inf")), dim=-1)
     del logits
     if live_c is not None:
@@ -114,7 +117,7 @@ def _qa_scores(q_bar, k_bar, *, scale: float, nb: int, live_c, rows_c, not_causa
 
 def assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
              nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS,
-             index_dtype: torch.dtype = torch.int32, out=None):
+             index_dtype: torch.dtype = torch.int32, out=None, softcap: float | None = None):
     """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
 
     Arguments as :func:`assemble_torch`.  The sets are built and compacted row by row in
@@ -124,7 +127,8 @@ def assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, 
     """
     if cfg.max_budget_blocks is not None or not _FUSED_ASSEMBLY:
         return assemble_torch(vert, slash, query_aware, q_bar, k_bar, cfg=cfg, scale=scale, nb_h=nb_h, live_h=live_h,
-                              rows_h=rows_h, short_h=short_h, chunk_elems=chunk_elems, index_dtype=index_dtype, out=out)
+                              rows_h=rows_h, short_h=short_h, chunk_elems=chunk_elems, index_dtype=index_dtype, out=out,
+                              softcap=softcap)
     BH, nb = vert.shape
     dev = vert.device
     use_qa = cfg.tau > 0
@@ -150,7 +154,7 @@ def assemble(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, 
         _, flat = _qa_scores(q_bar[h0:h1], k_bar[h0:h1], scale=scale, nb=nb,
                             live_c=live_h[h0:h1, :, None] if live_h is not None else None,
                             rows_c=rows_h[h0:h1] if rows_h is not None else None, not_causal=not_causal,
-                            tri_flat=tri_flat, keep_s=False)
+                            tri_flat=tri_flat, keep_s=False, softcap=softcap)
         # the n-th entry of the ranking: every entry before it in (value desc, position asc) is kept
         thr, thr_pos = G.threshold_entry(flat, cfg.gamma)
         assemble_rows_kernel[(h1 - h0, nb)](
@@ -177,7 +181,7 @@ def _outputs(out, BH: int, nb: int, index_dtype: torch.dtype, device):
 
 def assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillConfig, scale: float,
                    nb_h=None, live_h=None, rows_h=None, short_h=None, chunk_elems: int = _CHUNK_ELEMS,
-                   index_dtype: torch.dtype = torch.int32, out=None):
+                   index_dtype: torch.dtype = torch.int32, out=None, softcap: float | None = None):
     """Block sets of every head from its scores, compacted: counts int32 [BH, nb], indices int32 [BH, nb, nb].
 
     ``vert, slash`` fp32 [BH, nb]; ``query_aware`` bool [BH]; ``q_bar, k_bar`` fp32 block
@@ -187,6 +191,7 @@ def assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillCo
     that take every causal block of their rows) bool [BH].  Heads are processed a fixed
     number at a time whatever the data, so a shape always issues the same launches.
     ``out``: (counts, indices) to write instead of new tensors (a CUDA graph's static outputs).
+    ``softcap``: the query-aware ranking's block logits soft-capped.
     """
     BH, nb = vert.shape
     dev = vert.device
@@ -210,7 +215,8 @@ def assemble_torch(vert, slash, query_aware, q_bar, k_bar, *, cfg: FlexPrefillCo
         live_c = live_h[sl][:, :, None] if live_h is not None else None
         if use_qa:
             s, flat = _qa_scores(q_bar[sl], k_bar[sl], scale=scale, nb=nb, live_c=live_c,
-                                 rows_c=rows_h[sl] if rows_h is not None else None, not_causal=not_causal, tri_flat=tri_flat)
+                                 rows_c=rows_h[sl] if rows_h is not None else None, not_causal=not_causal, tri_flat=tri_flat,
+                                 softcap=softcap)
             kept = G.keep_to_mass(flat, cfg.gamma)
             sel = torch.zeros(s.shape[0], nb * nb, dtype=torch.bool, device=dev).index_copy_(1, tri_flat, kept).view_as(s)
             del flat, kept

@@ -13,7 +13,7 @@ from ..ops.kernels.search import (
     block_mean_kernel, block_mean_varlen_kernel, combine_splits_kernel, rep_block_mass_kernel, rep_row_stats_kernel,
 )
 from ..options import options
-from ..reference import js_distance
+from ..reference import js_distance, soft_cap
 
 __all__ = [
     "block_means",
@@ -26,6 +26,13 @@ __all__ = [
 ]
 
 _LOG2E = 1.4426950408889634
+
+
+def _cap_args(scale: float, softcap: float | None) -> dict:
+    """The search kernels' soft-cap arguments: ``cap * tanh(scale * q.k / cap)`` in the log2 domain."""
+    if softcap is None:
+        return dict(cap_scale=0.0, cap_log2=0.0, SOFTCAP=False)
+    return dict(cap_scale=scale / softcap, cap_log2=softcap * _LOG2E, SOFTCAP=True)
 
 
 def block_means(x: torch.Tensor, block_size: int, *, rep: int = 0, blocks: bool = True,
@@ -125,11 +132,12 @@ def _first_pass_plan(q, k, rows: int, N: int, nb: int, block_size: int):
     return q, k, BD, BK, bst, keys_per_split, num_splits, m, l, mb, lb
 
 
-def representative_block_scores(q, k, *, block_size: int, scale: float, src: tuple | None = None):
+def representative_block_scores(q, k, *, block_size: int, scale: float, src: tuple | None = None,
+                                softcap: float | None = None):
     """Vertical and slash block mass of the last ``block_size`` queries, fp32 [B, Hq, nb] each.
 
     ``src``: two int64 [1] tensors holding the addresses to read q and k from (q and k then
-    give dtype and layout only, as in :func:`block_means`)."""
+    give dtype and layout only, as in :func:`block_means`).  ``softcap``: the scores soft-capped."""
     B, N, Hq, D = q.shape
     Hkv = k.shape[2]
     nb = math.ceil(N / block_size)
@@ -140,11 +148,12 @@ def representative_block_scores(q, k, *, block_size: int, scale: float, src: tup
     scale_log2 = scale * _LOG2E
     common_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     srcs = (m, m) if src is None else src
+    cap = _cap_args(scale, softcap)
     rep_row_stats_kernel[(B * Hq, num_splits)](
         q, k, m, l, *common_strides,
         N, n_rep, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2,
         m, m, m, m, *srcs, mb, lb, nb,
-        D=D, BD=BD, BR=BR, BK=BK, INDIRECT=src is not None, BLOCK_STATS=bst, BS=block_size, num_warps=4,
+        D=D, BD=BD, BR=BR, BK=BK, INDIRECT=src is not None, BLOCK_STATS=bst, BS=block_size, num_warps=4, **cap,
     )
     lse2 = _combine(m, l)
 
@@ -155,7 +164,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float, src: tup
         N, n_rep, nb, Hq, Hq // Hkv, scale_log2,
         vert, vert, vert, vert, *srcs, mb, lb,
         D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), INDIRECT=src is not None, FROM_STATS=bst,
-        num_warps=4,
+        num_warps=4, **cap,
     )
     # key block c seen from the last query block sits at offset nb-1-c, from the one
     # before at nb-2-c: flip both parts and shift the second by one
@@ -170,8 +179,10 @@ def _lengths(q_starts, q_ends, k_starts, k_ends):
     return (q_ends - q_starts).long(), (k_ends - k_starts).long()
 
 
-def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends, max_seqlen_k: int, *, block_size: int, scale: float):
-    """Vertical and slash block mass of each sequence's last ``min(bs, n_q)`` queries, fp32 [S, Hq, max_nb] (0 past a sequence)."""
+def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends, max_seqlen_k: int, *, block_size: int,
+                                       scale: float, softcap: float | None = None):
+    """Vertical and slash block mass of each sequence's last ``min(bs, n_q)`` queries, fp32 [S, Hq, max_nb]
+    (0 past a sequence; ``softcap``: the scores soft-capped)."""
     total_k, Hkv, D = k.shape
     Hq = q.shape[1]
     S = q_starts.shape[0]
@@ -183,10 +194,11 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
     scale_log2 = scale * _LOG2E
     strides = (0, q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1))
     bounds = (q_starts, q_ends, k_starts, k_ends)
+    cap = _cap_args(scale, softcap)
     rep_row_stats_kernel[(S * Hq, num_splits)](
         q, k, m, l, *strides,
         N, 0, keys_per_split, num_splits, Hq, Hq // Hkv, scale_log2, *bounds, m, m, mb, lb, nb,
-        D=D, BD=BD, BR=BR, BK=BK, VARLEN=True, BLOCK_STATS=bst, BS=block_size, num_warps=4,
+        D=D, BD=BD, BR=BR, BK=BK, VARLEN=True, BLOCK_STATS=bst, BS=block_size, num_warps=4, **cap,
     )
     lse2 = _combine(m, l)
 
@@ -195,7 +207,7 @@ def representative_block_scores_varlen(q, k, q_starts, q_ends, k_starts, k_ends,
     rep_block_mass_kernel[(S * Hq, nb)](
         q, k, lse2, vert, part, *strides,
         N, 0, nb, Hq, Hq // Hkv, scale_log2, *bounds, vert, vert, mb, lb,
-        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), VARLEN=True, FROM_STATS=bst, num_warps=4,
+        D=D, BD=BD, BR=BR, BS=block_size, BK=min(BK, block_size), VARLEN=True, FROM_STATS=bst, num_warps=4, **cap,
     )
     # key block c seen from the last query block sits at offset nb_s-1-c, from the one
     # before at nb_s-2-c: slash[d] = hi[nb_s-1-d] + lo[nb_s-2-d], per sequence
@@ -243,15 +255,17 @@ def js_distance_masked(p: torch.Tensor, q: torch.Tensor, valid: torch.Tensor) ->
 
 
 
-def dense_passes(q, k, *, block_size: int, scale: float, tau: float, src: tuple | None = None) -> dict:
+def dense_passes(q, k, *, block_size: int, scale: float, tau: float, src: tuple | None = None,
+                 softcap: float | None = None) -> dict:
     """The passes of the dense search over q [B, N, Hq, D] and k [B, N, Hkv, D]: ``vert``, ``slash``
     fp32 [B, Hq, nb], ``q_hat`` (mean of the representative queries) fp32 [B, Hq, D], ``k_bar``
     fp32 [B, nb, Hkv, D] and ``q_bar`` fp32 [B, nb, Hq, D] (None when ``tau == 0``).
 
-    ``src``: two int64 [1] tensors holding the addresses to read q and k from (see :func:`block_means`)."""
+    ``src``: two int64 [1] tensors holding the addresses to read q and k from (see :func:`block_means`);
+    ``softcap``: the representative scores soft-capped."""
     N = q.shape[1]
     bs = block_size
-    vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, src=src)
+    vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, src=src, softcap=softcap)
     k_bar = block_means(k, bs, src=None if src is None else src[1])  # [B, nb, Hkv, D]
     # the block means of q (when tau > 0) and the mean of the representative queries, as two
     # tensors: one [B, nb + 1, Hq, D] buffer passes 1 MB (the allocator's small-block limit)
@@ -263,12 +277,12 @@ def dense_passes(q, k, *, block_size: int, scale: float, tau: float, src: tuple 
     return dict(vert=vert, slash=slash, q_hat=q_hat, k_bar=k_bar, q_bar=q_bar)
 
 
-def estimate_pattern(vert, q_hat, k_bar, *, scale: float, tau: float):
-    """Step 3 of a dense batch: the block-pooled estimate ``softmax(scale * q_hat . k_bar)``, its
-    Jensen-Shannon distance to ``vert`` fp32 [B, Hq] and the query-aware heads bool [B, Hq]
-    (distance below ``tau``); also ``k_bar`` per query head [B, nb, Hq, D]."""
+def estimate_pattern(vert, q_hat, k_bar, *, scale: float, tau: float, softcap: float | None = None):
+    """Step 3 of a dense batch: the block-pooled estimate ``softmax(scale * q_hat . k_bar)`` (its
+    logits soft-capped by ``softcap``), its Jensen-Shannon distance to ``vert`` fp32 [B, Hq] and the
+    query-aware heads bool [B, Hq] (distance below ``tau``); also ``k_bar`` per query head [B, nb, Hq, D]."""
     group = q_hat.shape[1] // k_bar.shape[2]
     k_bar_q = k_bar.repeat_interleave(group, dim=2) if group > 1 else k_bar
-    a_est = torch.softmax(scale * torch.einsum("bhd,bchd->bhc", q_hat, k_bar_q), dim=-1)
+    a_est = torch.softmax(soft_cap(scale * torch.einsum("bhd,bchd->bhc", q_hat, k_bar_q), softcap), dim=-1)
     dist = js_distance(vert, a_est)
     return dist, dist < tau, k_bar_q

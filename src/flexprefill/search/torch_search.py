@@ -16,7 +16,7 @@ import torch
 
 from ..block_table import BlockSelection, VarlenBlockSelection, compact_block_mask, mask_to_selection
 from ..config import FlexPrefillConfig
-from ..reference import block_means, estimated_block_distribution, js_distance
+from ..reference import block_means, estimated_block_distribution, js_distance, soft_cap
 
 __all__ = ["select_blocks", "select_blocks_varlen"]
 
@@ -24,18 +24,20 @@ __all__ = ["select_blocks", "select_blocks_varlen"]
 _SCORE_BYTES = 256 << 20
 
 
-def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None) -> BlockSelection:
-    """Steps 1-4 for a batch ``q [B, n_q, Hq, D]``, ``k [B, n_k, Hkv, D]`` (queries = last ``n_q`` positions)."""
+def select_blocks(q, k, *, config: FlexPrefillConfig | None = None, softmax_scale: float | None = None,
+                  softcap: float | None = None) -> BlockSelection:
+    """Steps 1-4 for a batch ``q [B, n_q, Hq, D]``, ``k [B, n_k, Hkv, D]`` (queries = last ``n_q`` positions;
+    ``softcap``: the scores soft-capped, as in the oracle)."""
     cfg = config or FlexPrefillConfig()
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    masks, query_aware, dist = select_masks(q, k, cfg, scale)
+    masks, query_aware, dist = select_masks(q, k, cfg, scale, softcap)
     return mask_to_selection(masks, block_size=cfg.block_size, seq_len=q.shape[1], query_aware=query_aware,
                              js_distance=dist)
 
 
 def select_blocks_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                          config: FlexPrefillConfig | None = None, softmax_scale: float | None = None,
-                         dense_below: int = 0) -> VarlenBlockSelection:
+                         dense_below: int = 0, softcap: float | None = None) -> VarlenBlockSelection:
     """:func:`flexprefill.reference.select_blocks_varlen`, each sequence searched with all its heads at once
     (a loop over sequences only; reads ``cu_seqlens`` on the host)."""
     cfg = config or FlexPrefillConfig()
@@ -58,7 +60,7 @@ def select_blocks_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
             full[:r0] = False
             masks[s, :, :nb, :nb] = full
             continue
-        m, qa, d = select_masks(q[None, q0:q1], k[None, k0:k1], cfg, scale)
+        m, qa, d = select_masks(q[None, q0:q1], k[None, k0:k1], cfg, scale, softcap)
         masks[s, :, :nb, :nb] = m[0]
         query_aware[s], dist[s] = qa[0], d[0]
     ar = torch.arange(max_nb, device=q.device)
@@ -69,7 +71,7 @@ def select_blocks_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     )
 
 
-def representative_block_scores(q, k, *, block_size: int, scale: float):
+def representative_block_scores(q, k, *, block_size: int, scale: float, softcap: float | None = None):
     """:func:`flexprefill.reference.representative_block_scores`, all heads at once: vert, slash fp32 [B, Hq, nb]."""
     B, n_q, Hq, D = q.shape
     N, Hkv = k.shape[1], k.shape[2]
@@ -96,7 +98,7 @@ def representative_block_scores(q, k, *, block_size: int, scale: float):
     step = max(1, _SCORE_BYTES // max(1, n_rep * N * 4))
     for h0 in range(0, X, step):
         h1 = min(X, h0 + step)
-        s = torch.matmul(scale * qh[h0:h1], kh.index_select(0, kv_of[h0:h1]))
+        s = soft_cap(torch.matmul(scale * qh[h0:h1], kh.index_select(0, kv_of[h0:h1])), softcap)
         s = s.masked_fill(future, float("-inf"))
         a = torch.softmax(s, dim=-1) / n_rep  # [n, n_rep, N]
         vert[h0:h1].scatter_add_(1, key_blk.expand(h1 - h0, N), a.sum(1))
@@ -138,7 +140,7 @@ def _vertical_slash(vert, slash, n_v, n_s):
     return mask, score
 
 
-def select_masks(q, k, cfg: FlexPrefillConfig, scale: float):
+def select_masks(q, k, cfg: FlexPrefillConfig, scale: float, softcap: float | None = None):
     """:func:`flexprefill.reference._select_masks`, all heads at once: masks [B, Hq, nb, nb], query_aware, JS [B, Hq]."""
     B, n_q, Hq, D = q.shape
     N = k.shape[1]
@@ -152,8 +154,8 @@ def select_masks(q, k, cfg: FlexPrefillConfig, scale: float):
     dev = q.device
     X = B * Hq
 
-    vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale)
-    a_est = estimated_block_distribution(q, k, block_size=bs, scale=scale)
+    vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, softcap=softcap)
+    a_est = estimated_block_distribution(q, k, block_size=bs, scale=scale, softcap=softcap)
     dist = js_distance(vert, a_est)
     query_aware = dist < cfg.tau
     masks = torch.zeros(B, Hq, nb, nb, dtype=torch.bool, device=dev)
@@ -180,7 +182,7 @@ def select_masks(q, k, cfg: FlexPrefillConfig, scale: float):
     if aware.numel():
         q_bar = block_means(q, bs, offset=P).permute(0, 2, 1, 3).reshape(X, nb, D)[aware, r0:]  # [A, rows, D]
         k_bar = block_means(k, bs).permute(0, 2, 3, 1).repeat_interleave(group, dim=1).reshape(X, D, nb)[aware]
-        logits = torch.matmul(scale * q_bar, k_bar)  # [A, rows, nb]
+        logits = soft_cap(torch.matmul(scale * q_bar, k_bar), softcap)  # [A, rows, nb]
         s_rows = torch.softmax(logits.masked_fill(~causal[r0:], float("-inf")), dim=-1)
         flat = s_rows.reshape(-1, rows * nb) / rows
         n_sel = _count_to_mass(flat, cfg.gamma)

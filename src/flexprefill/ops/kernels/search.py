@@ -11,12 +11,16 @@ to the block's vertical mass and its share of the two block diagonals the rows c
 and sum and the second reads them).  ``VARLEN`` switches to packed sequences (per-sequence
 row bounds loaded in the kernel, queries = the last positions of a chunk over a cached
 prefix); programs past a sequence's keys do no work.  ``INDIRECT``: q and k are read at the
-addresses two device words hold (a CUDA graph's inputs).  ``assemble_rows_kernel``: each
-row's kept blocks from the head's column, diagonal and ranked sets, compacted in one pass.
+addresses two device words hold (a CUDA graph's inputs).  ``SOFTCAP``: the scores are
+soft-capped (``cap * tanh(s / cap)``, as in the attention they stand for; ``kernels.softcap``).
+``assemble_rows_kernel``: each row's kept blocks from the head's column, diagonal and ranked
+sets, compacted in one pass.
 """
 
 import triton
 import triton.language as tl
+
+from .softcap import scores_log2
 
 
 @triton.jit
@@ -28,7 +32,8 @@ def _indirect(x, src):
 
 
 @triton.jit
-def _rep_tile(b_q, b_m, b_l, p_kh, k_lo, n_k, pos_q, m_r, o_d, m_d, stride_kn, scale_log2, BK: tl.constexpr):
+def _rep_tile(b_q, b_m, b_l, p_kh, k_lo, n_k, pos_q, m_r, o_d, m_d, stride_kn, scale_log2, cap_scale, cap_log2,
+              BK: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online row max and sum (log2 domain) of the representative rows over keys [k_lo, k_lo + BK)."""
     o_k = k_lo + tl.arange(0, BK)
     m_k = o_k < n_k
@@ -36,7 +41,7 @@ def _rep_tile(b_q, b_m, b_l, p_kh, k_lo, n_k, pos_q, m_r, o_d, m_d, stride_kn, s
     # [BK, BD]
     b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
     # [BR, BK]
-    b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+    b_s = scores_log2(tl.dot(b_q, tl.trans(b_k)), scale_log2, cap_scale, cap_log2, SOFTCAP)
     m_s = m_r[:, None] & m_k[None, :] & (o_k[None, :] <= pos_q[:, None])
     b_s = tl.where(m_s, b_s, float("-inf"))
     b_mn = tl.maximum(b_m, tl.max(b_s, 1))
@@ -84,9 +89,10 @@ def rep_row_stats_kernel(
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     N, N_REP, KEYS_PER_SPLIT, NUM_SPLITS, HQ, GROUP, scale_log2,
-    q_starts, q_ends, k_starts, k_ends, q_src, k_src, mb_out, lb_out, NB,
+    q_starts, q_ends, k_starts, k_ends, q_src, k_src, mb_out, lb_out, NB, cap_scale, cap_log2,
     D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, VARLEN: tl.constexpr = False,
     INDIRECT: tl.constexpr = False, BLOCK_STATS: tl.constexpr = False, BS: tl.constexpr = 128,
+    SOFTCAP: tl.constexpr = False,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_split = tl.program_id(1).to(tl.int64)
@@ -122,7 +128,7 @@ def rep_row_stats_kernel(
             b_lb = tl.zeros([BR], dtype=tl.float32)
             for k1 in range(0, BS, BK):
                 b_mb, b_lb = _rep_tile(b_q, b_mb, b_lb, p_kh, start + c0 + k1, n_k, pos_q, m_r, o_d, m_d, stride_kn,
-                                       scale_log2, BK)
+                                       scale_log2, cap_scale, cap_log2, BK, SOFTCAP)
             i_c = (start + c0) // BS
             o_blk = (i_bh * NB + i_c) * BR + o_r
             tl.store(mb_out + o_blk, b_mb, mask=_every(i_c < NB, o_r))
@@ -133,7 +139,8 @@ def rep_row_stats_kernel(
             b_m = b_mn
     else:
         for k0 in range(0, n_iter, BK):
-            b_m, b_l = _rep_tile(b_q, b_m, b_l, p_kh, start + k0, n_k, pos_q, m_r, o_d, m_d, stride_kn, scale_log2, BK)
+            b_m, b_l = _rep_tile(b_q, b_m, b_l, p_kh, start + k0, n_k, pos_q, m_r, o_d, m_d, stride_kn, scale_log2,
+                                 cap_scale, cap_log2, BK, SOFTCAP)
 
     o_out = (i_bh * NUM_SPLITS + i_split) * BR + o_r
     tl.store(m_out + o_out, b_m)
@@ -146,9 +153,10 @@ def rep_block_mass_kernel(
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     N, N_REP, NB, HQ, GROUP, scale_log2,
-    q_starts, q_ends, k_starts, k_ends, q_src, k_src, mb, lb,
+    q_starts, q_ends, k_starts, k_ends, q_src, k_src, mb, lb, cap_scale, cap_log2,
     D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     VARLEN: tl.constexpr = False, INDIRECT: tl.constexpr = False, FROM_STATS: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
@@ -191,7 +199,7 @@ def rep_block_mass_kernel(
             # [BK, BD]
             b_k = tl.load(p_k, mask=m_k[:, None] & m_d[None, :], other=0.0)
             # [BR, BK]
-            b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+            b_s = scores_log2(tl.dot(b_q, tl.trans(b_k)), scale_log2, cap_scale, cap_log2, SOFTCAP)
             m_s = m_r[:, None] & m_k[None, :] & (o_k[None, :] <= pos_q[:, None])
             b_p = tl.where(m_s, tl.exp2(b_s - b_lse[:, None]), 0.0)
             b_row += tl.sum(b_p, 1)

@@ -1,6 +1,6 @@
 """Block-sparse causal attention forward (FlashAttention-2 style, online softmax in fp32, exp2).
 Tested against flexprefill.reference on CPU (interpreter, fp16/fp32, D 64/80/128/256, bs 32/64/128,
-GQA 1/2/4), the dense path on an H200 (bf16).  Limits: BLOCK_M, BLOCK_N divide the block size; D <= 256.
+GQA 1/2/4; soft-capped too), the dense path on an H200 (bf16).  Limits: BLOCK_M, BLOCK_N divide the block size; D <= 256.
 
 ``VARLEN`` switches to packed sequences: per-sequence row bounds loaded in the kernel, queries =
 the last n_q of n_k positions (bottom-right causal, tiles aligned to absolute positions).
@@ -13,18 +13,24 @@ off-diagonal loop) did not help on the H200 with triton 3.6: with 8 warps within
 same config without it, with 4 warps the pass failed.
 ``TMA`` loads the off-diagonal K/V tiles through host-built tensor descriptors (Hopper's bulk
 copy engine) instead of pointer tensors; the launcher picks it (see ``ops.sparse_attention``).
+``SOFTCAP`` soft-caps the logits (Gemma 2): the natural-unit score ``s = scale * q.k`` becomes
+``cap * tanh(s / cap)``, then goes to the log2 domain; ``cap_scale = scale / cap`` and
+``cap_log2 = cap * log2(e)`` come from the launcher.  Without it the code is the uncapped one.
 Autotuning spaces and launch logic live in ``ops.sparse_attention``.
 """
 
 import triton
 import triton.language as tl
 
+from .softcap import scores_log2 as _scores_log2
+
 _LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag, n_diag, n_k,
-                   stride_kn, stride_vn, scale_log2, window,
-                   BS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+                   stride_kn, stride_vn, scale_log2, window, cap_scale, cap_log2,
+                   BS: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
     """The first ``n_diag`` key tiles of diagonal block r: token causal mask and keys past n_k.
     Keys count only where ``has_diag`` (the block is selected): the tiles' loads do not wait
     for the selection's last entry."""
@@ -36,7 +42,7 @@ def _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_dia
         # [BN, BD]
         b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
         # [BM, BN]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale_log2
+        b_s = _scores_log2(tl.dot(b_q, tl.trans(b_k)), scale_log2, cap_scale, cap_log2, SOFTCAP)
         b_vis = (o_n[None, :] <= o_m[:, None]) & m_n[None, :] & has_diag
         if WINDOWED:
             b_vis = b_vis & (o_n[None, :] > o_m[:, None] - window)
@@ -65,10 +71,10 @@ def sparse_attention_fwd_kernel(
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_ir,
     N, HKV, scale_log2,
-    q_starts, q_ends, k_starts, k_ends, stride_lh, N_BUCKET, window,
+    q_starts, q_ends, k_starts, k_ends, stride_lh, N_BUCKET, window, cap_scale, cap_log2,
     GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     RETURN_LSE: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, WINDOWED: tl.constexpr,
-    DIAG_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIAG_FIRST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # axis 0 = (query tile, head of the kv group) with the group's heads adjacent, so they
     # run together and share their k/v blocks through l2; last tiles (longest rows) first
@@ -144,7 +150,8 @@ def sparse_attention_fwd_kernel(
         if VARLEN:
             n_diag_tiles = tl.where(live, n_diag_tiles, 0)
         b_m, b_l, b_acc = _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag, n_diag_tiles,
-                                         n_k, stride_kn, stride_vn, scale_log2, window, BS, WINDOWED, BLOCK_N)
+                                         n_k, stride_kn, stride_vn, scale_log2, window, cap_scale, cap_log2, BS,
+                                         WINDOWED, BLOCK_N, SOFTCAP)
 
     # off-diagonal blocks c < r: fully visible and fully inside the sequence (only the
     # last block can be partial, and only its own row sees it), so no masks at all
@@ -166,11 +173,18 @@ def sparse_attention_fwd_kernel(
         if WINDOWED:
             # sliding window: key j visible from query i when i - j < window; a row may see
             # none of this tile's keys, so keep exp2 away from -inf - -inf as below
-            b_s = tl.where(o_n[None, :] > o_m[:, None] - window, b_s * scale_log2, float("-inf"))
+            b_s = tl.where(o_n[None, :] > o_m[:, None] - window,
+                           _scores_log2(b_s, scale_log2, cap_scale, cap_log2, SOFTCAP), float("-inf"))
             b_mn = tl.maximum(b_m, tl.max(b_s, 1))
             b_safe = tl.where(b_mn == float("-inf"), 0.0, b_mn)
             b_p = tl.exp2(b_s - b_safe[:, None])
             b_alpha = tl.exp2(b_m - b_safe)
+        elif SOFTCAP:
+            # every key of an off-diagonal tile is visible: no mask, the scores capped first
+            b_s = _scores_log2(b_s, scale_log2, cap_scale, cap_log2, SOFTCAP)
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            b_p = tl.exp2(b_s - b_mn[:, None])
+            b_alpha = tl.exp2(b_m - b_mn)
         else:
             b_mn = tl.maximum(b_m, tl.max(b_s, 1) * scale_log2)
             b_p = tl.exp2(b_s * scale_log2 - b_mn[:, None])
@@ -190,7 +204,7 @@ def sparse_attention_fwd_kernel(
     if not DIAG_FIRST:
         b_m, b_l, b_acc = _diagonal_pass(b_q, b_m, b_l, b_acc, p_kh, p_vh, o_m, o_d, m_d, i_r, has_diag,
                                          tl.where(has_diag, n_diag_tiles, 0), n_k, stride_kn, stride_vn, scale_log2,
-                                         window, BS, WINDOWED, BLOCK_N)
+                                         window, cap_scale, cap_log2, BS, WINDOWED, BLOCK_N, SOFTCAP)
 
     # a row with no selected key gives 0 (and lse -inf), as FlashAttention does
     # (the accumulator of such a row is still 0; dividing by 1 keeps it there)
