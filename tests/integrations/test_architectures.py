@@ -51,10 +51,11 @@ class Arch:
     kind: str = "causal"  # "causal", "encoder" or "seq2seq"
     sink: bool = False  # the fast layers fold attention sinks in
     warns: str = ""  # a one-time warning the patched forward must give
+    softcap: float | None = None  # the logit soft-cap every layer's record must carry
 
 
-def _arch(config, model, paths, *, base=BASE, kind="causal", sink=False, warns="", **kw):
-    return Arch(config, model, {**base, **kw}, paths, kind, sink, warns)
+def _arch(config, model, paths, *, base=BASE, kind="causal", sink=False, warns="", softcap=None, **kw):
+    return Arch(config, model, {**base, **kw}, paths, kind, sink, warns, softcap)
 
 
 SLIDE = (DENSE, "sliding_window")  # sliding layers on the CPU: exact (the windowed kernel is CUDA-only)
@@ -105,10 +106,12 @@ ARCHS = [
     pytest.param(_arch("GraniteSWAConfig", "GraniteSWAForCausalLM", {0: SLIDE, 1: FP}, sink=True,
                        sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
                  id="granite-swa-sinks"),
-    pytest.param(_arch("Gemma2Config", "Gemma2ForCausalLM", {0: (DENSE, "softcap"), 1: (DENSE, "softcap")},
-                       warns="soft-caps", sliding_window=WINDOW, attn_logit_softcapping=5.0), id="gemma2-softcap"),
-    pytest.param(_arch("VaultGemmaConfig", "VaultGemmaForCausalLM", {0: (DENSE, "softcap"), 1: (DENSE, "softcap")},
-                       warns="soft-caps", attn_logit_softcapping=5.0), id="vaultgemma-softcap"),
+    # soft-capped logits: the full layers run FlexPrefill with the cap, the sliding ones exact; a
+    # scale of 1/2 (query_pre_attn_scalar 4) gives scores the cap of 2 bends
+    pytest.param(_arch("Gemma2Config", "Gemma2ForCausalLM", {0: SLIDE, 1: FP}, softcap=2.0, sliding_window=WINDOW,
+                       attn_logit_softcapping=2.0, query_pre_attn_scalar=4), id="gemma2-softcap"),
+    pytest.param(_arch("VaultGemmaConfig", "VaultGemmaForCausalLM", {0: SLIDE, 1: FP}, softcap=2.0,
+                       attn_logit_softcapping=2.0, query_pre_attn_scalar=4), id="vaultgemma-softcap"),
     pytest.param(_arch("DeepseekV2Config", "DeepseekV2ForCausalLM", {0: FP, 1: FP},
                        **{**MLA, "q_lora_rank": None}), id="deepseek-v2-mla"),
     pytest.param(_arch("DeepseekV3Config", "DeepseekV3ForCausalLM", {0: FP, 1: FP}, **MLA), id="deepseek-v3-mla"),
@@ -230,9 +233,12 @@ def test_prefill_logits_and_paths(arch):
         assert len(dec_self) == 1 and paths[dec_self[0]] == want
     fast = [r for r in records.values() if r.path == "flexprefill"]
     assert all(getattr(r, "sink", False) == arch.sink for r in fast)
+    assert all(r.softcap == arch.softcap for r in records.values())
+    msgs = [str(w.message) for w in caught if "flexprefill" in str(w.message)]
     if arch.warns:
-        msgs = [str(w.message) for w in caught if "flexprefill" in str(w.message)]
         assert sum(arch.warns in m for m in msgs) == 1, msgs
+    if arch.softcap is not None:
+        assert not msgs, msgs  # a soft-cap is honoured, not a reason to warn
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -281,6 +287,27 @@ def test_greedy_tokens_of_a_padded_batch(arch):
         lambda m: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, min_new_tokens=4)
     )
     assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_dropping_the_softcap_or_alibi_would_be_caught(monkeypatch):
+    # the matrix's logits checks can fail: the soft-cap and ALiBi's bias change eager's logits
+    ids = _ids(N)
+    for name in ("gemma2-softcap", "vaultgemma-softcap"):
+        model = _build(next(p.values[0] for p in ARCHS if p.id == name))
+        model.set_attn_implementation("eager")
+        ref = model(ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None  # the forward then passes softcap=None
+        assert (model(ids).logits - ref).abs().max() > 1e-2, name
+    falcon = next(p.values[0] for p in ARCHS if p.id == "falcon-alibi")
+    model = _build(falcon)
+    model.set_attn_implementation("eager")
+    ref = model(ids).logits
+    falcon_mod = transformers.models.falcon.modeling_falcon
+    real = falcon_mod.build_alibi_tensor
+    monkeypatch.setattr(falcon_mod, "build_alibi_tensor", lambda *a, **kw: torch.zeros_like(real(*a, **kw)))
+    assert (model(ids).logits - ref).abs().max() > 1e-2
 
 
 def test_bloom_without_attention_interface_is_refused():

@@ -347,23 +347,67 @@ def test_attn_implementation_name_and_default_config():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @torch.no_grad()
-def test_softcap_runs_exact_eager_with_one_warning():
+def test_softcap_runs_the_fast_paths_with_the_cap():
+    # Gemma 2 (logit soft-cap 5, scores far past it): the sliding layer on the windowed kernel and
+    # the full one on FlexPrefill, both with the cap (the interpreter on the CPU: backend="triton"),
+    # against transformers' eager, which applies it; plain, left-padded and over a cached prefix
     model = _model("gemma2")
     ids = _ids(n=200, seed=8)
-    model.set_attn_implementation("eager")  # transformers' eager applies the soft cap
+    batch = _ids(n=200, batch=2, seed=9)
+    mask = torch.ones_like(batch)
+    mask[0, :50] = 0
+    model.set_attn_implementation("eager")
     ref = model(ids).logits
-    tf._WARNED.discard("softcap")
-    flexprefill.patch(model, EXACT)
-    try:
+    ref_batch = model(batch, attention_mask=mask).logits
+    first = model(ids[:, :120], use_cache=True)
+    ref_chunk = model(ids[:, 120:], past_key_values=first.past_key_values).logits
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    uncapped = model(ids).logits
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 5.0
+    assert (uncapped - ref).abs().max() > 0.1  # the cap matters here
+    tf._WARNED.clear()
+    with _patched(model, EXACT.replace(backend="triton")):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = model(ids).logits
-        assert sum("soft-caps" in str(w.message) for w in caught) == 1
-        assert _paths(model) == {0: ("dense", "softcap"), 1: ("dense", "softcap")}
-    finally:
-        flexprefill.unpatch(model)
+        assert not [w for w in caught if "flexprefill" in str(w.message)]
+        recs = tf.last_record(model)
+        assert [(r.path, r.softcap, r.varlen) for r in recs.values()] == [("window", 5.0, False),
+                                                                           ("flexprefill", 5.0, False)]
+        out_batch = model(batch, attention_mask=mask).logits
+        assert [(r.path, r.varlen) for r in tf.last_record(model).values()] == [("window", True), ("flexprefill", True)]
+        first = model(ids[:, :120], use_cache=True)
+        out_chunk = model(ids[:, 120:], past_key_values=first.past_key_values).logits
+        assert [r.path for r in tf.last_record(model).values()] == ["window", "flexprefill"]
     assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_batch[1], ref_batch[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_batch[0, 50:], ref_batch[0, 50:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_chunk, ref_chunk, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_softcap_attribute_without_the_argument_runs_uncapped():
+    # a module holding attn_logit_softcapping but not passing it (Gemma 3's forward): transformers'
+    # eager and SDPA both run uncapped, so FlexPrefill does too, with one warning saying so
+    model = _model("gemma3", attn_logit_softcapping=1.0)
+    assert model.model.layers[1].self_attn.attn_logit_softcapping == 1.0
+    ids = _ids(seed=3)
+    ref = model(ids).logits
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+    tf._WARNED.clear()
+    with _patched(model, EXACT):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model(ids).logits
+        assert sum("does not pass it" in str(w.message) for w in caught) == 1
+        recs = tf.last_record(model)
+        assert (recs[1].path, recs[1].softcap) == ("flexprefill", None)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 

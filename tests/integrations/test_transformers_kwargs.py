@@ -99,7 +99,7 @@ def test_inert_and_unset_arguments_keep_the_fast_path():
 
 
 @pytest.mark.parametrize("kw,reason,exact", [
-    (dict(softcap=5.0), "softcap", "eager"),
+    (dict(softcap=-1.0), "softcap", "eager"),
     (dict(position_bias=torch.zeros(1, 4, 96, 96)), "position_bias", "sdpa"),
     (dict(cu_seq_lens_q=torch.tensor([0, 96]), cu_seq_lens_k=torch.tensor([0, 96])), "packed", "sdpa"),
     (dict(output_attentions=True), "output_attentions", "eager"),
@@ -114,6 +114,53 @@ def test_arguments_with_an_exact_path(kw, reason, exact):
         tf.attention_forward(mod, q, k, v, None, scaling=0.125, **kw)
     rec = getattr(mod, tf._LAST)
     assert (rec.path, rec.reason, rec.exact) == ("dense", reason, exact)
+
+
+def _capped_sink_attention(q, k, v, allowed, scale, cap, sink):
+    """The softmax over each row's soft-capped scores and one sink logit per head (uncapped, as a
+    sink is a logit of its own), restricted to the keys: what a model with both computes."""
+    group = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = cap * torch.tanh(q @ kr.transpose(-1, -2) * scale / cap)
+    s = s.masked_fill(~allowed, float("-inf"))
+    s = torch.cat([s, sink[None, :, None, None].expand(*s.shape[:-1], 1)], -1)
+    return (s.softmax(-1)[..., :-1] @ vr).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@torch.no_grad()
+def test_softcap_and_sinks_together_are_exact(backend):
+    # the sink joins the capped scores through the operator's lse, which is the capped one
+    mod = _llama_attention()
+    q, k, v = _qkv(n=96, seed=3)
+    q = q * 4  # scores far past the cap
+    sink = torch.linspace(-1.0, 2.0, 4)
+    n = q.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    want = _capped_sink_attention(q, k, v, causal, 0.125, 2.0, sink)
+    # either term alone gives something else: the check can fail
+    assert (_capped_sink_attention(q, k, v, causal, 0.125, 1e4, sink) - want).abs().max() > 0.05
+    assert (_capped_sink_attention(q, k, v, causal, 0.125, 2.0, torch.full((4,), -1e4)) - want).abs().max() > 0.05
+    # a left-padded batch of two takes the packed (varlen) path
+    q2, k2, v2 = (torch.cat([t, t.flip(2)]) for t in (q, k, v))
+    padded = causal & (torch.arange(n) >= torch.tensor([30, 0])[:, None, None, None])
+    want2 = _capped_sink_attention(q2, k2, v2, padded, 0.125, 2.0, sink)
+    tf.set_default_config(EXACT.replace(backend=backend))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, _ = tf.attention_forward(mod, q, k, v, None, scaling=0.125, softcap=2.0, s_aux=sink)
+            rec = getattr(mod, tf._LAST)
+            assert (rec.path, rec.sink, rec.softcap, rec.varlen) == ("flexprefill", True, 2.0, False)
+            out2, _ = tf.attention_forward(mod, q2, k2, v2, padded, scaling=0.125, softcap=2.0, s_aux=sink)
+            rec = getattr(mod, tf._LAST)
+            assert (rec.path, rec.sink, rec.softcap, rec.varlen) == ("flexprefill", True, 2.0, True)
+    finally:
+        tf.set_default_config(None)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2[1], want2[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2[0, 30:], want2[0, 30:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out2[0, :30], torch.zeros_like(out2[0, :30]))  # padding rows: zeros, not NaN
 
 
 def _gpt_oss(seed=0):

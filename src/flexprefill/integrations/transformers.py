@@ -47,12 +47,13 @@ padding, a cached prefix, Gemma 3's sliding cache) packs the valid rows for
 Everything else runs exact attention as transformers itself runs it: its SDPA function, or
 the model's own ``eager_attention_forward`` where SDPA would drop something.  Every keyword
 argument a model passes is honoured exactly on the fast paths (``scaling``, ``is_causal``,
-``sliding_window``, attention sinks ``s_aux``/``sinks``), has no effect on the attention math
-(``position_ids``, ``use_cache``, ...), or sends the call to the exact path with a one-time
-warning naming it (``softcap``, ``position_bias``, ``indices``, ``cu_seq_lens_*``,
-``output_attentions``, and any argument this module does not know): :func:`_triage` decides,
-in one place.  Attention sinks join each row's softmax exactly from the operator's
-log-sum-exp (``out * sigmoid(lse - sink)``), with no kernel change.  A row that sees no key
+``sliding_window``, attention sinks ``s_aux``/``sinks``, the logit soft-cap ``softcap``), has
+no effect on the attention math (``position_ids``, ``use_cache``, ...), or sends the call to
+the exact path with a one-time warning naming it (``position_bias``, ``indices``,
+``cu_seq_lens_*``, ``output_attentions``, and any argument this module does not know):
+:func:`_triage` decides, in one place.  Attention sinks join each row's softmax exactly from
+the operator's log-sum-exp (``out * sigmoid(lse - sink)``), with no kernel change; with a
+soft-cap that log-sum-exp is the capped one, as the sink joins the capped scores.  A row that sees no key
 gives finite values on every path (zeros on the fast ones and SDPA, eager's own values on
 eager).  :class:`LayerRecord` says which path ran and why.
 
@@ -64,6 +65,7 @@ or packed ``[total, H, D]``.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 import weakref
@@ -130,8 +132,8 @@ class LayerRecord:
     not bind), "chunked_attention" (a chunked layer whose chunk binds), "layer_type:<type>"
     (a ``config.layer_types`` entry that is not full, sliding or chunked attention),
     "layer_not_selected", "not_causal", "dropout", "position_bias", "packed" (FlashAttention's
-    ``cu_seq_lens_*`` / ``max_length_*``), "softcap" (soft-capped logits: the kernels cannot
-    tanh-cap), "output_attentions", "indices" (a top-k indexer's keys, folded into the mask),
+    ``cu_seq_lens_*`` / ``max_length_*``), "softcap" (a ``softcap`` that is not a positive
+    number), "output_attentions", "indices" (a top-k indexer's keys, folded into the mask),
     "sinks" (sink logits of an unexpected shape), "unknown_kwarg:<names>" (an argument this
     module does not know), "dense_above" (a custom selector's blocks were denser than
     ``config.dense_above``; without a selector the operator decides and ``stats.dense`` says
@@ -145,6 +147,8 @@ class LayerRecord:
     packed sequence and head when ``varlen``).
     ``sink``: the layer's attention-sink logits (``s_aux``) joined each row's softmax on the fast
     path (exactly, from the operator's log-sum-exp).  ``exact``: "sdpa" or "eager" on the dense path.
+    ``softcap``: the logit soft-cap the call's scores took (``softcap * tanh(s / softcap)``, Gemma 2),
+    on whichever path ran (a dense one is then the model's eager: SDPA cannot cap); None without one.
     """
 
     path: str
@@ -156,6 +160,7 @@ class LayerRecord:
     lengths: tuple | None = None
     sink: bool = False
     exact: str = ""
+    softcap: float | None = None
 
 
 @dataclass
@@ -370,7 +375,7 @@ def _sink_scaled(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None
     return (out.float() * scale[..., None]).to(out.dtype)
 
 
-def _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense, sink):
+def _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense, sink, softcap=None):
     """A sliding-window layer: the exact windowed kernel where the mask is a causal window
     (plain, padded or over a cached prefix), the exact path otherwise."""
     q_len, k_len = query.shape[2], key.shape[2]
@@ -392,21 +397,21 @@ def _sliding(module, query, key, value, attention_mask, window, cfg, scale, dens
     if plain:
         res = sliding_window_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), window=window, softmax_scale=scale,
-            return_lse=want_lse, backend="triton",
+            return_lse=want_lse, backend="triton", softcap=softcap,
         )
         out = _sink_scaled(res[0], res[1].transpose(1, 2), sink) if want_lse else res
-        _record(module, LayerRecord("window", "", q_len, k_len, sink=want_lse))
+        _record(module, LayerRecord("window", "", q_len, k_len, sink=want_lse, softcap=softcap))
         return out, None
     qb, qi, kb, kj, cu_q, cu_k = lay.packing(query.device)
     res = sliding_window_attention_varlen(
         query[qb, :, qi], key[kb, :, kj], value[kb, :, kj], cu_q, cu_k, lay.max_q, lay.max_k,
-        window=window, softmax_scale=scale, return_lse=want_lse, backend="triton",
+        window=window, softmax_scale=scale, return_lse=want_lse, backend="triton", softcap=softcap,
     )
     op = _sink_scaled(res[0], res[1].t(), sink) if want_lse else res
     out = query.new_zeros(B, q_len, query.shape[1], query.shape[-1])
     out[qb, qi] = op
     lens = tuple((r1 - r0, e - s) for _, r0, r1, s, e in lay.seqs)
-    _record(module, LayerRecord("window", "", q_len, k_len, varlen=True, lengths=lens, sink=want_lse))
+    _record(module, LayerRecord("window", "", q_len, k_len, varlen=True, lengths=lens, sink=want_lse, softcap=softcap))
     return out, None
 
 
@@ -456,8 +461,8 @@ def _is_sliding(module, layer_idx, kwargs) -> bool:
 # exactly on every path, or it sends the call to an exact path (transformers' own SDPA or the
 # model's own eager function); :func:`_triage` is the only place that decides.
 
-# honoured by every path of this module (see attention_forward)
-_HONOURED = frozenset({"is_causal", "sliding_window", "s_aux", "sinks"})
+# honoured by every path of this module (see attention_forward; ``softcap`` a positive number)
+_HONOURED = frozenset({"is_causal", "sliding_window", "s_aux", "sinks", "softcap"})
 # no effect on the attention math: bookkeeping of the model's forward, or facts the mask
 # already encodes (positions; transformers' SDPA ignores them too)
 _INERT = frozenset({
@@ -468,9 +473,8 @@ _INERT = frozenset({
 # exact on transformers' SDPA (which honours position_bias; packing metadata of FlashAttention
 # kernels that SDPA ignores as the mask carries the packing)
 _EXACT_SDPA = frozenset({"position_bias", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
-# exact only on the model's eager function: soft-capped logits (the kernels cannot tanh-cap
-# yet), attention weights asked for
-_EXACT_EAGER = frozenset({"softcap", "output_attentions"})
+# exact only on the model's eager function: attention weights asked for
+_EXACT_EAGER = frozenset({"output_attentions"})
 # a top-k indexer's keys (DeepSeek V3.2): folded into the mask as transformers does for SDPA
 _INDEX = "indices"
 
@@ -505,7 +509,7 @@ def _triage(kwargs: dict, dropout) -> tuple[str, str, tuple]:
 
 def _exact_message(module, reason, names, executor) -> str:
     what = {
-        "softcap": "soft-caps its attention logits (softcap); the kernels cannot tanh-cap yet",
+        "softcap": "passes a softcap that is not a positive number",
         "indices": "restricts attention to an indexer's top-k keys (indices); FlexPrefill does not combine with it",
         "output_attentions": "asks for attention weights (output_attentions)",
         "position_bias": "adds a position bias (position_bias)",
@@ -524,6 +528,17 @@ def _sink(kwargs: dict) -> torch.Tensor | None:
         if s is not None:
             return s
     return None
+
+
+def _softcap(kwargs: dict):
+    """The logit soft-cap a call passes: ``(value or None, ok)``; ``ok`` is False for a value the
+    operator does not take (not a finite positive Python number), which then runs eager."""
+    cap = kwargs.get("softcap")
+    if cap is None:
+        return None, True
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (math.isfinite(cap) and cap > 0):
+        return None, False
+    return float(cap), True
 
 
 def _sink_fits(sink, heads: int) -> bool:
@@ -582,7 +597,9 @@ def _exact(module, query, key, value, attention_mask, reason, kwargs, *, dropout
     this module does not know)."""
     if any(_set(kwargs.get(k)) for k in ("s_aux", "sinks", "softcap")):
         executor = "eager"  # SDPA would drop the sink, and refuses softcap
-    _record(module, LayerRecord("dense", reason, query.shape[2], key.shape[2], exact=executor))
+    cap = kwargs.get("softcap")
+    cap = float(cap) if isinstance(cap, (int, float)) and not isinstance(cap, bool) else None
+    _record(module, LayerRecord("dense", reason, query.shape[2], key.shape[2], exact=executor, softcap=cap))
     mask = _real_mask(attention_mask)
     kwargs = dict(kwargs)
     is_causal = kwargs.get("is_causal")
@@ -660,15 +677,19 @@ def attention_forward(
     if sink is not None and not _sink_fits(sink, query.shape[1]):
         _warn_once("sink_shape", f"attention sinks of shape {tuple(sink.shape)} (expected [{query.shape[1]}]); exact eager runs")
         return dense("sinks", "eager")
-    if getattr(module, "attn_logit_softcapping", None) is not None:
-        # the module has a cap but its forward does not pass it (Gemma 3): transformers' own
-        # sdpa and eager ignore it, so dense SDPA is the model's behaviour; FlexPrefill stays off
+    softcap, cap_ok = _softcap(kwargs)
+    if not cap_ok:
+        _warn_once("softcap_value", f"softcap={kwargs['softcap']!r} is not a positive number; exact eager runs")
+        return dense("softcap", "eager")
+    if "softcap" not in kwargs and getattr(module, "attn_logit_softcapping", None) is not None:
+        # the module has a cap but its forward does not pass it (Gemma 3's attribute): every
+        # attention implementation of transformers, eager included, takes the cap from the
+        # argument only, so the model runs uncapped, and so does FlexPrefill
         _warn_once(
             "softcap_attr",
             f"layer {layer_idx} has attn_logit_softcapping={module.attn_logit_softcapping} but does not pass it "
-            "to the attention function; running dense SDPA as transformers does",
+            "to the attention function; transformers' attention does not apply it, so flexprefill does not either",
         )
-        return dense("softcap")
 
     if not is_causal:
         return dense("not_causal")
@@ -677,7 +698,7 @@ def attention_forward(
     kind, window = _layer_kind(module, layer_idx, kwargs, attention_mask)
     if kind == "sliding_attention":
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense, sink)
+        return _sliding(module, query, key, value, attention_mask, window, cfg, scale, dense, sink, softcap)
     if kind not in _FULL_TYPES:
         _warn_once(f"layer_type:{kind}", f"layer type {kind!r} is not causal attention FlexPrefill knows; exact attention runs")
         return dense(f"layer_type:{kind}")
@@ -734,7 +755,7 @@ def attention_forward(
         qp, kp, vp = query[qb, :, qi], key[kb, :, kj], value[kb, :, kj]
         res = flex_prefill_attention_varlen(
             qp, kp, vp, cu_q, cu_k, lay.max_q, lay.max_k, config=cfg, softmax_scale=scale,
-            return_lse=want_lse, return_stats=collect,
+            return_lse=want_lse, return_stats=collect, softcap=softcap,
         )
         res = res if isinstance(res, tuple) else (res,)
         op = _sink_scaled(res[0], res[1].t(), sink) if want_lse else res[0]
@@ -742,7 +763,8 @@ def attention_forward(
         out = query.new_zeros(B, q_len, query.shape[1], D)
         out[qb, qi] = op
         lens = tuple((r1 - r0, e - s) for _, r0, r1, s, e in lay.seqs)
-        _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats, varlen=True, lengths=lens, sink=want_lse))
+        _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats, varlen=True, lengths=lens, sink=want_lse,
+                                    softcap=softcap))
         return out, None
 
     if k_len > q_len:
@@ -753,15 +775,17 @@ def attention_forward(
         if too_dense(sel.counts, cfg):
             # as the operator does with dense_above: this selection would not pay
             return dense("dense_above")
-        res = block_sparse_attention(q, k, v, sel, softmax_scale=scale, return_lse=want_lse, backend=cfg.backend)
+        res = block_sparse_attention(q, k, v, sel, softmax_scale=scale, return_lse=want_lse, backend=cfg.backend,
+                                     softcap=softcap)
         if collect:
             stats = sel.stats()
     else:
-        res = flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale, return_lse=want_lse, return_stats=collect)
+        res = flex_prefill_attention(q, k, v, config=cfg, softmax_scale=scale, return_lse=want_lse, return_stats=collect,
+                                     softcap=softcap)
         if collect:
             res, stats = (res[:-1], res[-1]) if want_lse else (res[0], res[1])
     out = _sink_scaled(res[0], res[1].transpose(1, 2), sink) if want_lse else res
-    _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats, sink=want_lse))
+    _record(module, LayerRecord("flexprefill", "", q_len, k_len, stats, sink=want_lse, softcap=softcap))
     return out, None
 
 
