@@ -130,3 +130,17 @@ def test_torch_backend_backward_varlen_and_window():
                                                     return_lse=True), (q, k, v))
     qb, kb, vb = (t.detach()[None, :lens[0]].requires_grad_() for t in (q, k, v))
     _check_same_grads(lambda be: fp.sliding_window_attention(qb, kb, vb, window=70, backend=be), (qb, kb, vb))
+
+
+def test_torch_backend_backward_with_softcap():
+    # soft-capped scores: the torch path's gradients are the reference's (tanh through autograd)
+    B, N, Hq, Hkv, D, bs = 1, 300, 4, 2, 64, 32
+    q, k, v = _leaves(B, N, Hq, Hkv, D, seed=11)
+    with torch.no_grad():
+        q.mul_(3.0)  # scores past the cap
+    cfg = fp.FlexPrefillConfig(block_size=bs, gamma=0.5, tau=0.0, min_budget=0, min_seq_len=0)
+    _check_same_grads(lambda be: fp.flex_prefill_attention(q, k, v, config=cfg.replace(backend=be), return_lse=True,
+                                                           softcap=2.0), (q, k, v))
+    capped = _grads(fp.flex_prefill_attention(q, k, v, config=cfg.replace(backend="reference"), softcap=2.0), (q,), 5)
+    plain = _grads(fp.flex_prefill_attention(q, k, v, config=cfg.replace(backend="reference")), (q,), 5)
+    assert (capped[0] - plain[0]).abs().max() > 1e-2  # the cap changes the gradient
