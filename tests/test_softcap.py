@@ -304,17 +304,13 @@ def test_hopper_config_with_a_cap_is_refused():
 # --- on the GPU: bf16 against the fp32 oracle, the generic kernel and the Hopper dispatch ---
 
 
-def _hopper():
-    return CUDA and torch.cuda.get_device_capability()[0] == 9
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,bs", [(64, 128), (128, 128), (256, 128), (80, 64), (128, 64)])
 def test_gpu_bf16_softcap_matches_reference(D, bs, monkeypatch):
     # the generic Triton kernel in bf16 (dense, packed with a chunk, windowed), and on Hopper
     # every softcap call stays on it: no Gluon kernel is launched where it would otherwise run
     import flexprefill.ops.sparse_attention_hopper as H
-    from flexprefill.ops.sparse_attention import kernel_name
+    from flexprefill.ops.sparse_attention import _hopper_kernel, kernel_name, sparse_attention
 
     launched = []
     for name in ("launch_hopper", "launch_hopper_ws"):
@@ -344,6 +340,9 @@ def test_gpu_bf16_softcap_matches_reference(D, bs, monkeypatch):
     assert not launched, launched
     assert kernel_name(q, k, v, bs, softcap=CAP) == "triton"
     assert kernel_name(q, k, v, bs, packed_or_windowed=True, softcap=CAP) == "triton"
-    if _hopper() and D in (64, 128, 256) and bs == 128:
-        # without the cap these calls take a Gluon kernel: the dispatch is what keeps them off it
-        assert kernel_name(q, k, v, bs) != "triton"
+    if _hopper_kernel(q, k, v, bs) is not None:
+        # without the cap this call takes a Gluon kernel (the spy sees it): the dispatch is what
+        # keeps the capped ones off it
+        sel16 = fp.select_blocks(q, k, config=cfg)
+        sparse_attention(q, k, v, sel16.counts, sel16.indices, block_size=bs, softmax_scale=D**-0.5)
+        assert launched
