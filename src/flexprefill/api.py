@@ -275,6 +275,7 @@ def flex_prefill_attention(
     """
     cfg = _check_config(config)
     _check_qkv(q, k, v)
+    cfg = cfg.resolved(q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
     backend = _backend(cfg, q.device)
     if backend != "reference":
@@ -584,6 +585,7 @@ def flex_prefill_attention_varlen(
     """
     cfg = _check_config(config)
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    cfg = cfg.resolved(q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
     if _backend(cfg, q.device) == "reference":
         return reference.flex_prefill_attention_varlen(
