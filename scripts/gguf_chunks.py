@@ -28,14 +28,24 @@ from pathlib import Path
 _BLOCK = 1 << 22
 
 
-def split(name: str, outdir: str | os.PathLike, *, chunk_mb: float = 50) -> list[Path]:
+def split(name: str, outdir: str | os.PathLike, *, chunk_mb: float = 50, source: str | os.PathLike | None = None) -> list[Path]:
     """Write ``outdir/<name>.gguf.partNN`` (``chunk_mb`` MiB each), ``outdir/<name>.sha256`` and
-    ``outdir/<name>.manifest.json``."""
+    ``outdir/<name>.manifest.json``.  ``source``: a copy of the model's GGUF to split instead of
+    the packaged one (checked against the model's published SHA-256 first)."""
     from flexprefill_tools.models import gguf_path
+    from flexprefill_tools.models.packages import KNOWN_SHA256, sha256_file
 
     if chunk_mb <= 0:
         raise ValueError(f"chunk_mb={chunk_mb}: expected a positive size in MiB")
-    src = gguf_path(name)
+    if source is None:
+        src = gguf_path(name)
+    else:
+        src = Path(source)
+        if name not in KNOWN_SHA256:
+            raise ValueError(f"name={name!r}: no published SHA-256; accepted: {sorted(KNOWN_SHA256)}")
+        actual = sha256_file(src)
+        if actual != KNOWN_SHA256[name]:
+            raise ValueError(f"{src} has sha256 {actual}, expected {KNOWN_SHA256[name]} for {name}")
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{name}.gguf.part*"):
@@ -149,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p_split.add_argument("name", help="a name of flexprefill_tools.models.MODELS")
     p_split.add_argument("outdir")
     p_split.add_argument("--chunk-mb", type=float, default=50, help="part size in MiB (default 50)")
+    p_split.add_argument("--source", default=None, help="a copy of the GGUF to split instead of the packaged one")
     p_check = sub.add_parser("check", help="which parts are there and intact, per the manifest")
     p_check.add_argument("indir")
     p_check.add_argument("name")
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "split":
-            for part in split(args.name, args.outdir, chunk_mb=args.chunk_mb):
+            for part in split(args.name, args.outdir, chunk_mb=args.chunk_mb, source=args.source):
                 print(part)
             print(Path(args.outdir) / f"{args.name}.sha256")
             print(Path(args.outdir) / f"{args.name}.manifest.json")

@@ -97,3 +97,16 @@ def test_join_names_the_corrupt_part_from_the_manifest(parts, tmp_path):
     with pytest.raises(ValueError, match=r"part02 has sha256 .* this part is corrupt"):
         gguf_chunks.join(tmp_path, NAME, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_split_of_a_copy_is_checked_against_the_published_checksum(tmp_path):
+    src = models.gguf_path(NAME)
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(src.read_bytes())
+    parts = gguf_chunks.split(NAME, tmp_path / "out", chunk_mb=60, source=copy)
+    assert b"".join(p.read_bytes() for p in parts) == src.read_bytes()
+    with open(copy, "r+b") as f:
+        f.seek(100)
+        f.write(b"x")
+    with pytest.raises(ValueError, match="expected"):
+        gguf_chunks.split(NAME, tmp_path / "bad", chunk_mb=60, source=copy)
