@@ -68,6 +68,10 @@ def table(payloads) -> tuple[dict, list[dict]]:
     return entries, evidence
 
 
+def _n(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", required=True, help='device kind of the measurements: "sm90" (H100, H200), "cpu", ...')
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
         print("no operator and dense rows in these files", file=sys.stderr)
         return 1
     for e in evidence:
-        pts = ", ".join(f"{n // 1024}k {s}x" if s else f"{n // 1024}k -" for n, s in zip(e["lengths"], e["speedup"]))
+        pts = ", ".join(f"{_n(n)} {s}x" if s else f"{_n(n)} -" for n, s in zip(e["lengths"], e["speedup"]))
         print(f"# D={e['D']} G={e['G']} {e['input']}: {pts} -> break-even {e['break_even']}")
     for (D, G), n in sorted(entries.items()):
         if n is None:

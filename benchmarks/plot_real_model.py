@@ -50,9 +50,7 @@ def layer_speedup(payload: dict, path: Path) -> Path | None:
                 if dense and d.get("flexprefill"):
                     xs.append(n)
                     ys.append(dense / d["flexprefill"])
-            ax.plot(xs, ys, color="tab:blue" if rope == "default" else "tab:orange", alpha=0.25, lw=1)
-    for s in payload.get("layer_summary", []):
-        pass
+            ax.plot(xs, ys, ".-", color="tab:blue" if rope == "default" else "tab:orange", alpha=0.25, lw=1, ms=3)
     summ = [r for r in payload.get("rows", []) if r.get("mode") == "real_model" and r.get("method") == "flexprefill"]
     for rope in sorted({r.get("rope") for r in summ}):
         pts = sorted((r["N"], r["speedup"]) for r in summ if r.get("rope") == rope and r.get("speedup"))
