@@ -7,7 +7,7 @@ The model is Qwen2.5-Coder-0.5B-Instruct (``--model``: any name of flexprefill_t
 .gguf path). Parts (``--parts``), run in this order, each saving ``OUT/real_model.json`` when it
 ends, so a run cut short keeps what the earlier parts measured:
 
-- ``layers``: the needle prompt of ``flexprefill demo`` at each length (8k, 16k, 32k); the Q/K/V
+- ``layers``: the needle prompt of ``flexprefill demo`` at each length (4k-32k); the Q/K/V
   that every layer of the model computes for it are captured, and per layer timed: cuDNN SDPA,
   flash SDPA, our kernel on FlexPrefill's selection, the pattern search alone, and the whole
   operator (search included), with the selection's density. Summed over the layers, and the
@@ -134,11 +134,8 @@ def run_layers(model, tok, prompts, lengths, args, state, *, rope: str) -> None:
     unavailable: dict = {}
     dense_cache: dict = {}
     series = []
-    last_cost = None
     for n in lengths:
-        # attention is quadratic: a doubled length costs about four times the last one
-        if last_cost is not None and clock.left() < 4.2 * last_cost:
-            _log(clock, f"layers {rope} {n}: skipped, {clock.left():.0f} s left (last length took {last_cost:.0f} s)")
+        if not _fits(state, "layers", n):
             payload["skipped"].append(dict(part=f"layers-{rope}", N=n, reason="time budget"))
             break
         t_len = time.perf_counter()
@@ -191,7 +188,7 @@ def run_layers(model, tok, prompts, lengths, args, state, *, rope: str) -> None:
         del rec
         harness._free(args.device)
         _save(payload, state["out"])
-        last_cost = time.perf_counter() - t_len
+        state["costs"]["layers"] = (n, time.perf_counter() - t_len)
     if series:
         from flexprefill.config import default_min_seq_len, device_kind
 
@@ -207,6 +204,22 @@ def run_layers(model, tok, prompts, lengths, args, state, *, rope: str) -> None:
                     + (f"faster from N={n_be} on" if n_be else f"not faster up to N={series[-1][0]}")
                     + f"; the current default min_seq_len is {entry['current_default']}")
         _save(payload, state["out"])
+
+
+def _fits(state, part: str, n: int) -> bool:
+    """Whether ``part`` at length ``n`` should fit in the time left: its last measured length's
+    seconds scaled by the square of the length ratio (attention dominates long lengths), 20% over."""
+    last = state["costs"].get(part)
+    if last is None:
+        return True
+    n0, cost = last
+    need = 1.2 * cost * max(1.0, n / n0) ** 2
+    left = state["clock"].left()
+    if left < need:
+        _log(state["clock"], f"{part} N={n}: skipped, {left:.0f} s left, about {need:.0f} s needed "
+                             f"({cost:.0f} s at N={n0})")
+        return False
+    return True
 
 
 def _timed_layers(n: int, most: int) -> list[int]:
@@ -260,10 +273,8 @@ def run_model(model, tok, prompts, lengths, args, state, *, rope: str) -> None:
         "no_attention": None,
     }
     layers_ms = {(s["rope"], s["nominal_N"]): s for s in payload["layer_summary"]}
-    last_cost = None
     for n in lengths:
-        if last_cost is not None and clock.left() < 3.0 * last_cost:
-            _log(clock, f"model {rope} {n}: skipped, {clock.left():.0f} s left")
+        if not _fits(state, "model", n):
             payload["skipped"].append(dict(part=f"model-{rope}", N=n, reason="time budget"))
             break
         t_len = time.perf_counter()
@@ -337,7 +348,7 @@ def run_model(model, tok, prompts, lengths, args, state, *, rope: str) -> None:
         _log(clock, "model summary " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in summary.items()))
         _save(payload, state["out"])
-        last_cost = time.perf_counter() - t_len
+        state["costs"]["model"] = (n, time.perf_counter() - t_len)
 
 
 def _eval_summary(records) -> list[dict]:
@@ -400,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=MODEL, help="a name of flexprefill_tools.models.MODELS or a .gguf path")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}, run in that order")
-    p.add_argument("--lengths", default="8k,16k,32k", help="lengths of layers, model and evals")
+    p.add_argument("--layer-lengths", default="4k,8k,16k,32k", help="lengths of the layers and model parts")
+    p.add_argument("--lengths", default="8k,16k,32k", help="lengths of the evals")
     p.add_argument("--yarn-lengths", default="64k,128k", help="lengths of the yarn part")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on the CPU")
@@ -430,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _smoke(args) -> None:
     """Every part at lengths a CPU runs in minutes, with block 64 so the search has blocks to drop."""
-    args.lengths, args.yarn_lengths = "640", "768"
+    args.layer_lengths, args.lengths, args.yarn_lengths = "512,640", "640", "768"
     args.block_size, args.min_budget, args.eval_min_budget = 64, 64, 64
     args.rep_ms, args.model_reps, args.answer_tokens, args.max_layers = 1.0, 1, 9, 2
     args.samples, args.sweep_samples = 1, 1
@@ -454,6 +466,7 @@ def main(argv=None) -> int:
     args.torch_dtype = harness._dtype(args.dtype)
     args.model_name = Path(args.model).stem if os.path.exists(args.model) else args.model
     lengths, yarn_lengths = _parse_lengths(args.lengths), _parse_lengths(args.yarn_lengths)
+    layer_lengths = _parse_lengths(args.layer_lengths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(args.max_minutes)
@@ -463,7 +476,7 @@ def main(argv=None) -> int:
                              tau=args.tau, min_budget=args.min_budget, started=time.strftime("%Y-%m-%d %H:%M:%S")),
                    rows=[], patterns=[], layer_summary=[], breakeven=[], model_summary=[], evals=None,
                    skipped=[], errors=[], timings={})
-    state = dict(clock=clock, payload=payload, stamp=stamp, out=out)
+    state = dict(clock=clock, payload=payload, stamp=stamp, out=out, costs={})
     _log(clock, f"real-model pass: {stamp['gpu']}, torch {stamp['torch']}, triton {stamp['triton']}, "
                 f"transformers {stamp['transformers']}, commit {stamp['commit']}; parts {parts}; out {out}")
     t0 = time.perf_counter()
@@ -494,9 +507,9 @@ def main(argv=None) -> int:
 
     for name in parts:
         if name == "layers":
-            part(name, lambda: run_layers(model, tok, prompts, lengths, args, state, rope="default"))
+            part(name, lambda: run_layers(model, tok, prompts, layer_lengths, args, state, rope="default"))
         elif name == "model":
-            part(name, lambda: run_model(model, tok, prompts, lengths, args, state, rope="default"))
+            part(name, lambda: run_model(model, tok, prompts, layer_lengths, args, state, rope="default"))
         elif name == "evals":
             part(name, lambda: run_evals(model, tok, args, state, methods=harness._split(args.eval_methods),
                                          tasks=harness._split(args.eval_tasks), lengths=lengths, samples=args.samples,

@@ -71,7 +71,7 @@ case "${1:-}" in
       "$py" scripts/gguf_chunks.py join "$store" "$name" "$store/gguf/$file" || exit 1
     fi
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
-    export PYTHONPATH="$here/src:$site" FLEXPREFILL_GGUF_DIR="$store/gguf" FLEXPREFILL_CACHE=/root/.cache/flexprefill \
+    export PYTHONPATH="$here/src:$site" FLEXPREFILL_GGUF_DIR="$store/gguf" FLEXPREFILL_CACHE="${FLEXPREFILL_CACHE:-/root/.cache/flexprefill}" \
       HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     set -o pipefail
     "$py" benchmarks/gpu_pass_real_model.py --out "$out" "$@" 2>&1 | tee "$out/log.txt"
