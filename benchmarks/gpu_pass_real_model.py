@@ -440,21 +440,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _smoke(args) -> None:
-    """Every part at lengths a CPU runs in minutes, with block 64 so the search has blocks to drop."""
-    args.layer_lengths, args.lengths, args.yarn_lengths = "512,640", "640", "768"
-    args.block_size, args.min_budget, args.eval_min_budget = 64, 64, 64
-    args.rep_ms, args.model_reps, args.answer_tokens, args.max_layers = 1.0, 1, 9, 2
-    args.samples, args.sweep_samples = 1, 1
-    args.eval_tasks, args.sweep_tasks, args.sweep_lengths = "niah_single_2,vt", "vt", "640"
-    args.sweep_methods = "full,flexprefill-g0.8-t0.1,flexprefill-g0.9-t0.0"
-    args.max_minutes = 0
+# --smoke: every part at lengths a CPU runs in minutes, with block 64 so the search has blocks
+# to drop; options given on the command line keep their values
+SMOKE = dict(layer_lengths="512,640", lengths="640", yarn_lengths="768", block_size=64, min_budget=64,
+             eval_min_budget=64, rep_ms=1.0, model_reps=1, answer_tokens=9, max_layers=2, samples=1,
+             sweep_samples=1, eval_tasks="niah_single_2,vt", sweep_tasks="vt", sweep_lengths="640",
+             sweep_methods="full,flexprefill-g0.8-t0.1,flexprefill-g0.9-t0.0", max_minutes=0)
+
+
+def _smoke(args, parser) -> None:
+    defaults = parser.parse_args(["--out", args.out])
+    for name, value in SMOKE.items():
+        if getattr(args, name) == getattr(defaults, name):
+            setattr(args, name, value)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.smoke:
-        _smoke(args)
+        _smoke(args, parser)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     for x in parts:
         if x not in PARTS:

@@ -83,3 +83,11 @@ def test_smoke_runs_every_part_and_the_plots_read_it(tiny_model, tmp_path):
         assert (plots / name).stat().st_size > 0, name
     entries, evidence = min_seq_len_table.table([payload])
     assert {(e["D"], e["G"]) for e in evidence} == {(64, 2)} and (64, 2) in entries
+
+
+def test_smoke_settings_yield_to_given_options(tmp_path):
+    parser = G.build_parser()
+    args = parser.parse_args(["--smoke", "--out", str(tmp_path), "--layer-lengths", "512", "--max-layers", "1"])
+    G._smoke(args, parser)
+    assert (args.layer_lengths, args.max_layers) == ("512", 1)
+    assert (args.lengths, args.block_size, args.max_minutes) == ("640", 64, 0)
