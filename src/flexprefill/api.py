@@ -302,6 +302,7 @@ def flex_prefill_attention(
     """
     cfg = _check_config(config)
     _check_qkv(q, k, v)
+    cfg = cfg.resolved(q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
     softcap = _check_softcap(softcap)
     backend = _backend(cfg, q.device)
@@ -623,6 +624,7 @@ def flex_prefill_attention_varlen(
     """
     cfg = _check_config(config)
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    cfg = cfg.resolved(q, k)
     scale = _check_scale(softmax_scale, q.shape[-1])
     softcap = _check_softcap(softcap)
     if _backend(cfg, q.device) == "reference":

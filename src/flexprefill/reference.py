@@ -345,7 +345,7 @@ def too_dense(counts: torch.Tensor, cfg: FlexPrefillConfig) -> bool:
 
 def flex_prefill_attention(q, k, v, *, config=None, softmax_scale=None, return_lse=False, return_stats=False, softcap=None):
     """The whole operator in plain PyTorch (no input checks: see flexprefill.flex_prefill_attention)."""
-    cfg = config or FlexPrefillConfig()
+    cfg = (config or FlexPrefillConfig()).resolved(q, k)
     B, N, Hq, _ = q.shape
     if N < cfg.min_seq_len:
         res = dense_attention(q, k, v, softmax_scale=softmax_scale, return_lse=return_lse, softcap=softcap)
@@ -464,7 +464,7 @@ def flex_prefill_attention_varlen(
     A sequence with ``n_k < config.min_seq_len`` runs dense attention (every causal block
     of its rows).  ``stats.dense`` is True when ``max_seqlen_k < min_seq_len`` (no search at all).
     """
-    cfg = config or FlexPrefillConfig()
+    cfg = (config or FlexPrefillConfig()).resolved(q, k)
     sel = select_blocks_varlen(
         q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         config=cfg, softmax_scale=softmax_scale, dense_below=cfg.min_seq_len, softcap=softcap,

@@ -704,8 +704,11 @@ def attention_forward(
         return dense(f"layer_type:{kind}")
     if state is not None and state.layers is not None and layer_idx not in state.layers:
         return dense("layer_not_selected")
+    # query [B, Hq, N, D], key [B, Hkv, N, D]
+    min_seq_len = cfg.min_seq_len_for(head_dim=query.shape[-1], q_heads=query.shape[1], kv_heads=key.shape[1],
+                                      device=query.device)
     # no sequence can be longer than the keys there are: short without reading any mask
-    if (q_len if attention_mask is None else k_len) < cfg.min_seq_len:
+    if (q_len if attention_mask is None else k_len) < min_seq_len:
         return dense("short")
     B = query.shape[0]
     lay = None
@@ -721,7 +724,7 @@ def attention_forward(
         min_k = q_len if lay.plain else lay.max_k
         if lay.plain:
             lay = None
-    if min_k < cfg.min_seq_len:
+    if min_k < min_seq_len:
         return dense("short")
     D, Dv = query.shape[-1], value.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS or key.shape[-1] != D:

@@ -112,6 +112,7 @@ def load(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     cache_dir: str | os.PathLike | None = None,
+    rope_scaling: dict | None = None,
 ):
     """Load ``(model, tokenizer)`` for causal LM inference, offline.
 
@@ -120,11 +121,20 @@ def load(
     ``<cache>/<name>`` (``cache_dir``, else ``$FLEXPREFILL_CACHE``, else
     ``~/.cache/flexprefill``); Gemma GGUFs get a rebuilt SentencePiece tokenizer. The model is
     returned in eval mode on ``device`` with ``dtype`` and ``attn_implementation``.
+
+    ``rope_scaling``: None, or ``{"rope_type": "yarn", "factor": F}`` with an optional
+    ``"original_max_position_embeddings"`` (default: the model's context) to stretch the
+    rotary embedding by YaRN for prompts past the trained context, as Qwen2.5 models are
+    published to run at 128k (``factor`` 4 over 32768).  The model's context
+    (``max_position_embeddings``) becomes ``original * factor``.  Applied at load time on
+    top of the cached conversion.  transformers' YaRN is static: it rescales every position,
+    short prompts included.
     """
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype={dtype!r}: expected a torch.dtype such as torch.float32")
+    scaling = _check_rope_scaling(rope_scaling)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     direct, folder, key, source = _resolve(name_or_path, cache_dir)
     if direct is None:
@@ -132,11 +142,51 @@ def load(
             _log(f"loading cached conversion {folder}")
         else:
             _convert(Path(source()), folder, key)
+    extra = {}
+    if scaling is not None:
+        config = AutoConfig.from_pretrained(str(folder))
+        _apply_rope_scaling(config, scaling)
+        extra["config"] = config
     model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=dtype, attn_implementation=attn_implementation
+        str(folder), dtype=dtype, attn_implementation=attn_implementation, **extra
     )
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model.to(device).eval(), tokenizer
+
+
+_ROPE_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"}
+
+
+def _check_rope_scaling(rope_scaling) -> dict | None:
+    if rope_scaling is None:
+        return None
+    if not isinstance(rope_scaling, dict):
+        raise TypeError(f"rope_scaling={rope_scaling!r}: expected None or a dict such as "
+                        "{'rope_type': 'yarn', 'factor': 4.0}")
+    unknown = set(rope_scaling) - _ROPE_KEYS
+    if unknown:
+        raise ValueError(f"rope_scaling has unknown keys {sorted(unknown)}; accepted: {sorted(_ROPE_KEYS)}")
+    if rope_scaling.get("rope_type") != "yarn":
+        raise ValueError(f"rope_scaling['rope_type']={rope_scaling.get('rope_type')!r}: only 'yarn' is supported")
+    factor = rope_scaling.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ValueError(f"rope_scaling['factor']={factor!r}: expected a number > 1")
+    original = rope_scaling.get("original_max_position_embeddings")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+        raise ValueError(f"rope_scaling['original_max_position_embeddings']={original!r}: expected an int >= 1")
+    return dict(rope_scaling, factor=float(factor))
+
+
+def _apply_rope_scaling(config, scaling: dict) -> None:
+    """Set YaRN on a transformers 5 config (``rope_parameters``) and stretch its context."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    base = getattr(text, "rope_parameters", None)
+    if not isinstance(base, dict) or "rope_theta" not in base:
+        raise ValueError(f"{type(text).__name__} has no per-model rope_parameters with a rope_theta; "
+                         "rope_scaling needs a single-rope transformers 5 config")
+    original = scaling.get("original_max_position_embeddings") or int(text.max_position_embeddings)
+    text.rope_parameters = {**base, **scaling, "original_max_position_embeddings": original}
+    text.max_position_embeddings = int(original * scaling["factor"])
 
 
 def context_length(model) -> int:

@@ -13,3 +13,8 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gemma3():
     return models.load("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    return models.load("qwen2.5-coder-0.5b-instruct")

