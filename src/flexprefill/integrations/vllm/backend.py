@@ -52,6 +52,10 @@ def _log_once(msg: str, *args) -> None:
         _log.info(msg, *args)
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _settings(vllm_config: VllmConfig | None) -> VllmSettings:
     return load_settings(getattr(vllm_config, "additional_config", None) if vllm_config is not None else None)
 
@@ -238,7 +242,7 @@ class FlexPrefillImpl(FlashAttentionImpl):
                 output_scale=None, output_block_scale=None):
         sparse = getattr(attn_metadata, "sparse", None)
         if (sparse is None or output_scale is not None or output_block_scale is not None
-                or not self._flex_layer(layer) or torch.cuda.is_current_stream_capturing()):
+                or not self._flex_layer(layer) or _capturing(query)):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         if attn_metadata.rest is not None:

@@ -137,9 +137,8 @@ def load_settings(additional_config: Mapping | None = None, environ: Mapping[str
     (vLLM's ``VllmConfig.additional_config``) over it."""
     environ = os.environ if environ is None else environ
     plugin = None
-    if additional_config is not None:
-        if not isinstance(additional_config, Mapping):
-            raise ValueError(f"additional_config must be a dict, got {type(additional_config).__name__}")
+    # vLLM also takes an object of its own there, which cannot hold this plugin's key
+    if isinstance(additional_config, Mapping):
         plugin = additional_config.get(CONFIG_KEY)
         if isinstance(plugin, str):
             try:
