@@ -64,3 +64,26 @@ def test_layer_index_of_vllm_layer_names():
     assert layer_index("model.layers.12.attn") == 12
     assert layer_index("lm_head") is None
     assert layer_index("model.encoder.layers.0.sub.1") is None
+
+
+def test_pyproject_declares_the_vllm_plugin_and_extra():
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[3] / "pyproject.toml").read_text())["project"]
+    target = meta["entry-points"]["vllm.general_plugins"]["flexprefill"]
+    module, func = target.split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    assert any(r.startswith("vllm") for r in meta["optional-dependencies"]["vllm"])
+
+
+def test_importing_the_plugin_package_does_not_import_vllm():
+    import subprocess
+    import sys
+
+    code = ("import sys, flexprefill, flexprefill.integrations.vllm, flexprefill.integrations.vllm.attention, "
+            "flexprefill.integrations.vllm.settings; print('vllm' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"
