@@ -128,6 +128,35 @@ def _slim(wheel: Path) -> Path:
     return out
 
 
+def cut(files: list[tuple[str, Path, str]], out: Path, chunk: int) -> dict:
+    """Cut ``files`` ((kind, path, name) each), one after another, into ``out/chunk-NNN`` of
+    ``chunk`` bytes; returns the manifest (each file's offset, size, sha256; each chunk's)."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries, offset = [], 0
+    for kind, path, name in files:
+        size = path.stat().st_size
+        entries.append(dict(kind=kind, name=name, size=size, offset=offset, sha256=_sha256(path)))
+        offset += size
+    chunks, buf = [], bytearray()
+
+    def flush():
+        nonlocal buf
+        name = f"chunk-{len(chunks):03d}"
+        (out / name).write_bytes(buf)
+        chunks.append(dict(name=name, size=len(buf), sha256=hashlib.sha256(buf).hexdigest()))
+        buf = bytearray()
+
+    for _, path, _ in files:
+        with open(path, "rb") as f:
+            while data := f.read(chunk - len(buf)):
+                buf += data
+                if len(buf) == chunk:
+                    flush()
+    if buf:
+        flush()
+    return dict(total=offset, files=entries, chunks=chunks)
+
+
 def prepare(chunk_mib: float, models: list[str], slim: bool) -> None:
     if CARRY.exists():
         for old in CARRY.glob("chunk-*"):
@@ -146,32 +175,10 @@ def prepare(chunk_mib: float, models: list[str], slim: bool) -> None:
 
         for name in models:
             files.append(("gguf", Path(gguf_path(name)), f"{name}.gguf"))
-    chunk = int(chunk_mib * (1 << 20))
-    entries, offset = [], 0
-    for kind, path, name in files:
-        size = path.stat().st_size
-        entries.append(dict(kind=kind, name=name, size=size, offset=offset, sha256=_sha256(path)))
-        offset += size
-    total = offset
-    chunks, n, buf = [], 0, bytearray()
-
-    def flush():
-        nonlocal n, buf
-        name = f"chunk-{n:03d}"
-        (CARRY / name).write_bytes(buf)
-        chunks.append(dict(name=name, size=len(buf), sha256=hashlib.sha256(buf).hexdigest()))
-        n, buf = n + 1, bytearray()
-
-    for _, path, _ in files:
-        with open(path, "rb") as f:
-            while data := f.read(chunk - len(buf)):
-                buf += data
-                if len(buf) == chunk:
-                    flush()
-    if buf:
-        flush()
-    manifest = dict(total=total, files=entries, chunks=chunks, slim=slim)
+    manifest = cut(files, CARRY, int(chunk_mib * (1 << 20)))
+    manifest["slim"] = slim
     (CARRY / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    entries, chunks, total = manifest["files"], manifest["chunks"], manifest["total"]
     tree = sum(os.path.getsize(HERE / p) for p in subprocess.run(
         ["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split() if (HERE / p).is_file())
     print(f"{len(entries)} files, {total / 2**20:.1f} MiB in {len(chunks)} chunks of {chunk_mib} MiB; "
