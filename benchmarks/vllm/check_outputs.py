@@ -31,10 +31,11 @@ WORDS = ("river mountain lantern quiet harbor violet engine market silver garden
 
 
 def filler(rng: random.Random, n_words: int) -> str:
-    out = []
-    while len(out) < n_words:
+    out, n = [], 0
+    while n < n_words:
         k = rng.randint(6, 14)
         out.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
+        n += k
     return " ".join(out)
 
 
