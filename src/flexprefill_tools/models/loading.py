@@ -105,6 +105,25 @@ def _resolve(name_or_path, cache_dir) -> tuple[Path | None, Path, dict, object]:
     )
 
 
+def hf_folder(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face folder (``config.json``, tokenizer, safetensors) of a model, offline.
+
+    ``name_or_path`` as in :func:`load`: a packaged model's name or a ``.gguf`` file is
+    converted once to ``<cache>/<name>`` (fp32 weights; pass ``dtype="bfloat16"`` to engines
+    that read the folder, such as vLLM's ``LLM(model=folder)``); a local folder is returned as
+    it is.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    direct, folder, key, source = _resolve(name_or_path, cache_dir)
+    if direct is not None:
+        return direct
+    if cache_is_valid(folder, key):
+        _log(f"loading cached conversion {folder}")
+    else:
+        _convert(Path(source()), folder, key)
+    return folder
+
+
 def load(
     name_or_path: str | os.PathLike,
     *,
@@ -136,12 +155,7 @@ def load(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    direct, folder, key, source = _resolve(name_or_path, cache_dir)
-    if direct is None:
-        if cache_is_valid(folder, key):
-            _log(f"loading cached conversion {folder}")
-        else:
-            _convert(Path(source()), folder, key)
+    folder = hf_folder(name_or_path, cache_dir=cache_dir)
     extra = {}
     if scaling is not None:
         config = AutoConfig.from_pretrained(str(folder))

@@ -104,3 +104,12 @@ def test_bad_arguments_are_rejected(tmp_path):
     not_gguf.write_bytes(b"x")
     with pytest.raises(ValueError, match="name_or_path"):
         models.load(not_gguf, cache_dir=tmp_path)
+
+
+def test_hf_folder_is_what_engines_load(smollm2):
+    folder = models.hf_folder("smollm2-135m-instruct")
+    assert folder == models.packages.cache_root() / "smollm2-135m-instruct"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert models.hf_folder(folder) == folder
