@@ -103,6 +103,16 @@ def test_one_rank_is_the_single_process_operator(gamma, tau):
         assert float(stats.density.mean()) < 0.9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_whole_block_means_are_the_reference_block_means(dtype):
+    from flexprefill.distributed.search import whole_block_means
+    from flexprefill.reference import block_means
+
+    x = torch.randn(2, 512, 3, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for bs in (32, 128):
+        assert torch.equal(whole_block_means(x, bs), block_means(x, bs))
+
+
 def test_collective_top_mass_one_rank_is_top_mass():
     g = torch.Generator().manual_seed(0)
     flat = torch.rand(5, 2 * 300, generator=g) ** 4

@@ -23,8 +23,8 @@ class CommStats:
 
     * ``kv_bytes_received`` / ``kv_bytes_sent``: key and value bytes this rank received from /
       sent to other ranks; ``kv_blocks_received``: (batch, K/V head, key block) triples received.
-    * ``kv_bytes_per_step``: received per exchange step (one entry per ring step; one for
-      ``exchange="all_to_all"``).
+    * ``kv_bytes_per_step``: received per exchange step (``world - 1`` entries, one per remote
+      ring step; one entry for ``exchange="all_to_all"``).
     * ``dense_ring_bytes``: what dense ring attention on the same layout receives on this rank
       (every other rank's K and V: ``(world - 1) / world`` of the whole sequence's K/V).
     * ``dense_causal_bytes``: what a dense exchange that skips only the blocks no causal row

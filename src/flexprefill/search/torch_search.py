@@ -122,10 +122,10 @@ def _count_to_mass(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     return ((cum < gamma * cum[..., -1:]).sum(-1) + 1).clamp_max(n)
 
 
-def _vertical_slash(vert, slash, n_v, n_s, rows=None):
+def _vertical_slash(vert, slash, n_v, n_s, rows=None, with_score=True):
     """Block masks [X, R, nb] of the sink, the diagonal, the top ``n_v`` columns and top ``n_s`` offsets
     (``n_v, n_s`` int [X]) on the query blocks ``rows`` (int [R], absolute; default all ``nb``), and the
-    score each block was chosen by."""
+    score each block was chosen by (None unless ``with_score``: only the per-row cap reads it)."""
     X, nb = vert.shape
     vsel = _rank(vert) < n_v[:, None]
     vsel[:, 0] = True
@@ -135,6 +135,8 @@ def _vertical_slash(vert, slash, n_v, n_s, rows=None):
     c = torch.arange(nb, device=vert.device)[None, :]
     off = (r - c).clamp_min(0)
     mask = (vsel[:, None, :] | ssel[:, off]) & (c <= r)
+    if not with_score:
+        return mask, None
     score = torch.maximum(vert[:, None, :].expand(X, r.shape[0], nb), slash[:, off])
     return mask, score
 
@@ -209,7 +211,7 @@ def row_masks(vert, slash, query_aware, q_bar, k_bar, rows, *, cfg: FlexPrefillC
         return n.clamp_max(nb)
 
     n_v, n_s = clamp(_count_to_mass(vert, cfg.gamma)), clamp(_count_to_mass(slash, cfg.gamma))
-    mask, score = _vertical_slash(vert, slash, n_v, n_s, rows)
+    mask, score = _vertical_slash(vert, slash, n_v, n_s, rows, with_score=max_b is not None)
 
     aware = qa.nonzero()[:, 0]
     if aware.numel():
@@ -222,11 +224,12 @@ def row_masks(vert, slash, query_aware, q_bar, k_bar, rows, *, cfg: FlexPrefillC
         flat = s_rows.reshape(-1, R * nb) / num_rows
         sel = select(flat, cfg.gamma).view(-1, R, nb)
         n_min = torch.full((aware.numel(),), min(min_b, nb), dtype=torch.int64, device=dev)
-        floor, _ = _vertical_slash(vert[aware], slash[aware], n_min, n_min, rows)
+        floor, _ = _vertical_slash(vert[aware], slash[aware], n_min, n_min, rows, with_score=False)
         m_qa = (sel | floor | eye) & causal
         m_qa[:, :, 0] = True
         mask[aware] = m_qa
-        score[aware] = s_rows
+        if score is not None:
+            score[aware] = s_rows
     if max_b is not None:
         # at most max_b blocks per row by score; the sink and the diagonal always stay
         prio = score.clone()
