@@ -113,7 +113,11 @@ def test_whole_block_means_are_the_reference_block_means(dtype):
         assert torch.equal(whole_block_means(x, bs), block_means(x, bs))
 
 
-def test_collective_top_mass_one_rank_is_top_mass():
+@pytest.mark.parametrize("entries", [1 << 24, 700])
+def test_collective_top_mass_one_rank_is_top_mass(entries, monkeypatch):
+    from flexprefill.distributed import search
+
+    monkeypatch.setattr(search, "_HIST_ENTRIES", entries)  # 700: one head at a time
     g = torch.Generator().manual_seed(0)
     flat = torch.rand(5, 2 * 300, generator=g) ** 4
     flat[:, ::7] = 0.25  # exact ties

@@ -46,6 +46,8 @@ __all__ = ["LocalBlockSelection"]
 
 # bytes of the representative queries' fp32 scores computed at once (heads in chunks)
 _SCORE_BYTES = 256 << 20
+# entries of the query-aware scores histogrammed at once (each takes ~24 bytes of temporaries)
+_HIST_ENTRIES = 1 << 24
 
 
 @dataclass
@@ -229,25 +231,34 @@ def collective_top_mass(flat: torch.Tensor, gamma: float, *, comm: Comm) -> torc
     scores, its early chunk's rows then its late chunk's (each row ``nb`` entries, ``n = 2 * nbc * nb``).
     Returns bool [A, n]: the entries of the fewest, largest first, whose sum over all ranks
     reaches ``gamma`` of the head's total; entries equal to the last one kept are taken in
-    global (row, column) order.  Every rank must call it with the same ``A``.
+    global (row, column) order.  Every rank must call it with the same ``A``.  Heads are
+    histogrammed a few at a time (at most ``_HIST_ENTRIES`` entries at once).
     """
     A, n = flat.shape
     if gamma >= 1.0:
         return torch.ones(A, n, dtype=torch.bool, device=flat.device)
     dev = flat.device
-    # non-negative fp32 values order as their bit patterns do; +0 and -0 both as 0
-    bits = torch.where(flat > 0, flat.view(torch.int32), 0).long()
-    mass = flat.double()
-    total = comm.all_reduce(mass.sum(-1))
+    step = max(1, _HIST_ENTRIES // max(1, n))
+    spans = [(a0, min(A, a0 + step)) for a0 in range(0, A, step)]
+
+    def bits(a0, a1):
+        # non-negative fp32 values order as their bit patterns do; +0 and -0 both as 0
+        f = flat[a0:a1]
+        return torch.where(f > 0, f.view(torch.int32), 0).long()
+
+    total = comm.all_reduce(torch.cat([flat[a0:a1].double().sum(-1) for a0, a1 in spans]))
     goal = gamma * total
     prefix = torch.zeros(A, dtype=torch.int64, device=dev)
     above = torch.zeros(A, dtype=torch.float64, device=dev)  # mass of the entries above the prefix
     for shift in (24, 16, 8, 0):
-        cand = (bits >> (shift + 8)) == prefix[:, None]
-        digit = torch.where(cand, (bits >> shift) & 255, 256)
-        hist = torch.zeros(A, 257, dtype=torch.float64, device=dev)
-        hist.scatter_add_(1, digit, mass)
-        hist = comm.all_reduce(hist[:, :256].contiguous())
+        hist = torch.zeros(A, 256, dtype=torch.float64, device=dev)
+        for a0, a1 in spans:
+            b = bits(a0, a1)
+            digit = torch.where((b >> (shift + 8)) == prefix[a0:a1, None], (b >> shift) & 255, 256)
+            h = torch.zeros(a1 - a0, 257, dtype=torch.float64, device=dev)
+            h.scatter_add_(1, digit, flat[a0:a1].double())
+            hist[a0:a1] = h[:, :256]
+        hist = comm.all_reduce(hist)
         # incl[d]: mass of the candidates whose digit is >= d (incl[256] = 0)
         incl = torch.cat([hist.flip(-1).cumsum(-1).flip(-1), torch.zeros(A, 1, dtype=hist.dtype, device=dev)], -1)
         # the largest digit whose candidates, with everything above, reach the goal
@@ -255,11 +266,15 @@ def collective_top_mass(flat: torch.Tensor, gamma: float, *, comm: Comm) -> torc
         d = (reach.sum(-1) - 1).clamp_min(0)
         above = above + incl.gather(1, d[:, None] + 1)[:, 0]
         prefix = (prefix << 8) | d
-    keep = bits > prefix[:, None]
-    ties = bits == prefix[:, None]
     t = prefix.to(torch.int32).view(torch.float32).double()
     # the fewest ties that bring the kept mass to the goal
     need = torch.where(t > 0, torch.ceil((goal - above) / t.clamp_min(1e-300)), 1.0).clamp_min(1.0)
+    keep = torch.empty(A, n, dtype=torch.bool, device=dev)
+    ties = torch.empty(A, n, dtype=torch.bool, device=dev)
+    for a0, a1 in spans:
+        b = bits(a0, a1)
+        keep[a0:a1] = b > prefix[a0:a1, None]
+        ties[a0:a1] = b == prefix[a0:a1, None]
     # ties in global order: chunk by chunk (every rank's tie count per chunk), then in place
     two = ties.view(A, 2, -1)
     per_rank = comm.all_gather(two.sum(-1))  # [P, A, 2]
@@ -269,6 +284,6 @@ def collective_top_mass(flat: torch.Tensor, gamma: float, *, comm: Comm) -> torc
     before = per_chunk.cumsum(-1) - per_chunk
     a, b = zigzag_chunks(P, comm.rank)
     start = torch.stack([before[:, a], before[:, b]], dim=-1)  # [A, 2]
-    rank_in = start[:, :, None] + two.long().cumsum(-1) - 1
+    rank_in = start[:, :, None] + two.cumsum(-1) - 1
     keep |= (two & (rank_in < need[:, None, None])).view(A, n)
     return keep
