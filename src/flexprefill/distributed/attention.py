@@ -24,14 +24,12 @@ layout (the renumbering keeps each row's blocks in ascending order).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import api
 from ..block_table import PatternStats, compact_block_mask, num_causal_blocks
 from ..config import FlexPrefillConfig
-from .comm import Comm, CommStats
+from .comm import Comm
 from .exchange import block_owner, dense_bytes, needed_blocks
 from .layout import zigzag_chunks
 from .search import LocalBlockSelection, dense_selection, search

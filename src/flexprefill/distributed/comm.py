@@ -122,7 +122,8 @@ class Comm:
         return dist.batch_isend_irecv(ops)
 
     def all_to_all(self, send: torch.Tensor, send_rows: list[int], recv: torch.Tensor, recv_rows: list[int]):
-        """Rows ``send_rows[d]`` of ``send`` (in rank order) to rank ``d``, ``recv_rows[s]`` from rank ``s`` into ``recv``."""
+        """Rows ``send_rows[d]`` of ``send`` (in rank order) to rank ``d``; ``recv_rows[s]`` rows from
+        rank ``s`` into ``recv``."""
         self.stats.kv_bytes_sent += _nbytes(send)
         self.stats.collectives += 1
         dist.all_to_all_single(recv, send, output_split_sizes=recv_rows, input_split_sizes=send_rows, group=self.pg)
