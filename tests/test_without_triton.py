@@ -35,6 +35,11 @@ except ImportError as e:
     assert 'pip install "flexprefill[triton]"' in str(e), e
 else:
     raise AssertionError("backend='triton' without triton did not raise")
+# context parallelism on one rank (no process group): the torch path
+from flexprefill.distributed import flex_prefill_attention_cp
+q2, k2, v2 = (torch.randn(1, 128, 2, 64) for _ in range(3))
+with torch.no_grad():
+    assert torch.equal(flex_prefill_attention_cp(q2, k2, v2, config=cfg), fp.flex_prefill_attention(q2, k2, v2, config=cfg))
 assert not any(m == "triton" or m.startswith("triton.") for m in sys.modules), "triton was imported"
 print("ok")
 '''

@@ -34,6 +34,7 @@ __all__ = [
     "block_means",
     "representative_block_scores",
     "estimated_block_distribution",
+    "estimate_from_means",
     "js_distance",
     "count_to_mass",
     "select_blocks",
@@ -118,11 +119,17 @@ def representative_block_scores(q, k, *, block_size: int, scale: float, softcap:
 def estimated_block_distribution(q, k, *, block_size: int, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Step 3's estimate: softmax(scale * mean(Q_hat) . K_bar^T) over key blocks, fp32 [B, Hq, nb]
     (the logits soft-capped by ``softcap`` when given)."""
-    B, n_q, Hq, D = q.shape
-    group = Hq // k.shape[2]
+    n_q = q.shape[1]
     n_rep = min(block_size, n_q)
     q_hat = q[:, n_q - n_rep :].float().mean(dim=1)  # [B, Hq, D]
-    k_bar = block_means(k, block_size).repeat_interleave(group, dim=2)  # [B, nb, Hq, D]
+    return estimate_from_means(q_hat, block_means(k, block_size), scale=scale, softcap=softcap)
+
+
+def estimate_from_means(q_hat: torch.Tensor, k_bar: torch.Tensor, *, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """Step 3's estimate from the mean representative query ``q_hat`` fp32 [B, Hq, D] and the
+    block means of the keys ``k_bar`` fp32 [B, nb, Hkv, D]: fp32 [B, Hq, nb]."""
+    group = q_hat.shape[1] // k_bar.shape[2]
+    k_bar = k_bar.repeat_interleave(group, dim=2)  # [B, nb, Hq, D]
     logits = soft_cap(scale * torch.einsum("bhd,bchd->bhc", q_hat, k_bar), softcap)
     return torch.softmax(logits, dim=-1)
 

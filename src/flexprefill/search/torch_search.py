@@ -124,49 +124,87 @@ def _count_to_mass(scores: torch.Tensor, gamma: float) -> torch.Tensor:
     return ((cum < gamma * cum[..., -1:]).sum(-1) + 1).clamp_max(n)
 
 
-def _vertical_slash(vert, slash, n_v, n_s):
-    """Block masks [X, nb, nb] of the sink, the diagonal, the top ``n_v`` columns and top ``n_s`` offsets
-    (``n_v, n_s`` int [X]), and the score each block was chosen by."""
+def _vertical_slash(vert, slash, n_v, n_s, rows=None, with_score=True):
+    """Block masks [X, R, nb] of the sink, the diagonal, the top ``n_v`` columns and top ``n_s`` offsets
+    (``n_v, n_s`` int [X]) on the query blocks ``rows`` (int [R], absolute; default all ``nb``), and the
+    score each block was chosen by (None unless ``with_score``: only the per-row cap reads it)."""
     X, nb = vert.shape
     vsel = _rank(vert) < n_v[:, None]
     vsel[:, 0] = True
     ssel = _rank(slash) < n_s[:, None]
     ssel[:, 0] = True
-    r = torch.arange(nb, device=vert.device)[:, None]
+    r = (torch.arange(nb, device=vert.device) if rows is None else rows)[:, None]
     c = torch.arange(nb, device=vert.device)[None, :]
     off = (r - c).clamp_min(0)
     mask = (vsel[:, None, :] | ssel[:, off]) & (c <= r)
-    score = torch.maximum(vert[:, None, :].expand(X, nb, nb), slash[:, off])
+    if not with_score:
+        return mask, None
+    score = torch.maximum(vert[:, None, :].expand(X, r.shape[0], nb), slash[:, off])
     return mask, score
+
+
+def top_mass(flat: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per row of ``flat [A, n]``: the fewest entries, largest first (ties: lower index first), whose
+    sum reaches ``gamma`` of the row's total, as a bool mask [A, n]."""
+    return _rank(flat) < _count_to_mass(flat, gamma)[:, None]
 
 
 def select_masks(q, k, cfg: FlexPrefillConfig, scale: float, softcap: float | None = None):
     """:func:`flexprefill.reference._select_masks`, all heads at once: masks [B, Hq, nb, nb], query_aware, JS [B, Hq]."""
-    B, n_q, Hq, D = q.shape
+    n_q = q.shape[1]
     N = k.shape[1]
     P = N - n_q
-    group = Hq // k.shape[2]
     bs = cfg.block_size
     nb = math.ceil(N / bs)
     r0 = P // bs if n_q > 0 else nb
-    rows = nb - r0
-    min_b, max_b = cfg.min_budget_blocks, cfg.max_budget_blocks
-    dev = q.device
-    X = B * Hq
 
     vert, slash = representative_block_scores(q, k, block_size=bs, scale=scale, softcap=softcap)
     a_est = estimated_block_distribution(q, k, block_size=bs, scale=scale, softcap=softcap)
     dist = js_distance(vert, a_est)
     query_aware = dist < cfg.tau
-    masks = torch.zeros(B, Hq, nb, nb, dtype=torch.bool, device=dev)
-    if rows == 0:
+    masks = torch.zeros(q.shape[0], q.shape[2], nb, nb, dtype=torch.bool, device=q.device)
+    if nb - r0 == 0:
         return masks, query_aware, dist
+    q_bar = k_bar = None
+    if bool(query_aware.any()):
+        q_bar = block_means(q, bs, offset=P)[:, r0:]
+        k_bar = block_means(k, bs)
+    rows = torch.arange(r0, nb, device=q.device)
+    masks[:, :, r0:] = row_masks(vert, slash, query_aware, q_bar, k_bar, rows, cfg=cfg, scale=scale,
+                                 num_rows=nb - r0, select=top_mass, softcap=softcap)
+    return masks, query_aware, dist
 
+
+def row_masks(vert, slash, query_aware, q_bar, k_bar, rows, *, cfg: FlexPrefillConfig, scale: float, num_rows: int,
+              select=top_mass, softcap: float | None = None):
+    """Step 4 on some query blocks of a search whose steps 1-3 are done: bool masks [B, Hq, R, nb].
+
+    Args:
+        vert, slash: fp32 [B, Hq, nb], the pooled scores of the whole sequence.
+        query_aware: bool [B, Hq].
+        q_bar: fp32 [B, R, Hq, D], the block means of the queries of ``rows``; k_bar: fp32
+            [B, nb, Hkv, D], of all keys (both may be None when no head is query-aware).
+        rows: int [R], the absolute query blocks to build (each holds queries).
+        num_rows: the query blocks of the whole chunk, over which a query-aware head's
+            flattened scores are normalised.
+        select: ``select(flat [A, R * nb], gamma) -> bool [A, R * nb]``, the entries a
+            query-aware head keeps (:func:`top_mass` when ``rows`` are all the chunk's rows;
+            a split search passes its collective version).
+        softcap: the logit soft-cap of the query-aware scores, or None.
+
+    Each row depends on ``rows`` only through its own index, except the query-aware ranking,
+    which ``select`` sees whole.
+    """
+    B, Hq, nb = vert.shape
+    R = rows.numel()
+    X = B * Hq
+    min_b, max_b = cfg.min_budget_blocks, cfg.max_budget_blocks
+    dev = vert.device
     vert, slash = vert.reshape(X, nb), slash.reshape(X, nb)
     qa = query_aware.reshape(X)
-    causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
-    eye = torch.eye(nb, dtype=torch.bool, device=dev)
-    live = (torch.arange(nb, device=dev) >= r0)[:, None]
+    c = torch.arange(nb, device=dev)
+    causal = c[None, :] <= rows[:, None]  # [R, nb]
+    eye = c[None, :] == rows[:, None]
 
     # vertical-slash heads: budgets from the gamma rule, clamped
     def clamp(n):
@@ -176,35 +214,32 @@ def select_masks(q, k, cfg: FlexPrefillConfig, scale: float, softcap: float | No
         return n.clamp_max(nb)
 
     n_v, n_s = clamp(_count_to_mass(vert, cfg.gamma)), clamp(_count_to_mass(slash, cfg.gamma))
-    mask, score = _vertical_slash(vert, slash, n_v, n_s)
+    mask, score = _vertical_slash(vert, slash, n_v, n_s, rows, with_score=max_b is not None)
 
     aware = qa.nonzero()[:, 0]
     if aware.numel():
-        q_bar = block_means(q, bs, offset=P).permute(0, 2, 1, 3).reshape(X, nb, D)[aware, r0:]  # [A, rows, D]
-        k_bar = block_means(k, bs).permute(0, 2, 3, 1).repeat_interleave(group, dim=1).reshape(X, D, nb)[aware]
-        logits = soft_cap(torch.matmul(scale * q_bar, k_bar), softcap)  # [A, rows, nb]
-        s_rows = torch.softmax(logits.masked_fill(~causal[r0:], float("-inf")), dim=-1)
-        flat = s_rows.reshape(-1, rows * nb) / rows
-        n_sel = _count_to_mass(flat, cfg.gamma)
-        sel = torch.zeros(aware.numel(), nb, nb, dtype=torch.bool, device=dev)
-        sel[:, r0:] = (_rank(flat) < n_sel[:, None]).view(-1, rows, nb)
+        D = q_bar.shape[-1]
+        group = Hq // k_bar.shape[2]
+        qb = q_bar.permute(0, 2, 1, 3).reshape(X, R, D)[aware]  # [A, R, D]
+        kb = k_bar.permute(0, 2, 3, 1).repeat_interleave(group, dim=1).reshape(X, D, nb)[aware]
+        logits = soft_cap(torch.matmul(scale * qb, kb), softcap)  # [A, R, nb]
+        s_rows = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        flat = s_rows.reshape(-1, R * nb) / num_rows
+        sel = select(flat, cfg.gamma).view(-1, R, nb)
         n_min = torch.full((aware.numel(),), min(min_b, nb), dtype=torch.int64, device=dev)
-        floor, _ = _vertical_slash(vert[aware], slash[aware], n_min, n_min)
+        floor, _ = _vertical_slash(vert[aware], slash[aware], n_min, n_min, rows, with_score=False)
         m_qa = (sel | floor | eye) & causal
         m_qa[:, :, 0] = True
-        s_qa = torch.zeros(aware.numel(), nb, nb, device=dev)
-        s_qa[:, r0:] = s_rows
         mask[aware] = m_qa
-        score[aware] = s_qa
-    mask = mask & live
+        if score is not None:
+            score[aware] = s_rows
     if max_b is not None:
         # at most max_b blocks per row by score; the sink and the diagonal always stay
         prio = score.clone()
         prio[:, :, 0] = float("inf")
         prio[:, eye] = float("inf")
         prio[~mask] = float("-inf")
-        floor_n = torch.full((nb,), max(max_b, 2), dtype=torch.int64, device=dev)
-        floor_n[0] = max(max_b, 1)
+        floor_n = torch.where(rows == 0, max(max_b, 1), max(max_b, 2))
         n = torch.minimum(mask.sum(-1), floor_n)
         mask = (_rank(prio) < n[..., None]) & mask
-    return mask.view(B, Hq, nb, nb), query_aware, dist
+    return mask.view(B, Hq, R, nb)
