@@ -33,20 +33,15 @@ from .cli import (
 __all__ = ["add_parser", "run_demo", "build_needle_prompt", "needle_key", "CPU_LENGTH", "CPU_BLOCK_SIZE"]
 
 # prompt tokens and block size of the demo on the CPU (the GPU runs the model's context at
-# block 128). Measured with the fp32 reference as the CPU path, smollm2-135m, 2 shared cores:
-# 2048 tokens, whole demo 5 min 22 s (prefill dense 14 s, FlexPrefill 158 s, mean density 0.51,
-# both answers right); 1024 tokens at block 64 or 128, 88-103 s, but FlexPrefill's answer lost
-# the number's last digit (density 0.59 / 0.72). Retune once a faster CPU path lands.
+# block 128): long enough for the search to drop blocks and for SmolLM2 to find the needle,
+# short enough for a laptop and for CI (docs/limits.md has the CPU timings)
 CPU_LENGTH = 2048
 CPU_BLOCK_SIZE = 128
 
 # The needle names a key and marks the number with "#"; the question names the key before and
 # after the essays, and the prompt ends with the needle's own words up to the "#", so the model
 # only has to copy the digits that follow the one matching place in the context (the question
-# never contains the number). Dense SDPA on CPU (benchmarks/results/needle_format_cpu.md):
-# SmolLM2-135M at 8k tokens found it 6/9 (3/3 at depths 0.5 and 0.9, 0/3 at 0.1) against 3/9
-# for the former "The special magic number is 1234567." (no key; the digits followed a bare
-# space, which precedes every number of the essays); both formats 9/9 at 2k, Gemma up to 16k.
+# never contains the number; docs/results.md has how often the small models find it).
 HEAD = "There is a special magic number for {key} hidden in the text below. Find it and remember it."
 NEEDLE = "The special magic number for {key} is #{number}."
 QUESTION = "What is the special magic number for {key} mentioned in the text above? Answer with the number only."
@@ -348,7 +343,8 @@ def _print_report(r: dict, heads: int, device: torch.device) -> None:
     for key, label in (("dense", "dense SDPA "), ("flexprefill", "FlexPrefill")):
         a = r[key]
         print(f"{label}  answer {a['answer']!r}  found needle: {'yes' if a['found'] else 'no'}  prefill {a['prefill_s']:.3f} s")
-    note = "  (CPU: FlexPrefill runs the slow fp32 reference; the fast path is the GPU kernel)" if device.type == "cpu" else ""
+    note = ("  (CPU: FlexPrefill runs the plain-torch path, which does not yet beat torch SDPA on real selections; "
+            "the fast path is the GPU kernel)") if device.type == "cpu" else ""
     print(f"speed-up     {r['speedup']:.2f}x{note}" if r["speedup"] is not None else "speed-up     n/a")
     if r["density_per_layer"]:
         print(f"density per layer (computed causal blocks, mean over {heads} heads; query-aware heads in brackets):")
