@@ -141,8 +141,7 @@ def _validate(q, k, v, config, softmax_scale, group, exchange, flags):
     scale = api._check_scale(softmax_scale, q.shape[-1])
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange={exchange!r} is not supported; accepted: {EXCHANGES}")
-    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4:
-        cfg = cfg.resolved(q, k)  # min_seq_len=None: the shape's default on this device
+    cfg = cfg.resolved(q, k)  # min_seq_len=None: the shape's default on this device (q, k checked above)
     if cfg.backend not in _BACKENDS:
         raise ValueError(f"backend={cfg.backend!r} has no context-parallel path; accepted: {_BACKENDS}")
     backend = api._backend(cfg, q.device)
