@@ -17,6 +17,8 @@
 #   graph OUT (whole search graphed vs tail-only vs eager; every kernel of the 32k search)
 #   search OUT (radix vs sort threshold of the query-aware ranking, graphs to 1024 blocks)
 #   verify OUT (operator memory with int16/int32 tables, dense_above on random inputs)
+#   exactness OUT (the GPU halves of the kernel/operator/varlen checks and of the softcap tests,
+#   then what a soft cap costs the kernel and the operator at 32k)
 # Needs: flexprefill importable (PYTHONPATH=src or installed), the packaged GGUFs (named
 # as in their packages) in $FLEXPREFILL_GGUF_DIR when the model packages are not installed.
 set -u
@@ -42,6 +44,11 @@ case "$phase" in
     run evals 200 python -m flexprefill_tools eval --model gemma3-270m --lengths 4k,8k,16k,32k \
       --tasks niah_sweep,niah_multikey_1,vt,cwe --depths 0,0.25,0.5,0.75,1 --samples 1 \
       --methods full,flexprefill-g0.9,flexprefill-g0.95,streaming,vertical_slash_fixed --out "$out/evals" --max-minutes 2.8
+    ;;
+  exactness)
+    run exact_tests 300 python -m pytest tests/ops/test_gpu_checks_kernel.py tests/test_gpu_checks_operator.py \
+      tests/test_gpu_checks_varlen.py tests/test_softcap.py tests/search/test_search_softcap.py -q -m gpu -p no:cacheprovider -rs
+    run compare_softcap 150 env OUT="$out" python benchmarks/compare_softcap.py 32768
     ;;
   selection)
     run gpu_tests 150 python -m pytest tests/test_selection.py tests/test_varlen.py -q -m gpu -p no:cacheprovider
