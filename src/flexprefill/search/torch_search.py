@@ -88,19 +88,27 @@ def representative_block_scores(q, k, *, block_size: int, scale: float, softcap:
     # the oracle adds the causal pairs row-major over (query, key); here every pair is added in
     # that order, the others (weight 0) into a spare bin nb: the same sums in the same order
     bins = torch.where(causal, offset_blk, nb).view(-1)
-    X = B * Hq
-    qh = q[:, n_q - n_rep:].float().permute(0, 2, 1, 3).reshape(X, n_rep, D)
-    kh = k.float().permute(0, 2, 3, 1).reshape(B * Hkv, D, N)
-    kv_of = torch.arange(X, device=dev) // group  # (b, h) -> b * Hkv + h // group
+    X, G = B * Hq, B * Hkv
+    kh = k.float().permute(0, 2, 3, 1).reshape(G, D, N)
+    if n_rep < 16:
+        # few queries: one matmul per query head, K repeated (small products take other matmul
+        # kernels, whose roundings would differ from the oracle's per-head products)
+        kh = kh.repeat_interleave(group, dim=0)
+        G, group = X, 1
+    # the query heads of one KV head side by side: [G, group * n_rep, D] against that head's keys,
+    # one matmul per KV head (no copy of K per query head; the same products, bit for bit)
+    qh = q[:, n_q - n_rep:].float().permute(0, 2, 1, 3).reshape(G, group * n_rep, D)
     vert = torch.zeros(X, nb, dtype=torch.float32, device=dev)
     slash = torch.zeros(X, nb + 1, dtype=torch.float32, device=dev)
-    # heads in chunks: the scores of one chunk stay under _SCORE_BYTES
-    step = max(1, _SCORE_BYTES // max(1, n_rep * N * 4))
-    for h0 in range(0, X, step):
-        h1 = min(X, h0 + step)
-        s = soft_cap(torch.matmul(scale * qh[h0:h1], kh.index_select(0, kv_of[h0:h1])), softcap)
-        s = s.masked_fill(future, float("-inf"))
-        a = torch.softmax(s, dim=-1) / n_rep  # [n, n_rep, N]
+    # KV heads in chunks: the scores of one chunk stay under _SCORE_BYTES
+    step = max(1, _SCORE_BYTES // max(1, group * n_rep * N * 4))
+    for g0 in range(0, G, step):
+        g1 = min(G, g0 + step)
+        h0, h1 = g0 * group, g1 * group
+        s = soft_cap(torch.matmul(scale * qh[g0:g1], kh[g0:g1]), softcap).view(h1 - h0, n_rep, N)
+        s.masked_fill_(future, float("-inf"))
+        a = torch.softmax(s, dim=-1).div_(n_rep)  # [n, n_rep, N]
+        del s
         vert[h0:h1].scatter_add_(1, key_blk.expand(h1 - h0, N), a.sum(1))
         slash[h0:h1].scatter_add_(1, bins.expand(h1 - h0, -1), a.view(h1 - h0, -1))
     vert, slash = vert.view(B, Hq, nb), slash.view(B, Hq, nb + 1)
