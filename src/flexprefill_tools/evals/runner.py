@@ -23,7 +23,7 @@ from flexprefill.config import FlexPrefillConfig
 from . import tasks as task_lib
 from .baselines import BASELINES
 from .scoring import score as score_fn
-from ..cli import _eos_ids, _sync
+from ..cli import _eos_ids, _sync, greedy_tokens
 
 __all__ = ["Method", "parse_method", "split_methods", "Case", "make_cases", "run", "read_results", "case_key"]
 
@@ -267,18 +267,9 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int, density_fn=None, 
     _sync(device)
     prefill_s = time.perf_counter() - t0
     density, layers = density_fn() if density_fn else (None, 0)
-    past = out.past_key_values
-    nxt = out.logits[:, -1].argmax(-1)
-    gen = [int(nxt)]
     t1 = time.perf_counter()
-    while len(gen) < max_new_tokens and gen[-1] not in eos:
-        out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1)
-        gen.append(int(nxt))
+    gen = greedy_tokens(model, out, max_new_tokens, eos)
     decode_s = time.perf_counter() - t1
-    if gen[-1] in eos:
-        gen = gen[:-1]
     return {
         "prediction": tokenizer.decode(gen, skip_special_tokens=True).strip(),
         "prompt_tokens": ids.shape[1],
