@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_report  # noqa: E402
 
 SHAPES = {  # name: (query heads, K/V heads, head dim)
     "llama3.1-8b": (32, 8, 128),
@@ -89,15 +91,7 @@ def main(argv=None) -> int:
             del cache, kc, vc, k, v, q
             torch.cuda.empty_cache()
     report = {"rows": rows}
-    try:
-        from flexprefill_tools.stamp import env_stamp
-
-        report["stamp"] = env_stamp()
-    except Exception as e:  # noqa: BLE001
-        report["stamp"] = {"error": str(e)}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_outputs import filler  # noqa: E402
+from report import write_report  # noqa: E402
 
 
 def _len(s: str) -> int:
@@ -127,16 +128,7 @@ def main(argv=None) -> int:
         sp = base["wall_s"] / r["wall_s"] if base else None
         print(f"{v:24s} N={n:7d} batch={b} wall {r['wall_s']:.3f} s  {r['prefill_tok_per_s']:9.0f} tok/s"
               + (f"  speed-up {sp:.2f}x" if sp and v != "default" else ""), flush=True)
-    try:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-        from flexprefill_tools.stamp import env_stamp
-
-        report["stamp"] = env_stamp()
-    except Exception as e:  # noqa: BLE001
-        report["stamp"] = {"error": str(e)}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     return 0 if not report["errors"] else 1
 
 
