@@ -8,12 +8,12 @@ greedy decoding); each subcommand lives in its own module (demo, inspector, eval
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 
 import torch
 
 from ._deps import require
+from .hf_compat import cache_of, with_cache
 
 __all__ = ["main", "build_parser", "add_model_args", "greedy_tokens"]
 
@@ -160,26 +160,14 @@ class _LayerProgress:
         self.bar.close()
 
 
-def _cache_of(out):
-    """The KV cache a forward returned: later transformers releases name it ``cache`` (and warn on
-    ``past_key_values``), earlier ones ``past_key_values``."""
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
-def _cache_kwarg(model) -> str:
-    """The forward's name for the KV cache argument (``cache`` or, in earlier releases, ``past_key_values``)."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
 def greedy_tokens(model, out, max_new_tokens: int, eos: set[int]) -> list[int]:
     """Greedy continuation after a prefill's output ``out`` (``use_cache=True``): at most
     ``max_new_tokens`` ids, stopping at (and dropping) the first id in ``eos``."""
-    name = _cache_kwarg(model)
-    past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1)
+    past, nxt = cache_of(out), out.logits[:, -1].argmax(-1)
     gen = [int(nxt)]
     while len(gen) < max_new_tokens and gen[-1] not in eos:
-        out = model(input_ids=nxt[:, None], use_cache=True, **{name: past})
-        past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1)
+        out = model(input_ids=nxt[:, None], use_cache=True, **with_cache(model, past))
+        past, nxt = cache_of(out), out.logits[:, -1].argmax(-1)
         gen.append(int(nxt))
     return gen[:-1] if gen[-1] in eos else gen
 

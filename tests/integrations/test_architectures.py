@@ -19,6 +19,7 @@ import transformers  # the test extra brings it
 import flexprefill  # noqa: E402
 from flexprefill import FlexPrefillConfig  # noqa: E402
 from flexprefill.integrations import transformers as tf  # noqa: E402
+from flexprefill_tools.hf_compat import cache_of, with_cache  # noqa: E402
 
 # block 32, no minimum length or budget: the sparse operator really runs at these lengths
 EXACT = FlexPrefillConfig(gamma=1.0, min_seq_len=0, block_size=32, min_budget=0)
@@ -264,7 +265,7 @@ def test_chunked_prefill_over_a_cache(arch):
 
     def run(m):
         first = m(input_ids=ids[:, :96], use_cache=True)
-        return m(input_ids=ids[:, 96:], past_key_values=first.past_key_values, use_cache=True).logits
+        return m(input_ids=ids[:, 96:], use_cache=True, **with_cache(m, cache_of(first))).logits
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

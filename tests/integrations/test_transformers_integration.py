@@ -17,6 +17,7 @@ import transformers  # the test extra brings it
 import flexprefill  # noqa: E402
 from flexprefill import FlexPrefillConfig  # noqa: E402
 from flexprefill.integrations import transformers as tf  # noqa: E402
+from flexprefill_tools.hf_compat import cache_of, with_cache  # noqa: E402
 
 N = 300
 EXACT = FlexPrefillConfig(block_size=32, min_seq_len=0, gamma=1.0, min_budget=0)
@@ -141,11 +142,11 @@ def test_sliding_layers_over_a_cached_prefix():
     model = _model("gemma3")
     ids = _ids(seed=5)
     prefix = model(ids[:, :200], use_cache=True)
-    ref = model(ids[:, 200:], past_key_values=prefix.past_key_values).logits
+    ref = model(ids[:, 200:], **with_cache(model, cache_of(prefix))).logits
     with _patched(model, EXACT.replace(backend="triton")):
         prefix = model(ids[:, :200], use_cache=True)
         assert _paths(model)[0] == ("window", "")
-        out = model(ids[:, 200:], past_key_values=prefix.past_key_values).logits
+        out = model(ids[:, 200:], **with_cache(model, cache_of(prefix))).logits
         rec = tf.last_record(model)[0]
         assert rec.path == "window" and rec.varlen and rec.lengths[0][0] == 100 and rec.lengths[0][1] > 100
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -201,7 +202,7 @@ def test_short_prompt_runs_dense_and_cached_prefix_runs_varlen(llama):
     ids = _ids(seed=3)
     ref = llama(ids).logits
     ref_prefix = llama(ids[:, :200], use_cache=True)
-    ref_chunk = llama(ids[:, 200:], past_key_values=ref_prefix.past_key_values).logits
+    ref_chunk = llama(ids[:, 200:], **with_cache(llama, cache_of(ref_prefix))).logits
     flexprefill.patch(llama, EXACT.replace(min_seq_len=N + 1), collect_stats=True)
     try:
         torch.testing.assert_close(llama(ids).logits, ref, atol=1e-5, rtol=1e-5)
@@ -210,7 +211,7 @@ def test_short_prompt_runs_dense_and_cached_prefix_runs_varlen(llama):
         flexprefill.patch(llama, EXACT)  # re-patch: new settings, same undo
         prefix = llama(ids[:, :200], use_cache=True)
         assert _paths(llama) == {0: ("flexprefill", ""), 1: ("flexprefill", "")}
-        chunk = llama(ids[:, 200:], past_key_values=prefix.past_key_values).logits
+        chunk = llama(ids[:, 200:], **with_cache(llama, cache_of(prefix))).logits
         # the chunk over the cached prefix runs FlexPrefill on packed rows (bottom-right causal)
         assert _paths(llama) == {0: ("flexprefill", ""), 1: ("flexprefill", "")}
         assert all(r.varlen for r in tf.last_record(llama).values())
@@ -248,11 +249,11 @@ def test_mask_function_builds_no_mask_for_causal_prefill(llama):
     cfg = llama.config.__class__(**COMMON)
     cfg._attn_implementation = "flexprefill"
     emb = torch.zeros(2, 50, COMMON["hidden_size"])
-    assert create_causal_mask(cfg, emb, attention_mask=None, past_key_values=None) is None
-    assert create_causal_mask(cfg, emb, attention_mask=torch.ones(2, 50, dtype=torch.long), past_key_values=None) is None
+    assert create_causal_mask(cfg, emb, None, None) is None
+    assert create_causal_mask(cfg, emb, torch.ones(2, 50, dtype=torch.long), None) is None
     pad = torch.ones(2, 50, dtype=torch.long)
     pad[0, :5] = 0
-    mask = create_causal_mask(cfg, emb, attention_mask=pad, past_key_values=None)
+    mask = create_causal_mask(cfg, emb, pad, None)
     assert mask is not None and mask.shape == (2, 1, 50, 50) and not bool(mask[0, 0, 10, 2])
 
 
@@ -362,7 +363,7 @@ def test_softcap_runs_the_fast_paths_with_the_cap():
     ref = model(ids).logits
     ref_batch = model(batch, attention_mask=mask).logits
     first = model(ids[:, :120], use_cache=True)
-    ref_chunk = model(ids[:, 120:], past_key_values=first.past_key_values).logits
+    ref_chunk = model(ids[:, 120:], **with_cache(model, cache_of(first))).logits
     for layer in model.model.layers:
         layer.self_attn.attn_logit_softcapping = None
     uncapped = model(ids).logits
@@ -381,7 +382,7 @@ def test_softcap_runs_the_fast_paths_with_the_cap():
         out_batch = model(batch, attention_mask=mask).logits
         assert [(r.path, r.varlen) for r in tf.last_record(model).values()] == [("window", True), ("flexprefill", True)]
         first = model(ids[:, :120], use_cache=True)
-        out_chunk = model(ids[:, 120:], past_key_values=first.past_key_values).logits
+        out_chunk = model(ids[:, 120:], **with_cache(model, cache_of(first))).logits
         assert [r.path for r in tf.last_record(model).values()] == ["window", "flexprefill"]
     assert model.config._attn_implementation == "eager"
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -16,6 +16,7 @@ import transformers  # the test extra brings it
 import flexprefill  # noqa: E402
 from flexprefill import FlexPrefillConfig  # noqa: E402
 from flexprefill.integrations import transformers as tf  # noqa: E402
+from flexprefill_tools.hf_compat import with_cache  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
@@ -127,9 +128,9 @@ def test_chunked_prefill_over_cache_equals_sdpa(llama, pads):
 
     def two_chunks():
         cache = transformers.DynamicCache(config=llama.config)
-        first = llama(ids[:, :cut], attention_mask=mask[:, :cut], past_key_values=cache, use_cache=True).logits
+        first = llama(ids[:, :cut], attention_mask=mask[:, :cut], use_cache=True, **with_cache(llama, cache)).logits
         rec_first = _paths(llama)
-        rest = llama(ids[:, cut:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        rest = llama(ids[:, cut:], attention_mask=mask, use_cache=True, **with_cache(llama, cache)).logits
         return torch.cat([first, rest], 1), rec_first, _records(llama)
 
     ref, _, _ = two_chunks()
@@ -157,9 +158,9 @@ def test_static_cache_prefill_equals_sdpa(llama):
     def run(mask):
         cache = transformers.StaticCache(config=llama.config, max_cache_len=144)
         m1 = None if mask is None else mask[:, :cut]
-        a = llama(ids[:, :cut], attention_mask=m1, past_key_values=cache, use_cache=True).logits
+        a = llama(ids[:, :cut], attention_mask=m1, use_cache=True, **with_cache(llama, cache)).logits
         recs = [_paths(llama)]
-        b = llama(ids[:, cut:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        b = llama(ids[:, cut:], attention_mask=mask, use_cache=True, **with_cache(llama, cache)).logits
         recs.append(_paths(llama))
         return torch.cat([a, b], 1), recs
 

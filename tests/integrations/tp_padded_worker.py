@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from flexprefill import FlexPrefillConfig
 from flexprefill.integrations import transformers as tf
 from flexprefill.integrations.tensor_parallel import init_distributed, load_sharded, prepare_checkpoint
+from flexprefill_tools.hf_compat import with_cache
 
 out_path, cache = sys.argv[1], sys.argv[2]
 rank, world, device = init_distributed()
@@ -33,8 +34,8 @@ def forward(model):
         padded = model(input_ids=ids, attention_mask=mask).logits
         rec = tf.last_record(model)
         past = DynamicCache(config=model.config)
-        model(input_ids=ids[:1, :split], past_key_values=past, use_cache=True)
-        chunk = model(input_ids=ids[:1, split:], past_key_values=past, use_cache=True).logits
+        model(input_ids=ids[:1, :split], use_cache=True, **with_cache(model, past))
+        chunk = model(input_ids=ids[:1, split:], use_cache=True, **with_cache(model, past)).logits
         rec_chunk = tf.last_record(model)
     paths = {i: (r.path, r.varlen) for i, r in rec.items()}
     paths_chunk = {i: (r.path, r.varlen) for i, r in rec_chunk.items()}
