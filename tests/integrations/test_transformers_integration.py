@@ -20,17 +20,7 @@ from flexprefill.integrations import transformers as tf  # noqa: E402
 from flexprefill_tools.hf_compat import cache_of, with_cache  # noqa: E402
 
 N = 300
-EXACT = FlexPrefillConfig(block_size=32, min_seq_len=0, gamma=1.0, min_budget=0)
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    vocab_size=128,
-    max_position_embeddings=1024,
-)
+from tiny_llama import COMMON, EXACT  # noqa: E402
 
 
 def _model(arch: str, qk_scale: float = 8.0, **extra):

@@ -20,17 +20,7 @@ from flexprefill_tools.hf_compat import with_cache  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
-EXACT = FlexPrefillConfig(block_size=32, min_seq_len=0, gamma=1.0, min_budget=0)
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    vocab_size=128,
-    max_position_embeddings=1024,
-)
+from tiny_llama import COMMON, EXACT  # noqa: E402
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GPU = torch.cuda.is_available()
 
