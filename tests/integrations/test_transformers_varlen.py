@@ -14,7 +14,6 @@ import torch
 import transformers  # the test extra brings it
 
 import flexprefill  # noqa: E402
-from flexprefill import FlexPrefillConfig  # noqa: E402
 from flexprefill.integrations import transformers as tf  # noqa: E402
 from flexprefill_tools.hf_compat import with_cache  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
