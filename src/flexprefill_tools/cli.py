@@ -13,7 +13,7 @@ import sys
 import torch
 
 from ._deps import require
-from .hf_compat import cache_of, with_cache
+from .hf_compat import cache_kwarg, cache_of
 
 __all__ = ["main", "build_parser", "add_model_args", "greedy_tokens"]
 
@@ -163,10 +163,11 @@ class _LayerProgress:
 def greedy_tokens(model, out, max_new_tokens: int, eos: set[int]) -> list[int]:
     """Greedy continuation after a prefill's output ``out`` (``use_cache=True``): at most
     ``max_new_tokens`` ids, stopping at (and dropping) the first id in ``eos``."""
+    name = cache_kwarg(model)  # read the forward's signature once, not per token
     past, nxt = cache_of(out), out.logits[:, -1].argmax(-1)
     gen = [int(nxt)]
     while len(gen) < max_new_tokens and gen[-1] not in eos:
-        out = model(input_ids=nxt[:, None], use_cache=True, **with_cache(model, past))
+        out = model(input_ids=nxt[:, None], use_cache=True, **{name: past})
         past, nxt = cache_of(out), out.logits[:, -1].argmax(-1)
         gen.append(int(nxt))
     return gen[:-1] if gen[-1] in eos else gen
