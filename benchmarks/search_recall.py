@@ -176,11 +176,10 @@ def main(argv=None) -> int:
                     raise SystemExit(f"layer {L}: the search with n={n} differs from flexprefill.select_blocks")
                 exact[L] = (masks[0], qa[0])
             t = _best_time(lambda: search_masks(q, k, cfg, scale, n), args.repeat, device)
-            row = dict(layer=L, variant=f"reps={n}", n_rep=n, search_ms=round(t * 1000, 2), **score(mass, masks[0]))
-            if L in exact:
-                row["pattern_agreement"] = float((qa[0] == exact[L][1]).float().mean())
-                same = (masks[0] == exact[L][0]).all(-1).float().mean()
-                row["rows_identical"] = float(same)
+            # reps run largest first, so exact[L] is this layer's exact search from here on
+            row = dict(layer=L, variant=f"reps={n}", n_rep=n, search_ms=round(t * 1000, 2), **score(mass, masks[0]),
+                       pattern_agreement=float((qa[0] == exact[L][1]).float().mean()),
+                       rows_identical=float((masks[0] == exact[L][0]).all(-1).float().mean()))
             rows.append(row)
             print(json.dumps(row), flush=True)
         if L - 1 in exact:
