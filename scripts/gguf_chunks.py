@@ -72,7 +72,7 @@ def _manifest(indir: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while data := f.read(_BLOCK):
@@ -92,7 +92,7 @@ def check(indir: str | os.PathLike, name: str) -> dict:
         path = indir / part["file"]
         if not path.is_file():
             out["missing"].append(part["file"])
-        elif path.stat().st_size != part["size"] or _sha256(path) != part["sha256"]:
+        elif path.stat().st_size != part["size"] or sha256_file(path) != part["sha256"]:
             out["corrupt"].append(part["file"])
         else:
             out["ok"].append(part["file"])

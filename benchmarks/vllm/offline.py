@@ -76,15 +76,10 @@ WHEELS = [
 SLIM_DROP = ("vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/_moe_C_stable_libtorch.abi3.so")
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17, 12, 5)] + [
     "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
-_BLOCK = 1 << 22
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(_BLOCK):
-            h.update(data)
-    return h.hexdigest()
+# the carried files' checksums: the GGUF chunk tool's (standard library only, like this script there)
+sys.path.insert(0, str(HERE / "scripts"))
+from gguf_chunks import sha256_file  # noqa: E402
 
 
 def _log(msg: str) -> None:
@@ -135,7 +130,7 @@ def cut(files: list[tuple[str, Path, str]], out: Path, chunk: int) -> dict:
     entries, offset = [], 0
     for kind, path, name in files:
         size = path.stat().st_size
-        entries.append(dict(kind=kind, name=name, size=size, offset=offset, sha256=_sha256(path)))
+        entries.append(dict(kind=kind, name=name, size=size, offset=offset, sha256=sha256_file(path)))
         offset += size
     chunks, buf = [], bytearray()
 
@@ -209,7 +204,7 @@ def receive() -> int:
     for c in man["chunks"]:
         src = CARRY / c["name"]
         if src.is_file():
-            got = _sha256(src)
+            got = sha256_file(src)
             if got != c["sha256"]:
                 raise SystemExit(f"{src}: sha256 {got} != manifest {c['sha256']}: carry it again")
             shutil.copyfile(src, STASH / "chunks" / c["name"])
@@ -231,7 +226,7 @@ def _join(man: dict) -> dict[str, Path]:
     if missing:
         raise SystemExit(f"chunks {missing} are missing from {STASH}/chunks: run receive with each")
     paths = {}
-    todo = [e for e in man["files"] if not ((out_dir / e["name"]).is_file() and _sha256(out_dir / e["name"]) == e["sha256"])]
+    todo = [e for e in man["files"] if not ((out_dir / e["name"]).is_file() and sha256_file(out_dir / e["name"]) == e["sha256"])]
     if todo:
         stream = [STASH / "chunks" / c["name"] for c in man["chunks"]]
         sizes = [c["size"] for c in man["chunks"]]
@@ -255,7 +250,7 @@ def _join(man: dict) -> dict[str, Path]:
             dest = out_dir / e["name"]
             with open(dest, "wb") as f:
                 read(e["offset"], e["size"], f)
-            got = _sha256(dest)
+            got = sha256_file(dest)
             if got != e["sha256"]:
                 dest.unlink()
                 raise SystemExit(f"{e['name']}: sha256 {got} != manifest {e['sha256']}")
